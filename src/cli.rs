@@ -1,0 +1,162 @@
+//! The command line: flags, and the quick flags that become a [`Config`].
+//!
+//! Flags override the file: `--listen` replaces its listeners, `--user` and `--route`
+//! add to it, `--tls-cert`/`--tls-key` put TLS on every listener.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{
+    Admin, Config, ConfigError, HostPattern, Listen, PathPrefix, RouteConfig, TlsFiles,
+    Upstreams, User, Version,
+};
+
+/// A fast HTTP forward and reverse proxy.
+///
+/// With no config file Strait is a forward proxy on 127.0.0.1:3128.
+#[derive(Debug, Parser)]
+#[command(name = "strait", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (TOML); see docs/configuration.md.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration, print the problem if any, and exit 0 (ok) or 2.
+    #[arg(long)]
+    pub check: bool,
+
+    /// Listen on ADDR (repeatable); replaces the config's listeners.
+    #[arg(short, long = "listen", value_name = "ADDR")]
+    pub listen: Vec<std::net::SocketAddr>,
+
+    /// Forward-proxy Basic auth user NAME:PASS (repeatable).
+    #[arg(short, long = "user", value_name = "NAME:PASS")]
+    pub user: Vec<User>,
+
+    /// Quick reverse route 'MATCH=>URL[,URL...]', MATCH = host | host/prefix | /prefix.
+    #[arg(long = "route", value_name = "MATCH=>URL")]
+    pub route: Vec<String>,
+
+    /// Serve TLS on every listener with this certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Admin listener for /metrics and /healthz.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
+
+    /// Log level: error, warn, info, debug or trace (RUST_LOG also works).
+    #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log: Option<String>,
+}
+
+impl Cli {
+    /// The configuration these flags describe: the file (if any) with the flags applied.
+    pub fn to_config(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if !self.listen.is_empty() {
+            config.listen = self
+                .listen
+                .iter()
+                .map(|&addr| Listen { addr, tls: None })
+                .collect();
+        }
+        config.forward.users.extend(self.user.iter().cloned());
+        for spec in &self.route {
+            config.route.push(parse_quick_route(spec)?);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            for l in &mut config.listen {
+                l.tls = Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                });
+            }
+        }
+        if let Some(addr) = self.admin {
+            config.admin = Some(Admin { addr });
+        }
+        config.validate().map_err(|mut e| {
+            if e.key.as_deref().is_some_and(|k| k.starts_with("route[")) {
+                e.file = self.config.clone();
+            }
+            e
+        })?;
+        Ok(config)
+    }
+}
+
+/// Parses `MATCH=>URL[,URL…]` where MATCH is `host`, `host/prefix` or `/prefix`.
+fn parse_quick_route(spec: &str) -> Result<RouteConfig, ConfigError> {
+    let err = |why: String| ConfigError::new(why).at_flag();
+    let (matcher, urls) = spec.split_once("=>").ok_or_else(|| {
+        err(format!(
+            "invalid route {spec:?}: expected 'MATCH=>URL', like '/api=>http://127.0.0.1:8080'"
+        ))
+    })?;
+    let matcher = matcher.trim();
+    let (host, path) = match matcher.find('/') {
+        Some(0) => (None, matcher),
+        Some(i) => (Some(&matcher[..i]), &matcher[i..]),
+        None if !matcher.is_empty() => (Some(matcher), "/"),
+        None => (None, "/"),
+    };
+    let host: Option<HostPattern> = host
+        .map(|h| h.parse())
+        .transpose()
+        .map_err(|e: String| err(e))?;
+    let path: PathPrefix = path.parse().map_err(|e: String| err(e))?;
+    let upstream = urls
+        .split(',')
+        .map(|u| u.trim().parse())
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(err)?;
+    if upstream.is_empty() {
+        return Err(err(format!("invalid route {spec:?}: no upstream URL")));
+    }
+    Ok(RouteConfig {
+        host,
+        path,
+        upstream: Upstreams(upstream),
+        version: Version::Auto,
+        preserve_host: false,
+        tls_ca: None,
+        tls_server_name: None,
+        tls_insecure: false,
+    })
+}
+
+impl ConfigError {
+    fn at_flag(mut self) -> Self {
+        self.key = Some("--route".to_owned());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_routes_take_a_host_a_prefix_or_both() {
+        let r = parse_quick_route("/api=>http://127.0.0.1:8080").unwrap();
+        assert_eq!(r.host, None);
+        assert_eq!(r.path.0, "/api");
+        let r = parse_quick_route("app.test/=>http://a:1,http://b:2/v1/").unwrap();
+        assert_eq!(r.host, Some(HostPattern::Exact("app.test".into())));
+        assert_eq!(r.path.0, "/");
+        assert_eq!(r.upstream.0.len(), 2);
+        let r = parse_quick_route("*.test=>http://a").unwrap();
+        assert_eq!(r.host, Some(HostPattern::Suffix(".test".into())));
+        assert!(parse_quick_route("/api->http://a").is_err());
+        assert!(parse_quick_route("/api=>ftp://a").is_err());
+    }
+}

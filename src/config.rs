@@ -1,0 +1,820 @@
+//! The configuration: TOML schema, defaults and validation.
+//!
+//! Everything is turned into typed values here, once: durations, socket addresses, CIDR
+//! blocks, upstream URLs, host patterns. Runtime code never parses a string from the
+//! config. A bad file is reported with its path, the line and the dotted key of the
+//! problem (`strait.toml:7: timeouts.connect: ...`).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// A complete, validated configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listeners")]
+    pub listen: Vec<Listen>,
+    #[serde(default)]
+    pub forward: Forward,
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
+    #[serde(default)]
+    pub pool: Pool,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listeners(),
+            forward: Forward::default(),
+            route: Vec::new(),
+            pool: Pool::default(),
+            timeouts: Timeouts::default(),
+            admin: None,
+            log: Log::default(),
+            runtime: Runtime::default(),
+        }
+    }
+}
+
+/// The listener used when neither the config nor the command line names one.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
+
+fn default_listeners() -> Vec<Listen> {
+    vec![Listen {
+        addr: DEFAULT_LISTEN.parse().expect("the default listen address is valid"),
+        tls: None,
+    }]
+}
+
+/// One `[[listen]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[forward]`: absolute-form requests and CONNECT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Forward {
+    pub enabled: bool,
+    pub users: Vec<User>,
+    pub hide: bool,
+    pub connect_ports: Vec<u16>,
+    pub deny_targets: Vec<Cidr>,
+}
+
+impl Default for Forward {
+    fn default() -> Self {
+        Forward {
+            enabled: true,
+            users: Vec::new(),
+            hide: false,
+            connect_ports: Vec::new(),
+            deny_targets: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"]
+                .iter()
+                .map(|s| Cidr(s.parse().expect("default deny_targets are valid CIDRs")))
+                .collect(),
+        }
+    }
+}
+
+/// A proxy user, `name:password`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub password: String,
+}
+
+impl fmt::Debug for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print a password, not even in debug output.
+        write!(f, "User({:?})", self.name)
+    }
+}
+
+impl std::str::FromStr for User {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some((name, password)) if !name.is_empty() => Ok(User {
+                name: name.to_owned(),
+                password: password.to_owned(),
+            }),
+            _ => Err(format!(
+                "invalid user {s:?}: expected \"name:password\" with a non-empty name"
+            )),
+        }
+    }
+}
+
+/// An address block; a bare address means just that address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(net) = s.parse::<IpNet>() {
+            return Ok(Cidr(net.trunc()));
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Cidr(IpNet::from(ip)));
+        }
+        Err(format!(
+            "invalid address block {s:?}: expected a CIDR like \"10.0.0.0/8\" or an address"
+        ))
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4-mapped IPv6 address is checked as the IPv4 address it carries.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.0.contains(&ip)
+    }
+}
+
+/// One `[[route]]` table: which requests it takes and where they go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub host: Option<HostPattern>,
+    #[serde(default = "default_path")]
+    pub path: PathPrefix,
+    pub upstream: Upstreams,
+    #[serde(default)]
+    pub version: Version,
+    #[serde(default)]
+    pub preserve_host: bool,
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    #[serde(default)]
+    pub tls_insecure: bool,
+}
+
+impl RouteConfig {
+    /// The route as written, used in logs and metric labels: `app.example.com/api/`.
+    pub fn label(&self) -> String {
+        match &self.host {
+            Some(h) => format!("{}{}", h.as_written(), self.path.0),
+            None => self.path.0.clone(),
+        }
+    }
+}
+
+fn default_path() -> PathPrefix {
+    PathPrefix("/".to_owned())
+}
+
+/// A host a route answers for: exact (`app.example.com`) or a suffix (`*.example.com`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// Stored with its leading dot: `*.example.com` is `.example.com`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn as_written(&self) -> String {
+        match self {
+            HostPattern::Exact(h) => h.clone(),
+            HostPattern::Suffix(s) => format!("*{s}"),
+        }
+    }
+}
+
+impl std::str::FromStr for HostPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        let (wild, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !valid {
+            return Err(format!(
+                "invalid host {s:?}: expected a name like \"app.example.com\" or \"*.example.com\""
+            ));
+        }
+        Ok(if wild {
+            HostPattern::Suffix(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name.to_owned())
+        })
+    }
+}
+
+/// A path prefix; always starts with `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPrefix(pub String);
+
+impl std::str::FromStr for PathPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') || s.bytes().any(|b| b <= b' ' || b == b'?' || b == b'#') {
+            return Err(format!(
+                "invalid path {s:?}: expected a prefix starting with \"/\", like \"/api/\""
+            ));
+        }
+        Ok(PathPrefix(s.to_owned()))
+    }
+}
+
+/// The upstream URLs of a route: one string or a list.
+#[derive(Debug, Clone)]
+pub struct Upstreams(pub Vec<UpstreamUrl>);
+
+/// `http` or `https`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+/// One upstream URL, split once at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    /// Host without brackets: `10.0.0.2`, `::1`, `backend.internal`.
+    pub host: String,
+    pub port: u16,
+    /// `host[:port]` as it goes into `Host`: the port only when not the scheme's default.
+    pub authority: String,
+    /// `Some` when the URL has a path: it replaces the route's matched prefix (nginx's
+    /// proxy_pass rule). `None`: the request's URI passes unchanged.
+    pub path: Option<String>,
+}
+
+impl std::str::FromStr for UpstreamUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!("invalid upstream {s:?}: {why} (expected like \"http://127.0.0.1:8080\" or \"https://backend:8443/v1/\")")
+        };
+        let (scheme, rest) = if let Some(rest) = s.strip_prefix("http://") {
+            (Scheme::Http, rest)
+        } else if let Some(rest) = s.strip_prefix("https://") {
+            (Scheme::Https, rest)
+        } else {
+            return Err(bad("the scheme must be http or https"));
+        };
+        let (authority, path) = match rest.find(['/', '?', '#']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], Some(&rest[i..])),
+            Some(_) => return Err(bad("a query or fragment is not allowed")),
+            None => (rest, None),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(bad("a host is required and user info is not allowed"));
+        }
+        let parsed: http::uri::Authority = authority
+            .parse()
+            .map_err(|_| bad("the host or port is malformed"))?;
+        let host = parsed.host().trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("a host is required"));
+        }
+        let port = parsed.port_u16().unwrap_or(scheme.default_port());
+        let authority = if port == scheme.default_port() {
+            parsed.host().to_ascii_lowercase()
+        } else {
+            format!("{}:{port}", parsed.host().to_ascii_lowercase())
+        };
+        if let Some(p) = path {
+            if p.bytes().any(|b| b <= b' ' || b == b'?' || b == b'#') {
+                return Err(bad("the path has a character that is not allowed"));
+            }
+        }
+        Ok(UpstreamUrl {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+            authority,
+            path: path.map(str::to_owned),
+        })
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme.as_str(), self.authority)?;
+        if let Some(p) = &self.path {
+            f.write_str(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which HTTP version to speak to a route's upstreams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Version {
+    H1,
+    H2,
+    /// ALPN for https (h2 preferred), HTTP/1.1 for http.
+    #[default]
+    Auto,
+}
+
+/// `[pool]`: upstream connection reuse.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+    pub max_idle: usize,
+    pub max_conns_per_host: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub wait_timeout: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            idle_timeout: Duration::from_secs(90),
+            max_idle_per_host: 32,
+            max_idle: 1024,
+            max_conns_per_host: 0,
+            wait_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[timeouts]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    #[serde(deserialize_with = "de_duration")]
+    pub connect: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_response: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub idle: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            header_read: Duration::from_secs(15),
+            upstream_response: Duration::from_secs(60),
+            idle: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[admin]`: the metrics and health listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub addr: SocketAddr,
+}
+
+/// `[log]`: the access log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub access: AccessLog,
+    pub format: LogFormat,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            access: AccessLog::Stdout,
+            format: LogFormat::Json,
+        }
+    }
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+/// How an access log line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Combined,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Tokio worker threads; 0 = one per core.
+    pub workers: usize,
+}
+
+// ---- typed values from strings ------------------------------------------------------
+
+/// Parses a duration such as `250ms`, `5s`, `10m` or `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("invalid duration {s:?}: expected a number with a unit, like \"250ms\", \"5s\" or \"10m\"")
+    })
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(de::Error::custom)
+}
+
+/// Deserializes any `FromStr` type from a TOML string, reporting its own message.
+macro_rules! deserialize_from_str {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(de::Error::custom)
+            }
+        }
+    )*};
+}
+deserialize_from_str!(User, Cidr, HostPattern, PathPrefix, UpstreamUrl);
+
+impl<'de> Deserialize<'de> for Upstreams {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let list = match OneOrMany::deserialize(d).map_err(|_| {
+            de::Error::custom("expected an upstream URL or a list of them")
+        })? {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        };
+        if list.is_empty() {
+            return Err(de::Error::custom("at least one upstream URL is required"));
+        }
+        list.iter()
+            .map(|s| s.parse().map_err(de::Error::custom))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Upstreams)
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessLog {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "stdout" => AccessLog::Stdout,
+            "off" => AccessLog::Off,
+            "" => return Err(de::Error::custom("expected \"stdout\", \"off\" or a file path")),
+            path => AccessLog::File(PathBuf::from(path)),
+        })
+    }
+}
+
+// ---- loading ------------------------------------------------------------------------
+
+/// A configuration problem, reported as `file:line: key: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(message: impl Into<String>) -> Self {
+        ConfigError {
+            file: None,
+            line: None,
+            key: None,
+            message: message.into(),
+        }
+    }
+
+    fn at(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}", file.display())?;
+            if let Some(line) = self.line {
+                write!(f, ":{line}")?;
+            }
+            f.write_str(": ")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it are taken relative to
+    /// the file's own directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            line: None,
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        let mut config = Config::parse(&text).map_err(|mut e| {
+            e.file = Some(path.to_owned());
+            e
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(|mut e| {
+            e.file = Some(path.to_owned());
+            e.line = e.key.as_deref().and_then(|k| line_of_key(&text, k));
+            e
+        })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error carries the line and dotted key of the problem.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, e, None))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = (path != ".").then_some(path);
+            toml_error(text, e.into_inner(), key)
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for l in &mut self.listen {
+            if let Some(tls) = &mut l.tls {
+                join(&mut tls.cert);
+                join(&mut tls.key);
+            }
+        }
+        for r in &mut self.route {
+            if let Some(ca) = &mut r.tls_ca {
+                join(ca);
+            }
+        }
+        if let AccessLog::File(p) = &mut self.log.access {
+            join(p);
+        }
+    }
+
+    /// Checks what a single key cannot check by itself. Keys in errors are dotted paths
+    /// such as `route[1].tls_server_name`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::new("at least one listener is required").at("listen"));
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            if let Some(tls) = &l.tls {
+                check_readable(&tls.cert).map_err(|e| e.at(format!("listen[{i}].tls.cert")))?;
+                check_readable(&tls.key).map_err(|e| e.at(format!("listen[{i}].tls.key")))?;
+            }
+        }
+        for (i, r) in self.route.iter().enumerate() {
+            let any_https = r.upstream.0.iter().any(|u| u.scheme == Scheme::Https);
+            if let Some(ca) = &r.tls_ca {
+                check_readable(ca).map_err(|e| e.at(format!("route[{i}].tls_ca")))?;
+            }
+            if !any_https && (r.tls_ca.is_some() || r.tls_server_name.is_some() || r.tls_insecure)
+            {
+                return Err(ConfigError::new(
+                    "TLS settings need an https:// upstream; this route has none",
+                )
+                .at(format!("route[{i}].upstream")));
+            }
+            if let Some(name) = &r.tls_server_name {
+                if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    return Err(ConfigError::new(format!(
+                        "invalid server name {name:?}: expected a DNS name or an IP address"
+                    ))
+                    .at(format!("route[{i}].tls_server_name")));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.route.iter().enumerate() {
+            if !seen.insert(r.label()) {
+                return Err(ConfigError::new(format!(
+                    "route {:?} is defined twice: each host and path pair may appear once",
+                    r.label()
+                ))
+                .at(format!("route[{i}].path")));
+            }
+        }
+        if let Some(admin) = &self.admin {
+            if self.listen.iter().any(|l| l.addr == admin.addr) {
+                return Err(ConfigError::new(format!(
+                    "{} is also a proxy listener: the admin listener needs its own address",
+                    admin.addr
+                ))
+                .at("admin.addr"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_readable(path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| ConfigError::new(format!("cannot read {}: {e}", path.display())))
+}
+
+fn toml_error(text: &str, e: toml::de::Error, key: Option<String>) -> ConfigError {
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let mut message = e.message().trim().to_owned();
+    // serde's wording for unknown keys lists every valid key: keep it, it tells the fix.
+    if message.is_empty() {
+        message = "invalid value".to_owned();
+    }
+    let line = line.or_else(|| key.as_deref().and_then(|k| line_of_key(text, k)));
+    ConfigError {
+        file: None,
+        line,
+        key,
+        message,
+    }
+}
+
+/// Finds the line of a dotted key such as `route[1].upstream` or `timeouts.connect`, for
+/// errors found after parsing. Best effort: `None` when the key is not written out.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    // Split `route[1].upstream` into table `route`, index 1, field `upstream`.
+    let (table, rest) = key.split_once(['.', '[']).unwrap_or((key, ""));
+    let index: usize = rest
+        .split_once(']')
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0);
+    let field = key.rsplit('.').next().filter(|f| *f != table);
+    let mut seen = 0usize;
+    let mut in_table = false;
+    let mut table_line = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            let name = line.trim_matches(|c| c == '[' || c == ']').trim();
+            in_table = false;
+            if name == table {
+                if line.starts_with("[[") {
+                    in_table = seen == index;
+                    seen += 1;
+                } else {
+                    in_table = true;
+                }
+                if in_table {
+                    table_line = Some(n + 1);
+                }
+            }
+            continue;
+        }
+        if in_table {
+            if let Some(f) = field {
+                let k = line.split('=').next().unwrap_or("").trim();
+                if k == f {
+                    return Some(n + 1);
+                }
+            }
+        }
+    }
+    table_line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.listen[0].addr.to_string(), DEFAULT_LISTEN);
+        assert!(c.forward.enabled);
+        assert_eq!(c.forward.deny_targets.len(), 4);
+        assert_eq!(c.pool.max_idle_per_host, 32);
+        assert_eq!(c.timeouts.header_read, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_line_and_key() {
+        let e = Config::parse("[timeouts]\n\nconnect = \"fast\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.key.as_deref(), Some("timeouts.connect"));
+        assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error() {
+        let e = Config::parse("[forward]\nenabled = true\nhidden = true\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert!(e.to_string().contains("hidden"), "{e}");
+    }
+
+    #[test]
+    fn upstream_urls_keep_or_drop_their_path() {
+        let u: UpstreamUrl = "http://127.0.0.1:8080".parse().unwrap();
+        assert_eq!(u.path, None);
+        assert_eq!(u.authority, "127.0.0.1:8080");
+        let u: UpstreamUrl = "https://Backend:443/v1/".parse().unwrap();
+        assert_eq!(u.path.as_deref(), Some("/v1/"));
+        assert_eq!(u.authority, "backend");
+        assert_eq!(u.port, 443);
+        let u: UpstreamUrl = "http://[::1]:9000/".parse().unwrap();
+        assert_eq!(u.host, "::1");
+        assert_eq!(u.authority, "[::1]:9000");
+        assert!("ftp://x".parse::<UpstreamUrl>().is_err());
+        assert!("http://x/a?b".parse::<UpstreamUrl>().is_err());
+    }
+
+    #[test]
+    fn route_problems_found_after_parsing_name_the_route_line() {
+        let text = "[[route]]\npath = \"/a\"\nupstream = \"http://a\"\n\n[[route]]\npath = \"/b\"\nupstream = \"http://b\"\ntls_insecure = true\n";
+        let c = Config::parse(text).unwrap();
+        let mut e = c.validate().unwrap_err();
+        e.line = e.key.as_deref().and_then(|k| line_of_key(text, k));
+        assert_eq!(e.key.as_deref(), Some("route[1].upstream"));
+        assert_eq!(e.line, Some(7));
+    }
+
+    #[test]
+    fn cidrs_accept_bare_addresses_and_mapped_v6() {
+        let c: Cidr = "10.1.2.3".parse().unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        let c: Cidr = "127.0.0.0/8".parse().unwrap();
+        assert!(c.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.contains("128.0.0.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,178 @@
+//! IO wrappers shared by the server and the upstream side.
+//!
+//! [`IdleTimeoutIo`] ends a stream on which no byte has moved either way for a while: it
+//! enforces `timeouts.idle` on client connections and tunnels. It never touches the bytes.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+pin_project! {
+    /// A stream that fails with `TimedOut` once no byte was read or written for `timeout`.
+    ///
+    /// Activity only records an instant; the timer is re-armed lazily when it fires, so a
+    /// busy stream costs one clock read per IO call, not a timer reset.
+    pub struct IdleTimeoutIo<T> {
+        #[pin]
+        inner: T,
+        // Boxed so the wrapper stays `Unpin` (hyper and copy_bidirectional want that);
+        // one allocation per connection, none per IO call.
+        sleep: Pin<Box<Sleep>>,
+        timeout: Duration,
+        last_active: Instant,
+    }
+}
+
+impl<T> IdleTimeoutIo<T> {
+    pub fn new(inner: T, timeout: Duration) -> Self {
+        let now = Instant::now();
+        IdleTimeoutIo {
+            inner,
+            sleep: Box::pin(tokio::time::sleep_until(now + timeout)),
+            timeout,
+            last_active: now,
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+/// Polls the idle timer after the inner stream returned `Pending`.
+fn check_idle(
+    sleep: Pin<&mut Sleep>,
+    last_active: Instant,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<io::Error> {
+    let mut sleep = sleep;
+    loop {
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let deadline = last_active + timeout;
+        if deadline <= Instant::now() {
+            return Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle timeout: no bytes moved either way",
+            ));
+        }
+        // Activity since the timer was armed: re-arm for the real deadline and poll again
+        // so the new deadline is registered with this task.
+        sleep.as_mut().reset(deadline);
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for IdleTimeoutIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        match this.inner.poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() != before {
+                    *this.last_active = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err),
+        }
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        match this.inner.poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    *this.last_active = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        match this.inner.poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    *this.last_active = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_times_out() {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut a = IdleTimeoutIo::new(a, Duration::from_secs(10));
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let err = a.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_pushes_the_deadline_back() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut a = IdleTimeoutIo::new(a, Duration::from_secs(10));
+        let start = Instant::now();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                b.write_all(b"x").await.unwrap();
+            }
+            // Keep the pipe open, silent, until the reader gives up.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        let mut buf = [0u8; 8];
+        for _ in 0..3 {
+            assert_eq!(a.read(&mut buf).await.unwrap(), 1);
+        }
+        let err = a.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(28));
+    }
+}

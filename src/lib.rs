@@ -1,0 +1,32 @@
+//! Strait: a fast HTTP forward and reverse proxy.
+//!
+//! # Layout
+//!
+//! Data flows left to right, one module per concern:
+//!
+//! ```text
+//! client ─▶ server ─▶ proxy ─▶ upstream ─▶ origin
+//! ```
+//!
+//! - [`server`]: listeners, TLS, serving HTTP/1.1 and HTTP/2 connections, shutdown.
+//! - [`proxy`]: what a request is (forward, CONNECT, reverse) and where it goes; the one
+//!   place that turns a refusal into a status code.
+//! - [`route`]: the reverse route table (host and path prefix).
+//! - [`upstream`]: pooled connections to origins, connect and TLS, load balancing. Knows
+//!   nothing of routes or users.
+//! - [`io`]: stream wrappers (idle timeout).
+//! - [`body`]: the body type that crosses the proxy.
+//! - [`config`] and [`cli`]: the TOML schema and the command line, turned into typed
+//!   values once.
+
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod io;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{RunError, run};

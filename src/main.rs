@@ -1,0 +1,60 @@
+//! The `strait` binary: parse the command line, load the config, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use strait::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("strait: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        match &cli.config {
+            Some(path) => println!("{}: ok", path.display()),
+            None => println!("configuration ok"),
+        }
+        return ExitCode::SUCCESS;
+    }
+
+    init_logging(cli.log.as_deref());
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if config.runtime.workers > 0 {
+        runtime.worker_threads(config.runtime.workers);
+    }
+    let runtime = match runtime.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("strait: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(strait::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strait: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Logs go to stderr. `--log LEVEL` sets the level; RUST_LOG, when set, wins.
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => EnvFilter::new(spec),
+        _ => EnvFilter::new(format!("strait={}", level.unwrap_or("info"))),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,129 @@
+//! Forward proxying: absolute-form requests go upstream in origin form.
+//!
+//! The target's authority becomes `Host` (RFC 9112 §3.2.2); hop-by-hop fields and the
+//! proxy credentials are removed; nothing is added that reveals a proxy. With `hide`,
+//! a request without valid credentials is answered as a plain web server would.
+
+use std::sync::Arc;
+
+use http::header::{HOST, HeaderValue};
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::auth::Auth;
+use super::{ConnInfo, Proxy, Refusal, headers, relay_response};
+use crate::body::Body;
+use crate::config::{self, Cidr, Scheme, Version};
+use crate::upstream::{ProfileSettings, Profile, Target, TlsSettings, Upstream};
+
+/// The `[forward]` settings, resolved.
+pub struct ForwardPolicy {
+    pub auth: Option<Auth>,
+    pub hide: bool,
+    pub connect_ports: Vec<u16>,
+    pub deny: Arc<[Cidr]>,
+    /// Connections for forwarded requests; every target shares this one profile.
+    pub profile: Profile,
+}
+
+/// What the credentials check decided.
+pub enum Access {
+    /// Allowed; the user's name when auth is on.
+    Granted(Option<Arc<str>>),
+    /// Refused with 407.
+    Challenge,
+    /// Refused, and the proxy must not reveal itself.
+    Hidden,
+}
+
+impl ForwardPolicy {
+    pub fn new(cfg: &config::Forward, upstream: &Upstream) -> Result<Self, String> {
+        let deny: Arc<[Cidr]> = cfg.deny_targets.clone().into();
+        let tls = TlsSettings::new(Version::Auto, None, None, false)?;
+        let profile = upstream.profile(ProfileSettings {
+            version: Version::Auto,
+            tls: Some(tls),
+            deny: deny.clone(),
+        });
+        Ok(ForwardPolicy {
+            auth: Auth::new(&cfg.users),
+            hide: cfg.hide,
+            connect_ports: cfg.connect_ports.clone(),
+            deny,
+            profile,
+        })
+    }
+
+    pub fn check(&self, req_headers: &http::HeaderMap) -> Access {
+        match &self.auth {
+            None => Access::Granted(None),
+            Some(auth) => match auth.user(req_headers) {
+                Some(user) => Access::Granted(Some(user.clone())),
+                None if self.hide => Access::Hidden,
+                None => Access::Challenge,
+            },
+        }
+    }
+}
+
+impl Proxy {
+    /// Forwards an absolute-form request to the server it names.
+    pub(super) async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<Body>, Refusal> {
+        let policy = self.forward.as_ref().expect("forward requests need [forward]");
+        match policy.check(req.headers()) {
+            Access::Granted(_user) => {}
+            Access::Challenge => return Err(Refusal::AuthRequired),
+            // Answer as a web server that was asked for one of its own paths.
+            Access::Hidden => return self.reverse(req, conn).await,
+        }
+        let scheme = match req.uri().scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("http") => Scheme::Http,
+            Some(s) if s.eq_ignore_ascii_case("https") => Scheme::Https,
+            _ => return Err(Refusal::BadRequest("scheme is not http or https".into())),
+        };
+        let authority = target_authority(req.uri(), scheme)
+            .ok_or_else(|| Refusal::BadRequest("absolute URI without a host".into()))?;
+        let host = HeaderValue::from_str(&authority)
+            .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
+
+        let h = req.headers_mut();
+        headers::strip_hop_by_hop(h);
+        h.insert(HOST, host);
+
+        let req = req.map(Body::Incoming);
+        let target = Target {
+            scheme,
+            authority: &authority,
+            profile: &policy.profile,
+        };
+        let resp = self.upstream.send(req, target).await?;
+        Ok(relay_response(resp))
+    }
+}
+
+/// `host[:port]` of an absolute URI, without user info, the port only when not the
+/// scheme's default.
+fn target_authority(uri: &http::Uri, scheme: Scheme) -> Option<String> {
+    let host = uri.host().filter(|h| !h.is_empty())?;
+    Some(match uri.port_u16() {
+        Some(p) if p != scheme.default_port() => format!("{host}:{p}"),
+        _ => host.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_drops_user_info_and_default_ports() {
+        let uri: http::Uri = "http://u:p@Example.com:80/x".parse().unwrap();
+        assert_eq!(target_authority(&uri, Scheme::Http).unwrap(), "Example.com");
+        let uri: http::Uri = "http://[::1]:8080/".parse().unwrap();
+        assert_eq!(target_authority(&uri, Scheme::Http).unwrap(), "[::1]:8080");
+    }
+}

@@ -1,0 +1,200 @@
+//! Reverse proxying: origin-form requests go to the upstreams of the route that takes
+//! them.
+//!
+//! The nginx `proxy_pass` rule rewrites the path: an upstream URL with a path replaces
+//! the matched prefix; without one the URI passes unchanged. `Host` becomes the
+//! upstream's authority unless `preserve_host`; `X-Forwarded-For` is appended to and
+//! `X-Forwarded-Proto` and `X-Forwarded-Host` are set.
+
+use http::header::{HOST, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Request, Response, Uri};
+use hyper::body::Incoming;
+
+use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use super::{ConnInfo, Proxy, Refusal, relay_response};
+use crate::body::Body;
+use crate::config::{RouteConfig, Scheme, UpstreamUrl};
+use crate::upstream::balance::Balancer;
+use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
+
+/// A route, ready to serve: its upstreams, their balancer and connection profile.
+pub struct Route {
+    /// The route as written, for logs and metrics.
+    pub label: String,
+    prefix_len: usize,
+    upstreams: Vec<UpstreamUrl>,
+    /// Each upstream's authority as a ready `Host` value.
+    host_values: Vec<HeaderValue>,
+    balancer: Balancer,
+    profile: Profile,
+    preserve_host: bool,
+}
+
+impl Route {
+    pub fn new(cfg: &RouteConfig, upstream: &Upstream) -> Result<Route, String> {
+        let any_https = cfg.upstream.0.iter().any(|u| u.scheme == Scheme::Https);
+        let tls = if any_https {
+            if cfg.tls_insecure {
+                tracing::warn!(
+                    route = %cfg.label(),
+                    "tls_insecure = true: upstream certificates are not checked"
+                );
+            }
+            Some(TlsSettings::new(
+                cfg.version,
+                cfg.tls_ca.as_deref(),
+                cfg.tls_server_name.as_deref(),
+                cfg.tls_insecure,
+            )?)
+        } else {
+            None
+        };
+        let profile = upstream.profile(ProfileSettings {
+            version: cfg.version,
+            tls,
+            // Reverse routes go where the operator said, loopback included.
+            deny: Vec::new().into(),
+        });
+        Ok(Route {
+            label: cfg.label(),
+            prefix_len: cfg.path.0.len(),
+            upstreams: cfg.upstream.0.clone(),
+            host_values: cfg
+                .upstream
+                .0
+                .iter()
+                .map(|u| HeaderValue::from_str(&u.authority).map_err(|_| format!("invalid upstream host {}", u.authority)))
+                .collect::<Result<_, _>>()?,
+            balancer: Balancer::new(cfg.upstream.0.len()),
+            profile,
+            preserve_host: cfg.preserve_host,
+        })
+    }
+
+    /// The path and query to send to `up` for a request to `uri` (nginx's rule).
+    fn upstream_path(&self, up: &UpstreamUrl, uri: &Uri) -> Result<PathAndQuery, Refusal> {
+        let Some(base) = &up.path else {
+            return Ok(uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")));
+        };
+        let rest = uri.path().get(self.prefix_len..).unwrap_or("");
+        let mut p = String::with_capacity(base.len() + rest.len() + 1 + uri.query().map_or(0, str::len));
+        p.push_str(base);
+        p.push_str(rest);
+        if let Some(q) = uri.query() {
+            p.push('?');
+            p.push_str(q);
+        }
+        PathAndQuery::try_from(p).map_err(|_| Refusal::BadRequest("unusable path".into()))
+    }
+}
+
+impl Proxy {
+    /// Sends an origin-form request to its route's upstreams.
+    pub(super) async fn reverse(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<Body>, Refusal> {
+        let (mut parts, body) = req.into_parts();
+        let host_value = request_host(&parts.uri, &parts.headers);
+        let host = host_value.as_ref().and_then(|v| v.to_str().ok()).map(strip_port);
+        let route = self
+            .routes
+            .find(host, parts.uri.path())
+            .ok_or(Refusal::NoRoute)?;
+
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h);
+        headers::append_forwarded_for(h, conn.peer.ip());
+        h.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+        if let Some(v) = &host_value {
+            h.insert(&X_FORWARDED_HOST, v.clone());
+        }
+        if route.preserve_host {
+            if let Some(v) = host_value {
+                h.insert(HOST, v);
+            }
+        }
+
+        // A request without a body can be replayed on the next upstream when one cannot
+        // be reached; one with a body is sent once (its body streams and is gone).
+        let replayable = hyper::body::Body::is_end_stream(&body);
+        let mut body = if replayable { Body::Empty } else { Body::Incoming(body) };
+        let mut last_err = None;
+        for i in route.balancer.order() {
+            let up = &route.upstreams[i];
+            let path = route.upstream_path(up, &parts.uri)?;
+            let mut req = Request::new(std::mem::take(&mut body));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = Uri::from(path);
+            *req.headers_mut() = if replayable {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            if !route.preserve_host {
+                req.headers_mut().insert(HOST, route.host_values[i].clone());
+            }
+            let target = Target {
+                scheme: up.scheme,
+                authority: &up.authority,
+                profile: &route.profile,
+            };
+            match self.upstream.send(req, target).await {
+                Ok(resp) => {
+                    route.balancer.mark_ok(i);
+                    return Ok(relay_response(resp));
+                }
+                Err(e) if e.is_unsent() => {
+                    route.balancer.mark_failed(i);
+                    tracing::warn!(route = %route.label, upstream = %up, "upstream unreachable: {e}");
+                    last_err = Some(e);
+                    if !replayable {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last_err.map(Refusal::from).unwrap_or(Refusal::NoRoute))
+    }
+}
+
+/// The host the client asked for: the URI's authority (HTTP/2, absolute form) or `Host`.
+fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue> {
+    match uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str().rsplit('@').next().unwrap_or("")).ok(),
+        None => headers.get(HOST).cloned(),
+    }
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:80` → `::1`.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+}

@@ -1,0 +1,220 @@
+//! The client side: listeners, TLS, per-connection serving and graceful shutdown.
+//!
+//! Each accepted connection is served by hyper (HTTP/1.1, or HTTP/2 by prior knowledge
+//! or ALPN) with the header-read timeout armed and an [`IdleTimeoutIo`] underneath.
+//! Requests go to the shared [`Proxy`]. This module knows nothing of routes or
+//! upstreams.
+
+mod shutdown;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use crate::body::Body;
+use crate::config::Config;
+use crate::io::IdleTimeoutIo;
+use crate::proxy::{ConnInfo, Proxy};
+pub use shutdown::Shutdown;
+
+/// Why Strait could not run.
+#[derive(Debug)]
+pub enum RunError {
+    /// A listener could not be bound (exit 1).
+    Bind(SocketAddr, std::io::Error),
+    /// TLS material or other setup failed (exit 1).
+    Setup(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            RunError::Setup(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// Everything a connection task needs, shared by all of them.
+struct Shared {
+    proxy: Proxy,
+    http: auto::Builder<TokioExecutor>,
+    idle: Duration,
+    handshake_timeout: Duration,
+}
+
+/// Runs Strait until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let shutdown = Shutdown::new();
+    let tasks = TaskTracker::new();
+
+    let mut listeners = Vec::with_capacity(config.listen.len());
+    for l in &config.listen {
+        let listener = TcpListener::bind(l.addr)
+            .await
+            .map_err(|e| RunError::Bind(l.addr, e))?;
+        let acceptor = match &l.tls {
+            Some(files) => Some(tls::Acceptor::load(files).map_err(RunError::Setup)?),
+            None => None,
+        };
+        listeners.push((listener, acceptor));
+    }
+
+    let proxy = Proxy::new(&config, tasks.clone()).map_err(RunError::Setup)?;
+    let shared = Arc::new(Shared {
+        proxy,
+        http: http_builder(&config),
+        idle: config.timeouts.idle,
+        handshake_timeout: config.timeouts.header_read,
+    });
+
+    for (listener, acceptor) in listeners {
+        let local = listener.local_addr().map_err(|e| RunError::Setup(e.to_string()))?;
+        let kind = if acceptor.is_some() { "https" } else { "http" };
+        tracing::info!("listening on {local} ({kind})");
+        tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            shared.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+    }
+
+    let signal = shutdown::wait_for_signal().await;
+    tracing::info!(
+        "{signal}: draining, up to {} for in-flight requests",
+        humantime::format_duration(config.timeouts.shutdown_grace)
+    );
+    shutdown.trigger();
+    tasks.close();
+    if tokio::time::timeout(config.timeouts.shutdown_grace, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = tasks.len(),
+            "shutdown grace passed with connections still open; closing them"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.header_read)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<tls::Acceptor>,
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+    tasks: TaskTracker,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.triggered() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!(listener = ?local, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or_else(|_| local.expect("bound listener"));
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let acceptor = acceptor.clone();
+        tasks.spawn(async move {
+            match acceptor {
+                None => {
+                    let info = ConnInfo { peer, local, tls: false };
+                    serve(stream, info, shared, shutdown).await
+                }
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+                        Ok(Ok(tls)) => {
+                            let info = ConnInfo { peer, local, tls: true };
+                            serve(tls, info, shared, shutdown).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(client = %peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    tracing::debug!(listener = ?local, "stopped accepting");
+}
+
+/// Serves one client connection until it closes, or until shutdown asks it to finish.
+async fn serve<S>(stream: S, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(IdleTimeoutIo::new(stream, shared.idle));
+    let service = ConnService {
+        shared: shared.clone(),
+        info,
+    };
+    let conn = shared.http.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.triggered() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %info.peer, "connection ended: {e}");
+    }
+}
+
+/// The hyper service for one connection: hands each request to the proxy.
+#[derive(Clone)]
+struct ConnService {
+    shared: Arc<Shared>,
+    info: ConnInfo,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        let info = self.info;
+        Box::pin(async move { Ok(shared.proxy.handle(req, info).await) })
+    }
+}

@@ -1,0 +1,54 @@
+//! Graceful shutdown: one signal, observed by every accept loop and connection.
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+/// A shutdown flag that can be awaited. Cloning is cheap; all clones see the trigger.
+#[derive(Clone)]
+pub struct Shutdown {
+    tx: std::sync::Arc<watch::Sender<bool>>,
+    rx: watch::Receiver<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        let (tx, rx) = watch::channel(false);
+        Shutdown {
+            tx: std::sync::Arc::new(tx),
+            rx,
+        }
+    }
+
+    /// Starts the drain everywhere.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Completes once [`Shutdown::trigger`] was called (at once if it already was).
+    pub async fn triggered(&self) {
+        let mut rx = self.rx.clone();
+        // An error means every sender is gone, which only happens at process end.
+        let _ = rx.wait_for(|&stop| stop).await;
+    }
+}
+
+/// Waits for SIGTERM or SIGINT and names the one that came. SIGHUP is caught too (its
+/// default action would kill the process) and logged; reloads hook in there.
+pub async fn wait_for_signal() -> &'static str {
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => tracing::info!("SIGHUP received"),
+        }
+    }
+}
