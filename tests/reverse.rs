@@ -1,0 +1,333 @@
+//! Reverse proxying: routes, the proxy_pass rule, forwarding headers, HTTP versions on
+//! both sides, https upstreams and load balancing.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use support::*;
+
+fn listen() -> &'static str {
+    "listen = [{ addr = \"127.0.0.1:0\" }]\n"
+}
+
+async fn tagged(tag: &'static str) -> Origin {
+    Origin::with(move |_| async move { ok(tag) }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_pick_by_host_then_longest_prefix() {
+    let (root, api, v2, app, wild) = (
+        tagged("root").await,
+        tagged("api").await,
+        tagged("v2").await,
+        tagged("app").await,
+        tagged("wild").await,
+    );
+    let config = format!(
+        "{}
+[[route]]
+upstream = \"{}\"
+[[route]]
+path = \"/api/\"
+upstream = \"{}\"
+[[route]]
+path = \"/api/v2/\"
+upstream = \"{}\"
+[[route]]
+host = \"app.test\"
+upstream = \"{}\"
+[[route]]
+host = \"*.wild.test\"
+path = \"/\"
+upstream = [\"{}\"]
+",
+        listen(),
+        root.url(),
+        api.url(),
+        v2.url(),
+        app.url(),
+        wild.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    let get = |host: &'static str, path: &'static str| {
+        let url = format!("{}{path}", strait.url());
+        async move { curl(&["-H", &format!("Host: {host}"), &url]).await.text() }
+    };
+    assert_eq!(get("x.test", "/").await, "root");
+    assert_eq!(get("x.test", "/api/users").await, "api");
+    assert_eq!(get("x.test", "/api/v2/users").await, "v2");
+    assert_eq!(get("app.test", "/api/v2/users").await, "app", "a host route beats any-host");
+    assert_eq!(get("APP.test:8080", "/").await, "app");
+    assert_eq!(get("a.wild.test", "/api/").await, "wild");
+    assert_eq!(get("wild.test", "/api/").await, "api", "*.wild.test needs a subdomain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_is_404() {
+    let origin = Origin::start().await;
+    let config = format!("{}[[route]]\npath = \"/api/\"\nupstream = \"{}\"\n", listen(), origin.url());
+    let strait = Strait::start(&config, &[]);
+    let out = curl(&[&format!("{}/other", strait.url())]).await;
+    assert_eq!(out.status, 404);
+    assert_eq!(origin.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_path_replaces_the_matched_prefix_like_nginx_proxy_pass() {
+    let origin = Origin::start().await;
+    let config = format!(
+        "{l}[[route]]\npath = \"/api/\"\nupstream = \"{u}/v1/\"\n[[route]]\npath = \"/keep/\"\nupstream = \"{u}\"\n[[route]]\npath = \"/root/\"\nupstream = \"{u}/\"\n",
+        l = listen(),
+        u = origin.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    curl(&[&format!("{}/api/users/7?x=1", strait.url())]).await;
+    assert_eq!(origin.last().uri, "/v1/users/7?x=1");
+    curl(&[&format!("{}/keep/users?y=2", strait.url())]).await;
+    assert_eq!(origin.last().uri, "/keep/users?y=2");
+    curl(&[&format!("{}/root/a", strait.url())]).await;
+    assert_eq!(origin.last().uri, "/a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_host_follow_the_rules() {
+    let origin = Origin::start().await;
+    let config = format!(
+        "{l}[[route]]\npath = \"/a/\"\nupstream = \"{u}\"\n[[route]]\npath = \"/p/\"\nupstream = \"{u}\"\npreserve_host = true\n",
+        l = listen(),
+        u = origin.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    let out = curl(&[
+        "-H", "Host: shop.example:8443",
+        "-H", "X-Forwarded-For: 203.0.113.9",
+        "-H", "Proxy-Authorization: Basic eDp5",
+        &format!("{}/a/x", strait.url()),
+    ])
+    .await;
+    assert_eq!(out.status, 200);
+    let seen = origin.last();
+    assert_eq!(seen.header("host"), Some(origin.addr.to_string().as_str()));
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("shop.example:8443"));
+    assert_eq!(seen.header("proxy-authorization"), None);
+
+    curl(&["-H", "Host: shop.example", &format!("{}/p/x", strait.url())]).await;
+    assert_eq!(origin.last().header("host"), Some("shop.example"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_routes_from_the_command_line() {
+    let (api, app) = (tagged("api").await, tagged("app").await);
+    let r1 = format!("/api=>{}", api.url());
+    let r2 = format!("app.test/=>{}", app.url());
+    let strait = Strait::start_args(&["-l", "127.0.0.1:0", "--route", &r1, "--route", &r2]);
+    assert_eq!(curl(&[&format!("{}/api/x", strait.url())]).await.text(), "api");
+    let out = curl(&["-H", "Host: app.test", &format!("{}/api/x", strait.url())]).await;
+    assert_eq!(out.text(), "app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_picks_the_upstream_protocol() {
+    let origin = Origin::start().await;
+    let config = format!(
+        "{l}[[route]]\npath = \"/h2/\"\nupstream = \"{u}\"\nversion = \"h2\"\n[[route]]\npath = \"/auto/\"\nupstream = \"{u}\"\n[[route]]\npath = \"/h1/\"\nupstream = \"{u}\"\nversion = \"h1\"\n",
+        l = listen(),
+        u = origin.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    assert_eq!(curl(&[&format!("{}/h2/x", strait.url())]).await.status, 200);
+    assert_eq!(origin.last().version, http::Version::HTTP_2);
+    curl(&[&format!("{}/auto/x", strait.url())]).await;
+    assert_eq!(origin.last().version, http::Version::HTTP_11);
+    curl(&["--http2-prior-knowledge", &format!("{}/h1/x", strait.url())]).await;
+    assert_eq!(origin.last().version, http::Version::HTTP_11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served_on_any_listener() {
+    let origin = Origin::start().await;
+    let config = format!("{}[[route]]\nupstream = \"{}\"\n", listen(), origin.url());
+    let strait = Strait::start(&config, &[]);
+    let out = curl(&["--http2-prior-knowledge", "-v", &format!("{}/two", strait.url())]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(out.stderr.contains("HTTP/2 200"), "{}", out.stderr);
+    let seen = origin.last();
+    assert_eq!(seen.uri, "/two");
+    assert_eq!(seen.header("host"), Some(origin.addr.to_string().as_str()));
+    assert_eq!(seen.header("x-forwarded-host"), Some(strait.addr().to_string().as_str()));
+}
+
+/// The seed's question: an HTTP/2 request body of unknown length reaches an HTTP/1.1
+/// upstream as chunked, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_body_without_length_reaches_an_h1_upstream_chunked_and_exact() {
+    let origin = Origin::start().await;
+    let config = format!("{}[[route]]\nupstream = \"{}\"\nversion = \"h1\"\n", listen(), origin.url());
+    let strait = Strait::start(&config, &[]);
+
+    let stream = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Frames of odd sizes, including every byte value, with no length announced.
+    let chunks: Vec<Bytes> = (0..40u32)
+        .map(|i| Bytes::from((0..(i * 977 % 5000 + 1)).map(|b| (b * 7 + i) as u8).collect::<Vec<u8>>()))
+        .collect();
+    let expected: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let body = ChannelBody(rx);
+    let req = http::Request::post(format!("http://{}/upload", strait.addr()))
+        .body(body)
+        .unwrap();
+    let send = tokio::spawn(async move { sender.send_request(req).await });
+    for c in chunks {
+        tx.send(c).await.unwrap();
+    }
+    drop(tx);
+    let resp = send.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    let seen = origin.last();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(seen.header("content-length"), None);
+    assert_eq!(seen.body.len(), expected.len());
+    assert!(seen.body[..] == expected[..], "body bytes differ");
+}
+
+/// A request body fed through a channel: frames of unknown total length.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_are_verified_against_tls_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new(dir.path(), &["backend.test", "127.0.0.1"]);
+    let origin = Origin::tls(certs.server_config(&[b"h2", b"http/1.1"]), |_| async { ok("secure") }).await;
+    let port = origin.addr.port();
+    let ca = certs.ca_pem.display();
+    let config = format!(
+        "{l}
+[[route]]
+path = \"/good/\"
+upstream = \"https://127.0.0.1:{port}\"
+tls_ca = \"{ca}\"
+[[route]]
+path = \"/named/\"
+upstream = \"https://localhost:{port}\"
+tls_ca = \"{ca}\"
+tls_server_name = \"backend.test\"
+version = \"h1\"
+[[route]]
+path = \"/untrusted/\"
+upstream = \"https://127.0.0.1:{port}\"
+[[route]]
+path = \"/wrongname/\"
+upstream = \"https://127.0.0.1:{port}\"
+tls_ca = \"{ca}\"
+tls_server_name = \"other.test\"
+[[route]]
+path = \"/insecure/\"
+upstream = \"https://127.0.0.1:{port}\"
+tls_insecure = true
+",
+        l = listen()
+    );
+    let strait = Strait::start(&config, &[]);
+    let out = curl(&[&format!("{}/good/x", strait.url())]).await;
+    assert_eq!((out.status, out.text().as_str()), (200, "secure"));
+    assert_eq!(origin.last().version, http::Version::HTTP_2, "ALPN picked h2 for auto");
+
+    let out = curl(&[&format!("{}/named/x", strait.url())]).await;
+    assert_eq!(out.status, 200);
+    assert_eq!(origin.last().version, http::Version::HTTP_11);
+
+    assert_eq!(curl(&[&format!("{}/untrusted/x", strait.url())]).await.status, 502);
+    assert_eq!(curl(&[&format!("{}/wrongname/x", strait.url())]).await.status, 502);
+    assert_eq!(curl(&[&format!("{}/insecure/x", strait.url())]).await.status, 200);
+    assert!(strait.logs().iter().any(|l| l.contains("tls_insecure")), "insecure is warned about");
+    assert_eq!(origin.seen().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_spread_over_upstreams_and_skip_a_dead_one() {
+    let (a, b) = (tagged("a").await, tagged("b").await);
+    let dead = closed_port();
+    let config = format!(
+        "{}[[route]]\nupstream = [\"{}\", \"{}\", \"http://{dead}\"]\n",
+        listen(),
+        a.url(),
+        b.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    let mut answers = Vec::new();
+    for _ in 0..12 {
+        let out = curl(&[&format!("{}/", strait.url())]).await;
+        assert_eq!(out.status, 200, "a dead upstream never fails a GET: {out:?}");
+        answers.push(out.text());
+    }
+    let count = |t: &str| answers.iter().filter(|a| *a == t).count();
+    assert!(count("a") >= 4 && count("b") >= 4, "{answers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_shared_by_all_clients() {
+    let origin = Origin::start().await;
+    let config = format!("{}[[route]]\nupstream = \"{}\"\n", listen(), origin.url());
+    let strait = Strait::start(&config, &[]);
+    // Eleven separate client connections (one curl each), forty requests in all.
+    let mut sent = 0;
+    for client in 0..11 {
+        let n = if client < 7 { 4 } else { 3 };
+        let urls: Vec<String> = (0..n).map(|i| format!("{}/c{client}/{i}", strait.url())).collect();
+        // The first URL's body goes to the helper's file, the others to /dev/null.
+        let mut args: Vec<&str> = vec![&urls[0]];
+        for u in &urls[1..] {
+            args.extend(["-o", "/dev/null", u.as_str()]);
+        }
+        let out = curl(&args).await;
+        assert_eq!(out.status, 200);
+        sent += n;
+    }
+    assert_eq!(sent, 40);
+    assert_eq!(origin.seen().len(), 40);
+    assert!(origin.connections() <= 2, "{} upstream connections", origin.connections());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_and_reverse_share_a_listener() {
+    let origin = Origin::start().await;
+    let config = format!(
+        "{}[forward]\ndeny_targets = []\n[[route]]\npath = \"/r/\"\nupstream = \"{}\"\n",
+        listen(),
+        origin.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    assert_eq!(curl(&[&format!("{}/r/x", strait.url())]).await.status, 200);
+    assert_eq!(origin.last().uri, "/r/x");
+    let out = curl(&["-x", &strait.url(), &format!("{}/f", origin.url())]).await;
+    assert_eq!(out.status, 200);
+    assert_eq!(origin.last().uri, "/f");
+    assert_eq!(origin.last().header("x-forwarded-for"), None);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
