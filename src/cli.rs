@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    Admin, Config, ConfigError, HostPattern, Listen, PathPrefix, RouteConfig, TlsFiles,
-    Upstreams, User, Version,
+    Admin, Config, ConfigError, HostPattern, Listen, PathPrefix, RouteConfig, TlsFiles, Upstreams,
+    User, Version,
 };
 
 /// A fast HTTP forward and reverse proxy.

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use serde::de::{self, Deserializer};
 
 /// A complete, validated configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -56,7 +56,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 
 fn default_listeners() -> Vec<Listen> {
     vec![Listen {
-        addr: DEFAULT_LISTEN.parse().expect("the default listen address is valid"),
+        addr: DEFAULT_LISTEN
+            .parse()
+            .expect("the default listen address is valid"),
         tls: None,
     }]
 }
@@ -300,7 +302,9 @@ impl std::str::FromStr for UpstreamUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| {
-            format!("invalid upstream {s:?}: {why} (expected like \"http://127.0.0.1:8080\" or \"https://backend:8443/v1/\")")
+            format!(
+                "invalid upstream {s:?}: {why} (expected like \"http://127.0.0.1:8080\" or \"https://backend:8443/v1/\")"
+            )
         };
         let (scheme, rest) = if let Some(rest) = s.strip_prefix("http://") {
             (Scheme::Http, rest)
@@ -330,10 +334,10 @@ impl std::str::FromStr for UpstreamUrl {
         } else {
             format!("{}:{port}", parsed.host().to_ascii_lowercase())
         };
-        if let Some(p) = path {
-            if p.bytes().any(|b| b <= b' ' || b == b'?' || b == b'#') {
-                return Err(bad("the path has a character that is not allowed"));
-            }
+        if let Some(p) = path
+            && p.bytes().any(|b| b <= b' ' || b == b'?' || b == b'#')
+        {
+            return Err(bad("the path has a character that is not allowed"));
         }
         Ok(UpstreamUrl {
             scheme,
@@ -502,9 +506,9 @@ impl<'de> Deserialize<'de> for Upstreams {
             One(String),
             Many(Vec<String>),
         }
-        let list = match OneOrMany::deserialize(d).map_err(|_| {
-            de::Error::custom("expected an upstream URL or a list of them")
-        })? {
+        let list = match OneOrMany::deserialize(d)
+            .map_err(|_| de::Error::custom("expected an upstream URL or a list of them"))?
+        {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
         };
@@ -524,7 +528,11 @@ impl<'de> Deserialize<'de> for AccessLog {
         Ok(match s.as_str() {
             "stdout" => AccessLog::Stdout,
             "off" => AccessLog::Off,
-            "" => return Err(de::Error::custom("expected \"stdout\", \"off\" or a file path")),
+            "" => {
+                return Err(de::Error::custom(
+                    "expected \"stdout\", \"off\" or a file path",
+                ));
+            }
             path => AccessLog::File(PathBuf::from(path)),
         })
     }
@@ -648,20 +656,19 @@ impl Config {
             if let Some(ca) = &r.tls_ca {
                 check_readable(ca).map_err(|e| e.at(format!("route[{i}].tls_ca")))?;
             }
-            if !any_https && (r.tls_ca.is_some() || r.tls_server_name.is_some() || r.tls_insecure)
-            {
+            if !any_https && (r.tls_ca.is_some() || r.tls_server_name.is_some() || r.tls_insecure) {
                 return Err(ConfigError::new(
                     "TLS settings need an https:// upstream; this route has none",
                 )
                 .at(format!("route[{i}].upstream")));
             }
-            if let Some(name) = &r.tls_server_name {
-                if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
-                    return Err(ConfigError::new(format!(
-                        "invalid server name {name:?}: expected a DNS name or an IP address"
-                    ))
-                    .at(format!("route[{i}].tls_server_name")));
-                }
+            if let Some(name) = &r.tls_server_name
+                && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return Err(ConfigError::new(format!(
+                    "invalid server name {name:?}: expected a DNS name or an IP address"
+                ))
+                .at(format!("route[{i}].tls_server_name")));
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -674,14 +681,14 @@ impl Config {
                 .at(format!("route[{i}].path")));
             }
         }
-        if let Some(admin) = &self.admin {
-            if self.listen.iter().any(|l| l.addr == admin.addr) {
-                return Err(ConfigError::new(format!(
-                    "{} is also a proxy listener: the admin listener needs its own address",
-                    admin.addr
-                ))
-                .at("admin.addr"));
-            }
+        if let Some(admin) = &self.admin
+            && self.listen.iter().any(|l| l.addr == admin.addr)
+        {
+            return Err(ConfigError::new(format!(
+                "{} is also a proxy listener: the admin listener needs its own address",
+                admin.addr
+            ))
+            .at("admin.addr"));
         }
         Ok(())
     }
@@ -742,12 +749,10 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
             }
             continue;
         }
-        if in_table {
-            if let Some(f) = field {
-                let k = line.split('=').next().unwrap_or("").trim();
-                if k == f {
-                    return Some(n + 1);
-                }
+        if in_table && let Some(f) = field {
+            let k = line.split('=').next().unwrap_or("").trim();
+            if k == f {
+                return Some(n + 1);
             }
         }
     }

@@ -85,7 +85,9 @@ impl<T: AsyncRead> AsyncRead for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err),
+            Poll::Pending => {
+                check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err)
+            }
         }
     }
 }
@@ -104,7 +106,9 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err),
+            Poll::Pending => {
+                check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err)
+            }
         }
     }
 
@@ -121,7 +125,9 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err),
+            Poll::Pending => {
+                check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err)
+            }
         }
     }
 

@@ -81,10 +81,11 @@ impl<T> RouteTable<T> {
                 return Some(found);
             }
             for (suffix, list) in &self.suffix {
-                if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
-                    if let Some(found) = in_list(list) {
-                        return Some(found);
-                    }
+                if host.len() > suffix.len()
+                    && host.ends_with(suffix.as_str())
+                    && let Some(found) = in_list(list)
+                {
+                    return Some(found);
                 }
             }
         }
@@ -105,7 +106,11 @@ mod tests {
 
     #[test]
     fn longest_prefix_wins() {
-        let t = table(&[("", "/", "root"), ("", "/api/", "api"), ("", "/api/v2/", "v2")]);
+        let t = table(&[
+            ("", "/", "root"),
+            ("", "/api/", "api"),
+            ("", "/api/v2/", "v2"),
+        ]);
         assert_eq!(t.find(None, "/api/v2/x"), Some(&"v2"));
         assert_eq!(t.find(None, "/api/v1"), Some(&"api"));
         assert_eq!(t.find(None, "/apix"), Some(&"root"));

@@ -23,7 +23,11 @@ async fn absolute_form_goes_upstream_in_origin_form_with_the_targets_host() {
     assert_eq!(seen.header("host"), Some(origin.addr.to_string().as_str()));
     // Nothing reveals a proxy: no Via of our own, no X-Forwarded-*.
     assert_eq!(seen.header("via"), Some("1.1 client-side"));
-    assert!(seen.headers.keys().all(|k| !k.as_str().starts_with("x-forwarded")));
+    assert!(
+        seen.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-forwarded"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,7 +36,12 @@ async fn any_method_and_its_body_is_forwarded() {
     let strait = Strait::start(OPEN, &[]);
     for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"] {
         let out = curl(&[
-            "-x", &strait.url(), "-X", method, "--data-binary", "payload-bytes",
+            "-x",
+            &strait.url(),
+            "-X",
+            method,
+            "--data-binary",
+            "payload-bytes",
             &format!("{}/m", origin.url()),
         ])
         .await;
@@ -55,7 +64,10 @@ async fn basic_auth_knows_several_users_and_challenges_the_rest() {
 
     let out = curl(&["-x", &strait.url(), &target]).await;
     assert_eq!(out.status, 407);
-    assert_eq!(out.header("proxy-authenticate"), Some("Basic realm=\"strait\""));
+    assert_eq!(
+        out.header("proxy-authenticate"),
+        Some("Basic realm=\"strait\"")
+    );
 
     let wrong = format!("http://alice:nope@{}", strait.addr());
     assert_eq!(curl(&["-x", &wrong, &target]).await.status, 407);
@@ -67,7 +79,11 @@ async fn basic_auth_knows_several_users_and_challenges_the_rest() {
         // The credentials are for the proxy alone.
         assert_eq!(origin.last().header("proxy-authorization"), None);
     }
-    assert_eq!(origin.seen().len(), 2, "refused requests never reach the origin");
+    assert_eq!(
+        origin.seen().len(),
+        2,
+        "refused requests never reach the origin"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,19 +94,32 @@ async fn hidden_proxy_answers_like_a_plain_web_server() {
     let target = format!("{}/x", origin.url());
 
     let out = curl(&["-x", &strait.url(), &target]).await;
-    assert_eq!(out.status, 404, "answered as a web server without that page");
+    assert_eq!(
+        out.status, 404,
+        "answered as a web server without that page"
+    );
     assert_eq!(out.header("proxy-authenticate"), None);
     let plain = curl(&[&format!("{}/x", strait.url())]).await;
     assert_eq!(plain.status, out.status);
-    assert_eq!(plain.body, out.body, "indistinguishable from a direct request");
+    assert_eq!(
+        plain.body, out.body,
+        "indistinguishable from a direct request"
+    );
 
     let reply = raw_exchange(
         strait.addr(),
-        format!("CONNECT {} HTTP/1.1\r\nHost: {}\r\n\r\n", origin.addr, origin.addr).as_bytes(),
+        format!(
+            "CONNECT {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            origin.addr, origin.addr
+        )
+        .as_bytes(),
         Duration::from_secs(2),
     )
     .await;
-    assert!(!reply.contains("407") && !reply.to_ascii_lowercase().contains("proxy-authenticate"), "{reply}");
+    assert!(
+        !reply.contains("407") && !reply.to_ascii_lowercase().contains("proxy-authenticate"),
+        "{reply}"
+    );
     assert!(!reply.starts_with("HTTP/1.1 200"), "{reply}");
 
     let proxy = format!("http://alice:s3cret@{}", strait.addr());
@@ -102,10 +131,17 @@ async fn hidden_proxy_answers_like_a_plain_web_server() {
 async fn loopback_targets_are_denied_by_default_even_by_name() {
     let origin = Origin::start().await;
     let strait = Strait::start("listen = [{ addr = \"127.0.0.1:0\" }]\n", &[]);
-    for host in [origin.addr.to_string(), format!("localhost:{}", origin.addr.port())] {
+    for host in [
+        origin.addr.to_string(),
+        format!("localhost:{}", origin.addr.port()),
+    ] {
         let out = curl(&["-x", &strait.url(), &format!("http://{host}/")]).await;
         assert_eq!(out.status, 403, "{host}");
-        assert!(out.text().contains("deny_targets"), "the body names the setting: {}", out.text());
+        assert!(
+            out.text().contains("deny_targets"),
+            "the body names the setting: {}",
+            out.text()
+        );
         let out = curl(&["-p", "-x", &strait.url(), &format!("http://{host}/")]).await;
         assert_eq!(out.exit, 56, "CONNECT refused: {out:?}");
     }
@@ -119,7 +155,12 @@ async fn deny_targets_takes_cidrs() {
     let strait = Strait::start(config, &[]);
     let out = curl(&["-x", &strait.url(), &format!("{}/", origin.url())]).await;
     assert_eq!(out.status, 200, "127.0.0.1 is not in the list");
-    let out = curl(&["-x", &strait.url(), &format!("http://127.0.0.2:{}/", origin.addr.port())]).await;
+    let out = curl(&[
+        "-x",
+        &strait.url(),
+        &format!("http://127.0.0.2:{}/", origin.addr.port()),
+    ])
+    .await;
     assert_eq!(out.status, 403);
 }
 
@@ -128,7 +169,13 @@ async fn connect_opens_a_tunnel_with_bytes_both_ways() {
     let origin = Origin::start().await;
     let strait = Strait::start(OPEN, &[]);
     // curl tunnels plain HTTP through CONNECT with -p.
-    let out = curl(&["-p", "-x", &strait.url(), &format!("{}/through", origin.url())]).await;
+    let out = curl(&[
+        "-p",
+        "-x",
+        &strait.url(),
+        &format!("{}/through", origin.url()),
+    ])
+    .await;
     assert_eq!(out.status, 200, "{out:?}");
     assert_eq!(origin.last().uri, "/through");
 
@@ -198,7 +245,11 @@ async fn an_idle_tunnel_is_closed_after_timeouts_idle() {
         .expect("closed by the idle timeout")
         .unwrap_or(0);
     assert_eq!(n, 0);
-    assert!(started.elapsed() >= Duration::from_millis(800), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,24 +266,64 @@ async fn hop_by_hop_headers_never_cross_the_forward_proxy() {
     .await;
     let strait = Strait::start(OPEN, &[]);
     let out = curl(&[
-        "-x", &strait.url(),
-        "-H", "Connection: keep-alive, X-Req-Private",
-        "-H", "X-Req-Private: secret",
-        "-H", "Keep-Alive: timeout=9",
-        "-H", "Proxy-Connection: keep-alive",
-        "-H", "TE: trailers",
-        "-H", "Upgrade: h2c",
-        "-H", "X-Req-Public: yes",
+        "-x",
+        &strait.url(),
+        "-H",
+        "Connection: keep-alive, X-Req-Private",
+        "-H",
+        "X-Req-Private: secret",
+        "-H",
+        "Keep-Alive: timeout=9",
+        "-H",
+        "Proxy-Connection: keep-alive",
+        "-H",
+        "TE: trailers",
+        "-H",
+        "Upgrade: h2c",
+        "-H",
+        "X-Req-Public: yes",
         &format!("{}/", origin.url()),
     ])
     .await;
     assert_eq!(out.status, 200);
     let seen = origin.last();
-    for name in ["x-req-private", "keep-alive", "proxy-connection", "te", "upgrade", "connection"] {
+    for name in [
+        "x-req-private",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "connection",
+    ] {
         assert_eq!(seen.header(name), None, "{name} reached the origin");
     }
     assert_eq!(seen.header("x-req-public"), Some("yes"));
     assert_eq!(out.header("x-resp-private"), None);
     assert_eq!(out.header("keep-alive"), None);
     assert_eq!(out.header("x-resp-public"), Some("yes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_works_over_an_h2_client_connection() {
+    let echo = echo_server().await;
+    let strait = Strait::start(OPEN, &[]);
+    let stream = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::connect(echo.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    io.write_all(b"over h2").await.unwrap();
+    let mut buf = [0u8; 7];
+    io.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"over h2");
 }

@@ -59,16 +59,28 @@ upstream = [\"{}\"]
     assert_eq!(get("x.test", "/").await, "root");
     assert_eq!(get("x.test", "/api/users").await, "api");
     assert_eq!(get("x.test", "/api/v2/users").await, "v2");
-    assert_eq!(get("app.test", "/api/v2/users").await, "app", "a host route beats any-host");
+    assert_eq!(
+        get("app.test", "/api/v2/users").await,
+        "app",
+        "a host route beats any-host"
+    );
     assert_eq!(get("APP.test:8080", "/").await, "app");
     assert_eq!(get("a.wild.test", "/api/").await, "wild");
-    assert_eq!(get("wild.test", "/api/").await, "api", "*.wild.test needs a subdomain");
+    assert_eq!(
+        get("wild.test", "/api/").await,
+        "api",
+        "*.wild.test needs a subdomain"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_route_is_404() {
     let origin = Origin::start().await;
-    let config = format!("{}[[route]]\npath = \"/api/\"\nupstream = \"{}\"\n", listen(), origin.url());
+    let config = format!(
+        "{}[[route]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+        listen(),
+        origin.url()
+    );
     let strait = Strait::start(&config, &[]);
     let out = curl(&[&format!("{}/other", strait.url())]).await;
     assert_eq!(out.status, 404);
@@ -102,16 +114,22 @@ async fn forwarding_headers_and_host_follow_the_rules() {
     );
     let strait = Strait::start(&config, &[]);
     let out = curl(&[
-        "-H", "Host: shop.example:8443",
-        "-H", "X-Forwarded-For: 203.0.113.9",
-        "-H", "Proxy-Authorization: Basic eDp5",
+        "-H",
+        "Host: shop.example:8443",
+        "-H",
+        "X-Forwarded-For: 203.0.113.9",
+        "-H",
+        "Proxy-Authorization: Basic eDp5",
         &format!("{}/a/x", strait.url()),
     ])
     .await;
     assert_eq!(out.status, 200);
     let seen = origin.last();
     assert_eq!(seen.header("host"), Some(origin.addr.to_string().as_str()));
-    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(seen.header("x-forwarded-host"), Some("shop.example:8443"));
     assert_eq!(seen.header("proxy-authorization"), None);
@@ -126,7 +144,10 @@ async fn quick_routes_from_the_command_line() {
     let r1 = format!("/api=>{}", api.url());
     let r2 = format!("app.test/=>{}", app.url());
     let strait = Strait::start_args(&["-l", "127.0.0.1:0", "--route", &r1, "--route", &r2]);
-    assert_eq!(curl(&[&format!("{}/api/x", strait.url())]).await.text(), "api");
+    assert_eq!(
+        curl(&[&format!("{}/api/x", strait.url())]).await.text(),
+        "api"
+    );
     let out = curl(&["-H", "Host: app.test", &format!("{}/api/x", strait.url())]).await;
     assert_eq!(out.text(), "app");
 }
@@ -153,13 +174,21 @@ async fn h2c_clients_are_served_on_any_listener() {
     let origin = Origin::start().await;
     let config = format!("{}[[route]]\nupstream = \"{}\"\n", listen(), origin.url());
     let strait = Strait::start(&config, &[]);
-    let out = curl(&["--http2-prior-knowledge", "-v", &format!("{}/two", strait.url())]).await;
+    let out = curl(&[
+        "--http2-prior-knowledge",
+        "-v",
+        &format!("{}/two", strait.url()),
+    ])
+    .await;
     assert_eq!(out.status, 200, "{out:?}");
     assert!(out.stderr.contains("HTTP/2 200"), "{}", out.stderr);
     let seen = origin.last();
     assert_eq!(seen.uri, "/two");
     assert_eq!(seen.header("host"), Some(origin.addr.to_string().as_str()));
-    assert_eq!(seen.header("x-forwarded-host"), Some(strait.addr().to_string().as_str()));
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some(strait.addr().to_string().as_str())
+    );
 }
 
 /// The seed's question: an HTTP/2 request body of unknown length reaches an HTTP/1.1
@@ -167,7 +196,11 @@ async fn h2c_clients_are_served_on_any_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_body_without_length_reaches_an_h1_upstream_chunked_and_exact() {
     let origin = Origin::start().await;
-    let config = format!("{}[[route]]\nupstream = \"{}\"\nversion = \"h1\"\n", listen(), origin.url());
+    let config = format!(
+        "{}[[route]]\nupstream = \"{}\"\nversion = \"h1\"\n",
+        listen(),
+        origin.url()
+    );
     let strait = Strait::start(&config, &[]);
 
     let stream = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
@@ -180,7 +213,13 @@ async fn an_h2_body_without_length_reaches_an_h1_upstream_chunked_and_exact() {
     tokio::spawn(conn);
     // Frames of odd sizes, including every byte value, with no length announced.
     let chunks: Vec<Bytes> = (0..40u32)
-        .map(|i| Bytes::from((0..(i * 977 % 5000 + 1)).map(|b| (b * 7 + i) as u8).collect::<Vec<u8>>()))
+        .map(|i| {
+            Bytes::from(
+                (0..(i * 977 % 5000 + 1))
+                    .map(|b| (b * 7 + i) as u8)
+                    .collect::<Vec<u8>>(),
+            )
+        })
         .collect();
     let expected: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
@@ -215,7 +254,9 @@ impl http_body::Body for ChannelBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|c| c.map(|c| Ok(http_body::Frame::data(c))))
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|c| Ok(http_body::Frame::data(c))))
     }
 }
 
@@ -223,7 +264,10 @@ impl http_body::Body for ChannelBody {
 async fn https_upstreams_are_verified_against_tls_ca() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new(dir.path(), &["backend.test", "127.0.0.1"]);
-    let origin = Origin::tls(certs.server_config(&[b"h2", b"http/1.1"]), |_| async { ok("secure") }).await;
+    let origin = Origin::tls(certs.server_config(&[b"h2", b"http/1.1"]), |_| async {
+        ok("secure")
+    })
+    .await;
     let port = origin.addr.port();
     let ca = certs.ca_pem.display();
     let config = format!(
@@ -256,16 +300,38 @@ tls_insecure = true
     let strait = Strait::start(&config, &[]);
     let out = curl(&[&format!("{}/good/x", strait.url())]).await;
     assert_eq!((out.status, out.text().as_str()), (200, "secure"));
-    assert_eq!(origin.last().version, http::Version::HTTP_2, "ALPN picked h2 for auto");
+    assert_eq!(
+        origin.last().version,
+        http::Version::HTTP_2,
+        "ALPN picked h2 for auto"
+    );
 
     let out = curl(&[&format!("{}/named/x", strait.url())]).await;
     assert_eq!(out.status, 200);
     assert_eq!(origin.last().version, http::Version::HTTP_11);
 
-    assert_eq!(curl(&[&format!("{}/untrusted/x", strait.url())]).await.status, 502);
-    assert_eq!(curl(&[&format!("{}/wrongname/x", strait.url())]).await.status, 502);
-    assert_eq!(curl(&[&format!("{}/insecure/x", strait.url())]).await.status, 200);
-    assert!(strait.logs().iter().any(|l| l.contains("tls_insecure")), "insecure is warned about");
+    assert_eq!(
+        curl(&[&format!("{}/untrusted/x", strait.url())])
+            .await
+            .status,
+        502
+    );
+    assert_eq!(
+        curl(&[&format!("{}/wrongname/x", strait.url())])
+            .await
+            .status,
+        502
+    );
+    assert_eq!(
+        curl(&[&format!("{}/insecure/x", strait.url())])
+            .await
+            .status,
+        200
+    );
+    assert!(
+        strait.logs().iter().any(|l| l.contains("tls_insecure")),
+        "insecure is warned about"
+    );
     assert_eq!(origin.seen().len(), 3);
 }
 
@@ -283,7 +349,10 @@ async fn requests_are_spread_over_upstreams_and_skip_a_dead_one() {
     let mut answers = Vec::new();
     for _ in 0..12 {
         let out = curl(&[&format!("{}/", strait.url())]).await;
-        assert_eq!(out.status, 200, "a dead upstream never fails a GET: {out:?}");
+        assert_eq!(
+            out.status, 200,
+            "a dead upstream never fails a GET: {out:?}"
+        );
         answers.push(out.text());
     }
     let count = |t: &str| answers.iter().filter(|a| *a == t).count();
@@ -299,7 +368,9 @@ async fn upstream_connections_are_shared_by_all_clients() {
     let mut sent = 0;
     for client in 0..11 {
         let n = if client < 7 { 4 } else { 3 };
-        let urls: Vec<String> = (0..n).map(|i| format!("{}/c{client}/{i}", strait.url())).collect();
+        let urls: Vec<String> = (0..n)
+            .map(|i| format!("{}/c{client}/{i}", strait.url()))
+            .collect();
         // The first URL's body goes to the helper's file, the others to /dev/null.
         let mut args: Vec<&str> = vec![&urls[0]];
         for u in &urls[1..] {
@@ -311,7 +382,11 @@ async fn upstream_connections_are_shared_by_all_clients() {
     }
     assert_eq!(sent, 40);
     assert_eq!(origin.seen().len(), 40);
-    assert!(origin.connections() <= 2, "{} upstream connections", origin.connections());
+    assert!(
+        origin.connections() <= 2,
+        "{} upstream connections",
+        origin.connections()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

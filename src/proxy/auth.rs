@@ -27,7 +27,10 @@ impl Auth {
             .iter()
             .map(|u| {
                 let token = engine.encode(format!("{}:{}", u.name, u.password));
-                (token.into_bytes().into_boxed_slice(), Arc::from(u.name.as_str()))
+                (
+                    token.into_bytes().into_boxed_slice(),
+                    Arc::from(u.name.as_str()),
+                )
             })
             .collect();
         Some(Auth { by_token })
@@ -50,8 +53,14 @@ fn split_once(s: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
 }
 
 fn trim(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
-    let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = s
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    let end = s
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &s[start..end]
 }
 
@@ -61,18 +70,30 @@ mod tests {
 
     #[test]
     fn each_user_is_recognised_and_others_are_not() {
-        let users = vec!["alice:s3cret".parse().unwrap(), "bob:pa:ss".parse().unwrap()];
+        let users = vec![
+            "alice:s3cret".parse().unwrap(),
+            "bob:pa:ss".parse().unwrap(),
+        ];
         let auth = Auth::new(&users).unwrap();
         let mut h = HeaderMap::new();
         let check = |h: &HeaderMap| auth.user(h).map(|u| u.to_string());
         assert_eq!(check(&h), None);
-        h.insert(PROXY_AUTHORIZATION, "Basic YWxpY2U6czNjcmV0".parse().unwrap());
+        h.insert(
+            PROXY_AUTHORIZATION,
+            "Basic YWxpY2U6czNjcmV0".parse().unwrap(),
+        );
         assert_eq!(check(&h).as_deref(), Some("alice"));
         h.insert(PROXY_AUTHORIZATION, "basic  Ym9iOnBhOnNz ".parse().unwrap());
         assert_eq!(check(&h).as_deref(), Some("bob"));
-        h.insert(PROXY_AUTHORIZATION, "Basic YWxpY2U6d3Jvbmc=".parse().unwrap());
+        h.insert(
+            PROXY_AUTHORIZATION,
+            "Basic YWxpY2U6d3Jvbmc=".parse().unwrap(),
+        );
         assert_eq!(check(&h), None);
-        h.insert(PROXY_AUTHORIZATION, "Bearer YWxpY2U6czNjcmV0".parse().unwrap());
+        h.insert(
+            PROXY_AUTHORIZATION,
+            "Bearer YWxpY2U6czNjcmV0".parse().unwrap(),
+        );
         assert_eq!(check(&h), None);
     }
 }

@@ -14,7 +14,7 @@ use super::auth::Auth;
 use super::{ConnInfo, Proxy, Refusal, headers, relay_response};
 use crate::body::Body;
 use crate::config::{self, Cidr, Scheme, Version};
-use crate::upstream::{ProfileSettings, Profile, Target, TlsSettings, Upstream};
+use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
 
 /// The `[forward]` settings, resolved.
 pub struct ForwardPolicy {
@@ -73,7 +73,10 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Result<Response<Body>, Refusal> {
-        let policy = self.forward.as_ref().expect("forward requests need [forward]");
+        let policy = self
+            .forward
+            .as_ref()
+            .expect("forward requests need [forward]");
         match policy.check(req.headers()) {
             Access::Granted(_user) => {}
             Access::Challenge => return Err(Refusal::AuthRequired),

@@ -115,7 +115,11 @@ fn names_listener(uri: &http::Uri, local: SocketAddr) -> bool {
     let Some(host) = uri.host() else { return true };
     let port = uri
         .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
     if port != local.port() {
         return false;
     }

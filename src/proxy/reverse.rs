@@ -64,7 +64,10 @@ impl Route {
                 .upstream
                 .0
                 .iter()
-                .map(|u| HeaderValue::from_str(&u.authority).map_err(|_| format!("invalid upstream host {}", u.authority)))
+                .map(|u| {
+                    HeaderValue::from_str(&u.authority)
+                        .map_err(|_| format!("invalid upstream host {}", u.authority))
+                })
                 .collect::<Result<_, _>>()?,
             balancer: Balancer::new(cfg.upstream.0.len()),
             profile,
@@ -81,7 +84,8 @@ impl Route {
                 .unwrap_or_else(|| PathAndQuery::from_static("/")));
         };
         let rest = uri.path().get(self.prefix_len..).unwrap_or("");
-        let mut p = String::with_capacity(base.len() + rest.len() + 1 + uri.query().map_or(0, str::len));
+        let mut p =
+            String::with_capacity(base.len() + rest.len() + 1 + uri.query().map_or(0, str::len));
         p.push_str(base);
         p.push_str(rest);
         if let Some(q) = uri.query() {
@@ -101,7 +105,10 @@ impl Proxy {
     ) -> Result<Response<Body>, Refusal> {
         let (mut parts, body) = req.into_parts();
         let host_value = request_host(&parts.uri, &parts.headers);
-        let host = host_value.as_ref().and_then(|v| v.to_str().ok()).map(strip_port);
+        let host = host_value
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(strip_port);
         let route = self
             .routes
             .find(host, parts.uri.path())
@@ -117,16 +124,20 @@ impl Proxy {
         if let Some(v) = &host_value {
             h.insert(&X_FORWARDED_HOST, v.clone());
         }
-        if route.preserve_host {
-            if let Some(v) = host_value {
-                h.insert(HOST, v);
-            }
+        if route.preserve_host
+            && let Some(v) = host_value
+        {
+            h.insert(HOST, v);
         }
 
         // A request without a body can be replayed on the next upstream when one cannot
         // be reached; one with a body is sent once (its body streams and is gone).
         let replayable = hyper::body::Body::is_end_stream(&body);
-        let mut body = if replayable { Body::Empty } else { Body::Incoming(body) };
+        let mut body = if replayable {
+            Body::Empty
+        } else {
+            Body::Incoming(body)
+        };
         let mut last_err = None;
         for i in route.balancer.order() {
             let up = &route.upstreams[i];
@@ -185,7 +196,6 @@ fn strip_port(host: &str) -> &str {
         _ => host,
     }
 }
-
 
 #[cfg(test)]
 mod tests {

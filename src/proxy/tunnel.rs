@@ -20,16 +20,22 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Result<Response<Body>, Refusal> {
         let Some(policy) = &self.forward else {
-            return Err(Refusal::BadRequest("CONNECT with forward proxying off".into()));
+            return Err(Refusal::BadRequest(
+                "CONNECT with forward proxying off".into(),
+            ));
         };
         match policy.check(req.headers()) {
             Access::Granted(_user) => {}
             Access::Challenge => return Err(Refusal::AuthRequired),
             // A plain web server does not know CONNECT.
-            Access::Hidden => return Err(Refusal::BadRequest("CONNECT without credentials".into())),
+            Access::Hidden => {
+                return Err(Refusal::BadRequest("CONNECT without credentials".into()));
+            }
         }
         let Some(authority) = req.uri().authority() else {
-            return Err(Refusal::BadRequest("CONNECT target is not host:port".into()));
+            return Err(Refusal::BadRequest(
+                "CONNECT target is not host:port".into(),
+            ));
         };
         let Some(port) = authority.port_u16() else {
             return Err(Refusal::BadRequest("CONNECT target has no port".into()));

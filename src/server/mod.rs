@@ -83,7 +83,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     });
 
     for (listener, acceptor) in listeners {
-        let local = listener.local_addr().map_err(|e| RunError::Setup(e.to_string()))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| RunError::Setup(e.to_string()))?;
         let kind = if acceptor.is_some() { "https" } else { "http" };
         tracing::info!("listening on {local} ({kind})");
         tokio::spawn(accept_loop(
@@ -149,21 +151,31 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or_else(|_| local.expect("bound listener"));
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| local.expect("bound listener"));
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let acceptor = acceptor.clone();
         tasks.spawn(async move {
             match acceptor {
                 None => {
-                    let info = ConnInfo { peer, local, tls: false };
+                    let info = ConnInfo {
+                        peer,
+                        local,
+                        tls: false,
+                    };
                     serve(stream, info, shared, shutdown).await
                 }
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(shared.handshake_timeout, handshake).await {
                         Ok(Ok(tls)) => {
-                            let info = ConnInfo { peer, local, tls: true };
+                            let info = ConnInfo {
+                                peer,
+                                local,
+                                tls: true,
+                            };
                             serve(tls, info, shared, shutdown).await
                         }
                         Ok(Err(e)) => tracing::debug!(client = %peer, "TLS handshake failed: {e}"),

@@ -38,20 +38,19 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
     let chain = read_pem_certs(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("{}: no usable private key: {e}", files.key.display()))?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| {
-        format!(
-            "{} and {} do not make a usable pair: {e}",
-            files.cert.display(),
-            files.key.display()
-        )
-    })?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| {
+                format!(
+                    "{} and {} do not make a usable pair: {e}",
+                    files.cert.display(),
+                    files.key.display()
+                )
+            })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }

@@ -148,11 +148,10 @@ impl TlsSettings {
         server_name: Option<&str>,
         insecure: bool,
     ) -> Result<TlsSettings, String> {
-        let builder = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        let builder =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?;
         let mut config = if insecure {
             builder
                 .dangerous()

@@ -73,7 +73,10 @@ impl UpstreamError {
     /// True when no byte of the request reached the upstream, so another upstream may
     /// take it.
     pub fn is_unsent(&self) -> bool {
-        matches!(self, UpstreamError::Connect(_) | UpstreamError::BadTarget(_))
+        matches!(
+            self,
+            UpstreamError::Connect(_) | UpstreamError::BadTarget(_)
+        )
     }
 }
 
@@ -82,7 +85,11 @@ impl fmt::Display for UpstreamError {
         match self {
             UpstreamError::Connect(e) => write!(f, "{e}"),
             UpstreamError::Timeout(d) => {
-                write!(f, "no response head within {}", humantime::format_duration(*d))
+                write!(
+                    f,
+                    "no response head within {}",
+                    humantime::format_duration(*d)
+                )
             }
             UpstreamError::Exchange(e) => {
                 write!(f, "{e}")?;
@@ -124,8 +131,7 @@ impl Upstream {
 
     /// Makes a profile: a group of targets that may share connections.
     pub fn profile(&self, settings: ProfileSettings) -> Profile {
-        let connector =
-            connect::Connector::new(settings.tls, settings.deny, self.connect_timeout);
+        let connector = connect::Connector::new(settings.tls, settings.deny, self.connect_timeout);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(self.pool.idle_timeout)

@@ -91,9 +91,16 @@ impl Strait {
                 Err(_) => {}
             }
             if let Some(status) = strait.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("strait exited early ({status}): {}", strait.logs().join("\n"));
+                panic!(
+                    "strait exited early ({status}): {}",
+                    strait.logs().join("\n")
+                );
             }
-            assert!(Instant::now() < deadline, "strait did not start: {}", strait.logs().join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "strait did not start: {}",
+                strait.logs().join("\n")
+            );
         }
         strait
     }
@@ -118,7 +125,11 @@ impl Strait {
     pub async fn wait_for_log(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.logs().iter().any(|l| l.contains(needle)) {
-            assert!(Instant::now() < deadline, "no log line with {needle:?}: {:#?}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}: {:#?}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -140,7 +151,10 @@ impl Strait {
                 self.child = None;
                 return status.code().unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "strait did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "strait did not exit within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -158,7 +172,9 @@ impl Strait {
 
     /// Open file descriptors of the process.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
     }
 }
 
@@ -206,9 +222,13 @@ impl Seen {
 pub enum OriginBody {
     Full(Option<Bytes>),
     /// `remaining` bytes of `chunk` repeated.
-    Repeat { chunk: Bytes, remaining: u64 },
-    /// Sends `chunk` once, then fails (the connection is torn down).
-    Broken(Option<Bytes>),
+    Repeat {
+        chunk: Bytes,
+        remaining: u64,
+    },
+    /// Sends `chunk` once, waits a moment (so it surely left), then fails: the
+    /// connection is torn down mid-body.
+    Broken(Option<Bytes>, Option<Pin<Box<tokio::time::Sleep>>>),
     /// Sends `chunk`, then never ends.
     Stall(Option<Bytes>),
 }
@@ -225,7 +245,7 @@ impl http_body::Body for OriginBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
             OriginBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
@@ -237,10 +257,18 @@ impl http_body::Body for OriginBody {
                 *remaining -= n as u64;
                 Poll::Ready(Some(Ok(Frame::data(chunk.slice(..n)))))
             }
-            OriginBody::Broken(b) => match b.take() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Poll::Ready(Some(Err(std::io::Error::other("origin broke on cue")))),
-            },
+            OriginBody::Broken(b, pause) => {
+                if let Some(b) = b.take() {
+                    *pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(200))));
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                if let Some(p) = pause
+                    && p.as_mut().poll(cx).is_pending()
+                {
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Err(std::io::Error::other("origin broke on cue"))))
+            }
             OriginBody::Stall(b) => match b.take() {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => Poll::Pending,
@@ -258,7 +286,10 @@ impl http_body::Body for OriginBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, OriginBody::Full(None) | OriginBody::Repeat { remaining: 0, .. })
+        matches!(
+            self,
+            OriginBody::Full(None) | OriginBody::Repeat { remaining: 0, .. }
+        )
     }
 }
 
@@ -302,7 +333,11 @@ impl Origin {
     {
         let handler: Handler = Arc::new(move |s| Box::pin(handler(s)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Origin::serve(listener, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))), handler)
+        Origin::serve(
+            listener,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            handler,
+        )
     }
 
     fn serve(
@@ -322,10 +357,16 @@ impl Origin {
         };
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { break };
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
                 let conn = conns.fetch_add(1, Ordering::SeqCst);
-                let (seen, handler, body_bytes, tls) =
-                    (seen.clone(), handler.clone(), body_bytes.clone(), tls.clone());
+                let (seen, handler, body_bytes, tls) = (
+                    seen.clone(),
+                    handler.clone(),
+                    body_bytes.clone(),
+                    tls.clone(),
+                );
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (seen, handler, body_bytes) =
@@ -489,8 +530,7 @@ pub async fn curl(args: &[&str]) -> CurlOut {
         // One status line per URL; the last one is the final answer.
         status: String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| !l.trim().is_empty())
-            .last()
+            .rfind(|l| !l.trim().is_empty())
             .and_then(|l| l.trim().parse().ok())
             .unwrap_or(0),
         headers,

@@ -1,0 +1,90 @@
+//! The command line as a user meets it: defaults, --check, exit codes.
+
+mod support;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_config_is_a_forward_proxy_on_3128_that_refuses_loopback() {
+    let origin = Origin::start().await;
+    let strait = Strait::start_args(&[]);
+    assert_eq!(strait.addr().to_string(), "127.0.0.1:3128");
+    let out = curl(&["-x", "http://127.0.0.1:3128", &format!("{}/", origin.url())]).await;
+    assert_eq!(out.status, 403);
+    assert!(out.text().contains("deny_targets"), "{}", out.text());
+    assert_eq!(origin.connections(), 0);
+}
+
+#[test]
+fn the_example_config_passes_check() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/strait.example.toml");
+    let (code, out, err) = run_strait(&["-c", example, "--check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok"));
+}
+
+fn check(config: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("strait.toml");
+    std::fs::write(&path, config).unwrap();
+    let (code, _, err) = run_strait(&["-c", path.to_str().unwrap(), "--check"]);
+    (code, err)
+}
+
+#[test]
+fn check_names_the_file_line_and_key_of_a_bad_value() {
+    let (code, err) = check("[pool]\nmax_idle = 4\n\n[timeouts]\nconnect = \"fast\"\n");
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("strait.toml:5: timeouts.connect: invalid duration \"fast\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_refuses_unknown_keys() {
+    let (code, err) = check("[forward]\nenabled = true\nusers = []\nhidden = true\n");
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("strait.toml:4: forward.hidden: unknown field `hidden`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_names_the_route_of_a_bad_upstream() {
+    let (code, err) = check(
+        "[[route]]\npath = \"/a/\"\nupstream = \"http://a\"\n\n[[route]]\npath = \"/b/\"\nupstream = [\"http://b\", \"ftp://c\"]\n",
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("strait.toml:7: route[1].upstream"), "{err}");
+    assert!(err.contains("ftp://c"), "{err}");
+}
+
+#[test]
+fn check_names_a_missing_certificate_file() {
+    let (code, err) = check(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = { cert = \"nope.pem\", key = \"nope.key\" }\n",
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("listen[0].tls.cert") && err.contains("nope.pem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_quick_route_is_a_usage_error() {
+    let (code, _, err) = run_strait(&["--route", "/api->http://x", "--check"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--route"), "{err}");
+}
+
+#[test]
+fn a_port_in_use_exits_1_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run_strait(&["-l", &addr]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&addr) && err.contains("in use"), "{err}");
+}

@@ -1,0 +1,131 @@
+//! Shutdown and resource bounds, observed from outside the process.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn route_to(url: &str, extra: &str) -> String {
+    format!("listen = [{{ addr = \"127.0.0.1:0\" }}]\n{extra}\n[[route]]\nupstream = \"{url}\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
+    let origin = Origin::with(|_| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        ok("finished")
+    })
+    .await;
+    let mut strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    let url = format!("{}/slow", strait.url());
+    let request = tokio::spawn(async move { curl(&[&url]).await });
+    while origin.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    strait.signal("TERM");
+    strait.wait_for_log("draining").await;
+    // No new connections once draining.
+    assert!(tokio::net::TcpStream::connect(strait.addr()).await.is_err());
+    let out = request.await.unwrap();
+    assert_eq!((out.status, out.text().as_str()), (200, "finished"));
+    assert_eq!(strait.wait_exit(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_on_an_idle_proxy_exits_0_at_once() {
+    let mut strait = Strait::start_args(&["-l", "127.0.0.1:0"]);
+    // An idle keep-alive client must not hold the exit up.
+    let _idle = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    let started = Instant::now();
+    strait.signal("INT");
+    assert_eq!(strait.wait_exit(Duration::from_secs(5)).await, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_bounds_the_wait_for_slow_requests() {
+    let origin = Origin::with(|_| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        ok("never")
+    })
+    .await;
+    let mut strait = Strait::start(
+        &route_to(&origin.url(), "[timeouts]\nshutdown_grace = \"1s\""),
+        &[],
+    );
+    let url = format!("{}/forever", strait.url());
+    let request = tokio::spawn(async move { curl(&[&url]).await });
+    while origin.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    strait.signal("TERM");
+    assert_eq!(strait.wait_exit(Duration::from_secs(5)).await, 0);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_ne!(request.await.unwrap().status, 200);
+}
+
+const BIG: u64 = 300 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_mb_download_streams_in_bounded_memory() {
+    let origin = Origin::with(|s| {
+        let size = if s.uri == "/big" { BIG } else { 1024 };
+        async move {
+            http::Response::new(OriginBody::Repeat {
+                chunk: bytes::Bytes::from(vec![7u8; 64 * 1024]),
+                remaining: size,
+            })
+        }
+    })
+    .await;
+    let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    assert_eq!(curl(&[&format!("{}/warm", strait.url())]).await.status, 200);
+    let base = strait.proc_status_kib("VmRSS");
+    let out = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}\n",
+        &format!("{}/big", strait.url()),
+    ])
+    .await;
+    assert_eq!(out.exit, 0, "{out:?}");
+    let peak = strait.proc_status_kib("VmHWM");
+    let grew = peak.saturating_sub(base);
+    assert!(grew < 64 * 1024, "RSS grew by {grew} KiB moving 300 MB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_mb_upload_streams_in_bounded_memory() {
+    let origin = Origin::start().await;
+    let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    assert_eq!(curl(&[&format!("{}/warm", strait.url())]).await.status, 200);
+    let base = strait.proc_status_kib("VmRSS");
+    let script = format!(
+        "head -c {BIG} /dev/zero | curl -sS -o /dev/null -w '%{{http_code}}' -T - {}/upload",
+        strait.url()
+    );
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    assert_eq!(
+        origin.body_bytes.load(std::sync::atomic::Ordering::SeqCst) as u64,
+        BIG
+    );
+    let peak = strait.proc_status_kib("VmHWM");
+    let grew = peak.saturating_sub(base);
+    assert!(grew < 64 * 1024, "RSS grew by {grew} KiB moving 300 MB up");
+}
