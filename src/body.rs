@@ -13,8 +13,10 @@ use hyper::body::Incoming;
 /// A request or response body handled by Strait.
 #[derive(Debug, Default)]
 pub enum Body {
-    /// Streamed from a peer, frame by frame, never buffered whole.
+    /// Streamed from a client, frame by frame, never buffered whole.
     Incoming(Incoming),
+    /// Streamed from an upstream; returns its connection to the pool at the end.
+    Upstream(crate::upstream::ResponseBody),
     /// A complete short body (`None` once sent).
     Full(Option<Bytes>),
     #[default]
@@ -49,6 +51,7 @@ impl http_body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             Body::Incoming(b) => Pin::new(b).poll_frame(cx),
+            Body::Upstream(b) => Pin::new(b).poll_frame(cx),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Empty => Poll::Ready(None),
         }
@@ -57,6 +60,7 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Incoming(b) => b.is_end_stream(),
+            Body::Upstream(b) => b.is_end_stream(),
             Body::Full(data) => data.is_none(),
             Body::Empty => true,
         }
@@ -65,6 +69,7 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Incoming(b) => b.size_hint(),
+            Body::Upstream(b) => b.size_hint(),
             Body::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Body::Full(None) | Body::Empty => SizeHint::with_exact(0),
         }

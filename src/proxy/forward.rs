@@ -23,7 +23,7 @@ pub struct ForwardPolicy {
     pub connect_ports: Vec<u16>,
     pub deny: Arc<[Cidr]>,
     /// Connections for forwarded requests; every target shares this one profile.
-    pub profile: Profile,
+    pub profile: Arc<Profile>,
 }
 
 /// What the credentials check decided.
@@ -98,6 +98,7 @@ impl Proxy {
         h.insert(HOST, host);
 
         let req = req.map(Body::Incoming);
+        let authority: Arc<str> = authority.into();
         let target = Target {
             scheme,
             authority: &authority,

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::Body;
 use crate::config::Config;
 use crate::route::RouteTable;
-use crate::upstream::{ConnectError, Upstream, UpstreamError};
+use crate::upstream::{ConnectError, ResponseBody, Upstream, UpstreamError};
 
 /// What Strait knows about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -139,7 +139,7 @@ pub enum Refusal {
     NoRoute,
     /// 407: proxy credentials missing or wrong.
     AuthRequired,
-    /// 502 / 403 / 504: the upstream exchange failed.
+    /// 502 / 403 / 503 / 504: the upstream exchange failed.
     Upstream(UpstreamError),
 }
 
@@ -154,6 +154,7 @@ impl Refusal {
                 StatusCode::FORBIDDEN
             }
             Refusal::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Upstream(UpstreamError::Exhausted) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -173,6 +174,7 @@ impl Refusal {
             Refusal::NoRoute => "404 not found\n",
             Refusal::AuthRequired => "407 proxy authentication required\n",
             Refusal::Upstream(UpstreamError::Timeout(_)) => "504 gateway timeout\n",
+            Refusal::Upstream(UpstreamError::Exhausted) => "503 service unavailable\n",
             Refusal::Upstream(_) => "502 bad gateway\n",
         };
         let mut resp = Response::new(Body::text(body));
@@ -219,11 +221,11 @@ impl From<UpstreamError> for Refusal {
 }
 
 /// Removes hop-by-hop fields from an upstream response and hands it to the client.
-fn relay_response(resp: Response<Incoming>) -> Response<Body> {
+fn relay_response(resp: Response<ResponseBody>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     // The client hears Strait's own HTTP version, not the upstream's (an HTTP/1.0
     // origin must not turn a keep-alive client connection into a closing one).
     parts.version = http::Version::HTTP_11;
-    Response::from_parts(parts, Body::Incoming(body))
+    Response::from_parts(parts, Body::Upstream(body))
 }

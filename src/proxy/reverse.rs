@@ -6,6 +6,8 @@
 //! upstream's authority unless `preserve_host`; `X-Forwarded-For` is appended to and
 //! `X-Forwarded-Proto` and `X-Forwarded-Host` are set.
 
+use std::sync::Arc;
+
 use http::header::{HOST, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri};
@@ -24,10 +26,11 @@ pub struct Route {
     pub label: String,
     prefix_len: usize,
     upstreams: Vec<UpstreamUrl>,
-    /// Each upstream's authority as a ready `Host` value.
+    /// Each upstream's authority as a ready `Host` value, and as a pool key part.
     host_values: Vec<HeaderValue>,
+    authorities: Vec<Arc<str>>,
     balancer: Balancer,
-    profile: Profile,
+    profile: Arc<Profile>,
     preserve_host: bool,
 }
 
@@ -69,6 +72,12 @@ impl Route {
                         .map_err(|_| format!("invalid upstream host {}", u.authority))
                 })
                 .collect::<Result<_, _>>()?,
+            authorities: cfg
+                .upstream
+                .0
+                .iter()
+                .map(|u| Arc::from(u.authority.as_str()))
+                .collect(),
             balancer: Balancer::new(cfg.upstream.0.len()),
             profile,
             preserve_host: cfg.preserve_host,
@@ -155,7 +164,7 @@ impl Proxy {
             }
             let target = Target {
                 scheme: up.scheme,
-                authority: &up.authority,
+                authority: &route.authorities[i],
                 profile: &route.profile,
             };
             match self.upstream.send(req, target).await {

@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -275,17 +274,6 @@ impl Stream {
     }
 }
 
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new();
-        if self.is_h2() {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
-    }
-}
-
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -341,65 +329,5 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
-    }
-}
-
-/// The connector handed to the pooled client: one per set of connection settings.
-#[derive(Clone)]
-pub struct Connector {
-    settings: Arc<ConnectorSettings>,
-}
-
-struct ConnectorSettings {
-    tls: Option<TlsSettings>,
-    deny: Arc<[Cidr]>,
-    timeout: Duration,
-}
-
-impl Connector {
-    pub fn new(tls: Option<TlsSettings>, deny: Arc<[Cidr]>, timeout: Duration) -> Self {
-        Connector {
-            settings: Arc::new(ConnectorSettings { tls, deny, timeout }),
-        }
-    }
-}
-
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = hyper_util::rt::TokioIo<Stream>;
-    type Error = ConnectError;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let settings = self.settings.clone();
-        Box::pin(async move {
-            let https = uri.scheme_str() == Some("https");
-            let host = uri
-                .host()
-                .unwrap_or_default()
-                .trim_start_matches('[')
-                .trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            let tcp = connect_tcp(host, port, &settings.deny, settings.timeout).await?;
-            let stream = match (&settings.tls, https) {
-                (Some(tls), true) => {
-                    tokio::time::timeout(settings.timeout, tls.handshake(host, tcp))
-                        .await
-                        .unwrap_or_else(|_| Err(ConnectError::TimedOut(format!("{host}:{port}"))))?
-                }
-                (None, true) => {
-                    return Err(ConnectError::Tls(
-                        host.to_owned(),
-                        Arc::new(io::Error::other("no TLS settings for an https target")),
-                    ));
-                }
-                (_, false) => Stream::Plain(tcp),
-            };
-            Ok(hyper_util::rt::TokioIo::new(stream))
-        })
     }
 }

@@ -2,38 +2,54 @@
 //!
 //! One entry point, [`Upstream::send`]: a request in origin form plus a [`Target`]
 //! (scheme, authority and the [`Profile`] of connection settings) in, a response out.
-//! Connections are pooled and shared by every client of Strait. This module knows
-//! nothing of routes or users: the proxy decides *where*, this decides *how*.
-//!
-//! For now the pool is hyper-util's pooled client, one per profile; Strait's own pool
-//! replaces it behind the same seam.
+//! Connections come from Strait's own [`pool`] and are shared by every client. This
+//! module knows nothing of routes or users: the proxy decides *where*, this decides
+//! *how*, including which failures are retried (RFC 9110 §9.2.2).
 
 pub mod balance;
 pub mod connect;
+pub mod pool;
 
 use std::fmt;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::{CONNECTION, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
-use http::{Request, Response};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::Body;
 use crate::config::{self, Cidr, Scheme, Version};
 pub use connect::{ConnectError, TlsSettings};
+use pool::{Checkout, CheckoutError, Pool, PoolKey, SendError};
+
+/// A request body up to this size is read before sending so it can be replayed.
+pub const REPLAY_BUFFER: u64 = 64 * 1024;
+/// Most attempts for one request (first try plus retries).
+const MAX_ATTEMPTS: usize = 3;
 
 /// Connection settings shared by a group of targets: protocol, TLS and address policy.
 /// Two targets only ever share a connection when they share a profile.
 pub struct Profile {
-    client: Client<connect::Connector, Body>,
+    id: u32,
+    version: Version,
+    tls: Option<TlsSettings>,
+    deny: Arc<[Cidr]>,
 }
 
 impl fmt::Debug for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Profile").finish_non_exhaustive()
+        f.debug_struct("Profile")
+            .field("id", &self.id)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -51,8 +67,8 @@ pub struct ProfileSettings {
 pub struct Target<'a> {
     pub scheme: Scheme,
     /// `host[:port]`, exactly as it should appear in the URI.
-    pub authority: &'a str,
-    pub profile: &'a Profile,
+    pub authority: &'a Arc<str>,
+    pub profile: &'a Arc<Profile>,
 }
 
 /// Why an upstream exchange failed.
@@ -60,12 +76,14 @@ pub struct Target<'a> {
 pub enum UpstreamError {
     /// No connection could be opened; the request was not sent.
     Connect(ConnectError),
+    /// `max_conns_per_host` was reached and nothing freed up within `wait_timeout`.
+    Exhausted,
     /// `timeouts.upstream_response` passed before the response head arrived.
     Timeout(Duration),
     /// The connection failed while the request was under way, or the response was
     /// malformed.
-    Exchange(hyper_util::client::legacy::Error),
-    /// The target cannot be expressed as a URI.
+    Exchange(hyper::Error),
+    /// The target cannot be expressed as a URI, or the handshake failed.
     BadTarget(String),
 }
 
@@ -84,6 +102,9 @@ impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UpstreamError::Connect(e) => write!(f, "{e}"),
+            UpstreamError::Exhausted => {
+                f.write_str("max_conns_per_host reached and no connection freed up in time")
+            }
             UpstreamError::Timeout(d) => {
                 write!(
                     f,
@@ -100,27 +121,49 @@ impl fmt::Display for UpstreamError {
                 }
                 Ok(())
             }
-            UpstreamError::BadTarget(t) => write!(f, "invalid target {t:?}"),
+            UpstreamError::BadTarget(t) => f.write_str(t),
         }
     }
 }
 
 impl std::error::Error for UpstreamError {}
 
+impl From<CheckoutError> for UpstreamError {
+    fn from(e: CheckoutError) -> Self {
+        match e {
+            CheckoutError::Connect(e) => UpstreamError::Connect(e),
+            CheckoutError::Exhausted => UpstreamError::Exhausted,
+            CheckoutError::Handshake(e) => UpstreamError::BadTarget(e),
+        }
+    }
+}
+
 /// The client the proxy sends through.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Upstream {
-    pool: config::Pool,
+    pool: Pool,
     connect_timeout: Duration,
     response_timeout: Duration,
+    next_profile: AtomicU32,
 }
 
 impl Upstream {
     pub fn new(pool: &config::Pool, timeouts: &config::Timeouts) -> Self {
+        let connect_timeout = timeouts.connect;
+        let connector: pool::Connector =
+            Arc::new(move |key: &PoolKey| Box::pin(open(key.clone(), connect_timeout)));
+        let limits = pool::Limits {
+            idle_timeout: pool.idle_timeout,
+            max_idle_per_host: pool.max_idle_per_host,
+            max_idle: pool.max_idle,
+            max_conns_per_host: pool.max_conns_per_host,
+            wait_timeout: pool.wait_timeout,
+        };
         Upstream {
-            pool: pool.clone(),
-            connect_timeout: timeouts.connect,
+            pool: Pool::new(limits, connector),
+            connect_timeout,
             response_timeout: timeouts.upstream_response,
+            next_profile: AtomicU32::new(0),
         }
     }
 
@@ -129,69 +172,401 @@ impl Upstream {
         self.connect_timeout
     }
 
+    /// The pool's counters and gauges.
+    pub fn stats(&self) -> &Arc<pool::Stats> {
+        self.pool.stats()
+    }
+
     /// Makes a profile: a group of targets that may share connections.
-    pub fn profile(&self, settings: ProfileSettings) -> Profile {
-        let connector = connect::Connector::new(settings.tls, settings.deny, self.connect_timeout);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(self.pool.idle_timeout)
-            .pool_max_idle_per_host(self.pool.max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(settings.version == Version::H2)
-            // Strait sets Host itself (the proxy decides between the client's and ours).
-            .set_host(false);
-        Profile {
-            client: builder.build(connector),
+    pub fn profile(&self, settings: ProfileSettings) -> Arc<Profile> {
+        Arc::new(Profile {
+            id: self.next_profile.fetch_add(1, Ordering::Relaxed),
+            version: settings.version,
+            tls: settings.tls,
+            deny: settings.deny,
+        })
+    }
+
+    /// Sends `req` (whose URI is in origin form, with `Host` set) to `target` and waits
+    /// for the response head, at most `timeouts.upstream_response`.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        target: Target<'_>,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let key = PoolKey {
+            profile: target.profile.clone(),
+            scheme: target.scheme,
+            authority: target.authority.clone(),
+        };
+        match tokio::time::timeout(self.response_timeout, self.exchange(req, key)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
         }
     }
 
-    /// Sends `req` (whose URI is in origin form) to `target` and waits for the response
-    /// head, at most `timeouts.upstream_response`.
-    pub async fn send(
+    /// The exchange with its retry rules:
+    ///
+    /// - a request hyper hands back unsent is sent again on a fresh connection, whatever
+    ///   its method;
+    /// - a request written to a *reused* HTTP/1.1 connection that got no response byte
+    ///   is sent once more on a fresh connection if its method is idempotent (RFC 9110
+    ///   §9.2.2) and its body is empty or buffered;
+    /// - an HTTP/2 stream the peer did not process (REFUSED_STREAM, or above the
+    ///   GOAWAY's last stream id) is replayed on a fresh connection when its body
+    ///   is replayable;
+    /// - a failure on a fresh HTTP/1.1 connection is never retried.
+    async fn exchange(
         &self,
         mut req: Request<Body>,
-        target: Target<'_>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let authority = Authority::try_from(target.authority)
-            .map_err(|_| UpstreamError::BadTarget(target.authority.to_owned()))?;
-        let scheme = match target.scheme {
-            Scheme::Http => UriScheme::HTTP,
-            Scheme::Https => UriScheme::HTTPS,
-        };
-        *req.uri_mut() = Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .map_err(|_| UpstreamError::BadTarget(target.authority.to_owned()))?;
-        // Strait speaks HTTP/1.1 or HTTP/2 upstream whatever the client spoke; the pooled
-        // client picks h2 from the connection, and refuses a request marked HTTP/2 on h1.
-        *req.version_mut() = http::Version::HTTP_11;
-        match tokio::time::timeout(self.response_timeout, target.profile.client.request(req)).await
-        {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
+        key: PoolKey,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let replayable = make_replayable(&mut req).await?;
+        let idempotent = is_idempotent(req.method());
+        let closing = wants_close(req.headers());
+        let mut fresh = false;
+        let mut replays_left = 1;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut conn = self.pool.checkout(&key, fresh).await?;
+            set_uri(&mut req, &key, conn.is_h2())?;
+            // A copy is needed only where a retry after writing is allowed: a reused
+            // connection or HTTP/2. Failures on fresh HTTP/1.1 connections are final.
+            let copy = (replayable && replays_left > 0 && (conn.reused || conn.is_h2()))
+                .then(|| copy_request(&req));
+            match conn.send(req).await {
+                Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, closing)),
+                Err(SendError::Unsent(back, e)) => {
+                    tracing::debug!(upstream = %key, attempt, "request not sent ({e}); retrying on a fresh connection");
+                    if conn.is_h2() {
+                        conn.retire_h2();
+                    }
+                    req = *back;
+                }
+                Err(SendError::Failed(e)) => {
+                    let retry = match copy {
+                        Some(copy) if conn.is_h2() && h2_unprocessed(&e) => {
+                            conn.retire_h2();
+                            Some(copy)
+                        }
+                        Some(copy) if !conn.is_h2() && idempotent && no_response(&e) => Some(copy),
+                        _ => None,
+                    };
+                    let Some(copy) = retry else {
+                        return Err(UpstreamError::Exchange(e));
+                    };
+                    tracing::debug!(upstream = %key, attempt, "no response on a reused connection ({e}); retrying on a fresh one");
+                    replays_left -= 1;
+                    req = copy;
+                }
+            }
+            self.pool.count_retry();
+            fresh = true;
+        }
+        Err(UpstreamError::BadTarget(format!(
+            "{key}: no connection took the request in {MAX_ATTEMPTS} attempts"
+        )))
+    }
+}
+
+/// Opens a connection for a pool key: resolve, check, connect, TLS with ALPN.
+async fn open(key: PoolKey, timeout: Duration) -> Result<(connect::Stream, bool), ConnectError> {
+    let profile = &key.profile;
+    let (host, port) = split_authority(&key.authority, key.scheme);
+    let tcp = connect::connect_tcp(host, port, &profile.deny, timeout).await?;
+    match key.scheme {
+        Scheme::Http => Ok((connect::Stream::Plain(tcp), profile.version == Version::H2)),
+        Scheme::Https => {
+            let Some(tls) = &profile.tls else {
+                return Err(ConnectError::Tls(
+                    host.to_owned(),
+                    Arc::new(std::io::Error::other("no TLS settings for an https target")),
+                ));
+            };
+            let stream = tokio::time::timeout(timeout, tls.handshake(host, tcp))
+                .await
+                .unwrap_or_else(|_| Err(ConnectError::TimedOut(key.authority.to_string())))?;
+            let h2 = stream.is_h2() || profile.version == Version::H2;
+            Ok((stream, h2))
         }
     }
 }
 
-/// Separates "could not connect" (nothing sent) from failures mid-exchange.
-fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-    if e.is_connect() {
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            if let Some(ce) = s.downcast_ref::<ConnectError>() {
-                return UpstreamError::Connect(ce.clone());
-            }
-            source = s.source();
+/// `example.com:8080` → (`example.com`, 8080); `[::1]` → (`::1`, default port).
+fn split_authority(authority: &str, scheme: Scheme) -> (&str, u16) {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (h, p.parse().unwrap_or(scheme.default_port()))
+        }
+        _ => (authority, scheme.default_port()),
+    };
+    (host.trim_start_matches('[').trim_end_matches(']'), port)
+}
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// True when the request asks to close the connection after it.
+fn wants_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| has_token(v, "close"))
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// Makes the body replayable when that is cheap: empty, or known to be at most
+/// [`REPLAY_BUFFER`] bytes (read whole, then sent as one piece).
+async fn make_replayable(req: &mut Request<Body>) -> Result<bool, UpstreamError> {
+    use http_body::Body as _;
+    let body = req.body();
+    if body.is_end_stream() {
+        *req.body_mut() = Body::Empty;
+        return Ok(true);
+    }
+    if matches!(body, Body::Full(_)) {
+        return Ok(true);
+    }
+    match body.size_hint().exact() {
+        Some(n) if n <= REPLAY_BUFFER => {
+            let body = std::mem::take(req.body_mut());
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::BadTarget(format!("reading the request body: {e}")))?
+                .to_bytes();
+            *req.body_mut() = Body::Full(Some(bytes));
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// A copy of a request whose body is replayable (empty or buffered).
+fn copy_request(req: &Request<Body>) -> Request<Body> {
+    let body = match req.body() {
+        Body::Full(b) => Body::Full(b.clone()),
+        _ => Body::Empty,
+    };
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// HTTP/1.1 wants origin form; HTTP/2 wants scheme and authority for its pseudo-headers.
+fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), UpstreamError> {
+    *req.version_mut() = if h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    let has_authority = req.uri().authority().is_some();
+    if h2 == has_authority {
+        return Ok(());
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = if h2 {
+        let authority = Authority::try_from(&*key.authority).map_err(|_| {
+            UpstreamError::BadTarget(format!("invalid authority {}", key.authority))
+        })?;
+        let scheme = match key.scheme {
+            Scheme::Http => UriScheme::HTTP,
+            Scheme::Https => UriScheme::HTTPS,
+        };
+        Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(|e| UpstreamError::BadTarget(e.to_string()))?
+    } else {
+        Uri::from(path)
+    };
+    Ok(())
+}
+
+/// True when the error means no response byte arrived (the peer closed or reset).
+fn no_response(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// True when an HTTP/2 peer did not process the stream (RFC 9113 §8.7).
+fn h2_unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2e.is_go_away() && h2e.is_remote());
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The origin's `Keep-Alive: timeout=N`, if it sent one.
+fn keep_alive_hint(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("keep-alive")?.to_str().ok()?;
+    v.split(',').find_map(|part| {
+        let (k, n) = part.split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("timeout") {
+            n.trim().parse::<u64>().ok().map(Duration::from_secs)
+        } else {
+            None
+        }
+    })
+}
+
+/// A response body that returns its connection to the pool once read to the end.
+pub struct ResponseBody {
+    inner: Incoming,
+    /// Present until the body ends (then released) or is dropped (then closed).
+    conn: Option<Checkout>,
+    reusable: bool,
+    hint: Option<Duration>,
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody").finish_non_exhaustive()
+    }
+}
+
+impl ResponseBody {
+    /// Decides reuse from the response head, then releases at once if there is no body.
+    fn wrap(
+        resp: Response<Incoming>,
+        conn: Checkout,
+        request_closes: bool,
+    ) -> Response<ResponseBody> {
+        let h = resp.headers();
+        let closes = h.get_all(CONNECTION).iter().any(|v| has_token(v, "close"));
+        let http10_without_keep_alive = resp.version() == http::Version::HTTP_10
+            && !h
+                .get_all(CONNECTION)
+                .iter()
+                .any(|v| has_token(v, "keep-alive"));
+        let reusable = !request_closes
+            && !closes
+            && !http10_without_keep_alive
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
+        let hint = keep_alive_hint(h);
+        let (parts, inner) = resp.into_parts();
+        let mut body = ResponseBody {
+            inner,
+            conn: Some(conn),
+            reusable,
+            hint,
+        };
+        if http_body::Body::is_end_stream(&body.inner) {
+            body.finish();
+        }
+        Response::from_parts(parts, body)
+    }
+
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.release(self.reusable, self.hint);
         }
     }
-    UpstreamError::Exchange(e)
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                // Broken mid-body: the connection is not reused.
+                this.reusable = false;
+                this.finish();
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_split_into_host_and_port() {
+        assert_eq!(
+            split_authority("a.test:8080", Scheme::Http),
+            ("a.test", 8080)
+        );
+        assert_eq!(split_authority("a.test", Scheme::Https), ("a.test", 443));
+        assert_eq!(split_authority("[::1]:9", Scheme::Http), ("::1", 9));
+        assert_eq!(split_authority("[::1]", Scheme::Http), ("::1", 80));
+    }
+
+    #[test]
+    fn keep_alive_hints_are_read() {
+        let mut h = http::HeaderMap::new();
+        h.insert("keep-alive", "timeout=5, max=100".parse().unwrap());
+        assert_eq!(keep_alive_hint(&h), Some(Duration::from_secs(5)));
+        h.insert("keep-alive", "max=3".parse().unwrap());
+        assert_eq!(keep_alive_hint(&h), None);
+    }
+
+    #[test]
+    fn only_rfc_idempotent_methods_are_replayed() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            assert!(is_idempotent(&m));
+        }
+        assert!(!is_idempotent(&Method::POST));
+        assert!(!is_idempotent(&Method::PATCH));
+    }
 }

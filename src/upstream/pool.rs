@@ -1,0 +1,915 @@
+//! Strait's upstream connection pool.
+//!
+//! # Invariants
+//!
+//! - **Key.** Connections are grouped by [`PoolKey`]: the connection profile (TLS roots,
+//!   verification, server name, protocol, address policy), the scheme and the authority.
+//!   Never the client or the user: every client shares every connection.
+//! - **Ownership.** An HTTP/1.1 connection is owned by exactly one of: the pool's idle
+//!   list for its key, or one request ([`Checkout`]). It goes back to the idle list only
+//!   when its response body was read to the end and nothing forbids reuse (see
+//!   [`Checkout::release`]); any other end drops it, which closes it. An HTTP/2
+//!   connection stays listed while it lives; requests take stream slots on it, up to the
+//!   peer's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+//! - **Order.** Idle HTTP/1.1 connections are reused last-in first-out, so the warmest
+//!   is used and the coldest ages out. On checkout a connection is verified open and
+//!   ready.
+//! - **Bounds.** `max_idle_per_host` and `max_idle` (least recently used first) cap idle
+//!   connections; `idle_timeout` and an origin's `Keep-Alive: timeout` hint retire them,
+//!   each enforced by the timer of the connection's own driver task, never by a scan.
+//!   `max_conns_per_host` caps open connections; requests beyond it wait in a FIFO queue
+//!   of at most [`MAX_WAITERS`], for at most `wait_timeout`.
+//! - **Locks.** One `std::sync::Mutex` guards the bookkeeping; it is never held across
+//!   an `.await` and never while connecting or sending.
+//! - **Bursts.** A request that finds nothing idle starts at most one connect and waits
+//!   in the queue; whichever connection frees up first (a new one, or one a finished
+//!   request checks in) goes to the longest waiter.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::Profile;
+use super::connect::{ConnectError, Stream};
+use crate::body::Body;
+use crate::config::Scheme;
+
+/// Most requests that may wait for one key's connections; more get 503 at once.
+pub const MAX_WAITERS: usize = 1024;
+/// Stream slots used per HTTP/2 connection before the peer's own limit is known.
+const H2_DEFAULT_STREAMS: usize = 100;
+/// Retire a connection this long before an origin's `Keep-Alive: timeout` runs out
+/// (at most half the hint), so no request races the origin's close.
+const HINT_MARGIN: Duration = Duration::from_secs(1);
+
+/// Everything that makes two connections interchangeable.
+#[derive(Debug, Clone)]
+pub struct PoolKey {
+    /// The connection profile: TLS roots, verification, server name, protocol and
+    /// address policy. Compared by identity.
+    pub profile: Arc<Profile>,
+    pub scheme: Scheme,
+    /// `host[:port]`; names the peer and, unless the profile overrides it, SNI.
+    pub authority: Arc<str>,
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.profile.id == other.profile.id
+            && self.scheme == other.scheme
+            && self.authority == other.authority
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.profile.id.hash(state);
+        self.scheme.hash(state);
+        self.authority.hash(state);
+    }
+}
+
+impl fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme.as_str(), self.authority)
+    }
+}
+
+/// Pool limits, from `[pool]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+    pub max_idle: usize,
+    /// 0 = unlimited.
+    pub max_conns_per_host: usize,
+    pub wait_timeout: Duration,
+}
+
+/// Opens a connection for a key: returns the stream and whether it speaks HTTP/2.
+pub type Connector = Arc<
+    dyn Fn(&PoolKey) -> Pin<Box<dyn Future<Output = Result<(Stream, bool), ConnectError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Why a checkout failed.
+#[derive(Debug, Clone)]
+pub enum CheckoutError {
+    Connect(ConnectError),
+    /// `max_conns_per_host` reached and no connection freed up within `wait_timeout`,
+    /// or the wait queue is full.
+    Exhausted,
+    /// The HTTP handshake on a new connection failed.
+    Handshake(String),
+}
+
+impl fmt::Display for CheckoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckoutError::Connect(e) => write!(f, "{e}"),
+            CheckoutError::Exhausted => f.write_str("no connection free within wait_timeout"),
+            CheckoutError::Handshake(e) => write!(f, "HTTP handshake failed: {e}"),
+        }
+    }
+}
+
+/// Pool counters, as cheap atomics; the metrics module exports them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub opened: AtomicU64,
+    pub reused: AtomicU64,
+    pub retried: AtomicU64,
+    pub closed: AtomicU64,
+    pub evict_idle: AtomicU64,
+    pub evict_lru: AtomicU64,
+    pub evict_hint: AtomicU64,
+    pub idle: AtomicUsize,
+    pub waiting: AtomicUsize,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A sender for one connection's requests.
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// State shared by a connection's driver task, the pool and the request using it.
+struct ConnShared {
+    id: u64,
+    /// Milliseconds (pool clock) since which the connection is idle; 0 while in use.
+    idle_since: AtomicU64,
+    /// Pool-clock millisecond by which the origin's keep-alive hint says to retire; 0 =
+    /// no hint.
+    hint_deadline: AtomicU64,
+    /// HTTP/2: streams in use, and the peer's current limit.
+    streams: AtomicUsize,
+    max_streams: AtomicUsize,
+}
+
+/// An idle HTTP/1.1 connection.
+struct IdleConn {
+    sender: http1::SendRequest<Body>,
+    shared: Arc<ConnShared>,
+    /// Position in the pool-wide LRU order.
+    lru_seq: u64,
+}
+
+/// A live HTTP/2 connection.
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
+    shared: Arc<ConnShared>,
+}
+
+/// A request waiting for a connection.
+struct Waiter {
+    tx: oneshot::Sender<Result<Checkout, CheckoutError>>,
+}
+
+/// One key's connections.
+#[derive(Default)]
+struct Host {
+    /// HTTP/1.1 idle connections; the last is the most recently used.
+    idle: Vec<IdleConn>,
+    h2: Vec<H2Conn>,
+    /// Connections open or being opened.
+    open: usize,
+    connecting: usize,
+    waiters: VecDeque<Waiter>,
+}
+
+struct State {
+    hosts: HashMap<PoolKey, Host>,
+    /// Pool-wide LRU of idle connections: sequence number → key.
+    lru: BTreeMap<u64, PoolKey>,
+    next_seq: u64,
+    idle_total: usize,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    limits: Limits,
+    connector: Connector,
+    stats: Arc<Stats>,
+    epoch: Instant,
+    next_id: AtomicU64,
+}
+
+/// The pool. Cloning shares it.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("limits", &self.inner.limits)
+            .finish()
+    }
+}
+
+/// A connection lent to one request (or, for HTTP/2, one stream slot on a shared one).
+/// Dropping it without [`Checkout::release`] closes an HTTP/1.1 connection.
+pub struct Checkout {
+    pool: Weak<Inner>,
+    key: PoolKey,
+    /// `None` only once released.
+    sender: Option<Sender>,
+    shared: Arc<ConnShared>,
+    /// True when the connection served a request before this one.
+    pub reused: bool,
+    released: bool,
+}
+
+impl fmt::Debug for Checkout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkout")
+            .field("key", &self.key)
+            .field("id", &self.shared.id)
+            .field("reused", &self.reused)
+            .finish()
+    }
+}
+
+/// What `send` on a checked-out connection gave back.
+pub enum SendError {
+    /// The request never left: hyper handed it back. Safe to send anywhere.
+    Unsent(Box<http::Request<Body>>, hyper::Error),
+    /// The request (or part of it) may have been written.
+    Failed(hyper::Error),
+}
+
+impl Checkout {
+    pub fn is_h2(&self) -> bool {
+        matches!(self.sender, Some(Sender::H2(_)))
+    }
+
+    /// The connection's id, unique in this pool.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// Sends a request on this connection, once it is ready for one.
+    pub async fn send(
+        &mut self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+        let sender = self
+            .sender
+            .as_mut()
+            .expect("a checkout has its sender until released");
+        let result = match sender {
+            Sender::H1(sender) => {
+                // A connection checked in a moment ago may not want its next request
+                // yet; a closed one fails here, before anything is written.
+                if let Err(e) = sender.ready().await {
+                    return Err(SendError::Unsent(Box::new(req), e));
+                }
+                sender.try_send_request(req).await
+            }
+            Sender::H2(sender) => {
+                if let Err(e) = sender.ready().await {
+                    return Err(SendError::Unsent(Box::new(req), e));
+                }
+                sender.try_send_request(req).await
+            }
+        };
+        result.map_err(|mut e| match e.take_message() {
+            Some(req) => SendError::Unsent(Box::new(req), e.into_error()),
+            None => SendError::Failed(e.into_error()),
+        })
+    }
+
+    /// Stops new streams going to this HTTP/2 connection (after GOAWAY or a refused
+    /// stream); streams already on it carry on.
+    pub fn retire_h2(&self) {
+        if let Some(pool) = self.pool.upgrade() {
+            let mut state = pool.state.lock().expect("pool lock");
+            if let Some(host) = state.hosts.get_mut(&self.key) {
+                host.h2.retain(|c| c.shared.id != self.shared.id);
+            }
+        }
+    }
+
+    /// Returns the connection for reuse: call once the response body ended, with
+    /// `reusable` false when anything forbids reuse, and `hint` the origin's
+    /// `Keep-Alive: timeout`, if any.
+    pub fn release(mut self, reusable: bool, hint: Option<Duration>) {
+        self.released = true;
+        let sender = self.sender.take();
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        match sender {
+            Some(Sender::H2(_)) => pool.release_stream(&self.key, &self.shared),
+            Some(Sender::H1(sender)) if reusable && !sender.is_closed() => {
+                pool.checkin_h1(&self.key, sender, self.shared.clone(), hint);
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes the sender back without any bookkeeping (the pool lock is held).
+    fn into_h1_sender(mut self) -> Option<http1::SendRequest<Body>> {
+        self.released = true;
+        match self.sender.take() {
+            Some(Sender::H1(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // Not released: an HTTP/1.1 connection is dropped (and so closed); an HTTP/2
+        // stream slot is freed.
+        if let (Some(Sender::H2(_)), Some(pool)) = (&self.sender, self.pool.upgrade()) {
+            pool.release_stream(&self.key, &self.shared);
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(limits: Limits, connector: Connector) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    hosts: HashMap::new(),
+                    lru: BTreeMap::new(),
+                    next_seq: 0,
+                    idle_total: 0,
+                }),
+                limits,
+                connector,
+                stats: Arc::new(Stats::default()),
+                epoch: Instant::now(),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.inner.stats
+    }
+
+    /// Counts a retry (the pool's caller decides when to retry).
+    pub fn count_retry(&self) {
+        Stats::bump(&self.inner.stats.retried);
+    }
+
+    /// A connection for `key`: an idle one, a stream slot on an HTTP/2 one, or a new
+    /// one. With `fresh`, never a reused connection.
+    pub async fn checkout(&self, key: &PoolKey, fresh: bool) -> Result<Checkout, CheckoutError> {
+        let inner = &self.inner;
+        let (rx, connect, queued_only) = {
+            let mut state = inner.state.lock().expect("pool lock");
+            if !fresh && let Some(c) = inner.take_available(&mut state, key) {
+                return Ok(c);
+            }
+            let limits = &inner.limits;
+            let host = state.hosts.entry(key.clone()).or_default();
+            let under_cap = limits.max_conns_per_host == 0 || host.open < limits.max_conns_per_host;
+            // At most one connect per waiting request.
+            let connect = under_cap && host.connecting <= host.waiters.len();
+            if !connect && host.waiters.len() >= MAX_WAITERS {
+                return Err(CheckoutError::Exhausted);
+            }
+            if connect {
+                host.open += 1;
+                host.connecting += 1;
+            }
+            let (tx, rx) = oneshot::channel();
+            if fresh && connect {
+                // A fresh connection goes to this request alone: it waits at the front.
+                host.waiters.push_front(Waiter { tx });
+            } else {
+                host.waiters.push_back(Waiter { tx });
+            }
+            inner.stats.waiting.fetch_add(1, Ordering::Relaxed);
+            (rx, connect, !connect)
+            // pool lock released here
+        };
+        if connect {
+            tokio::spawn(Inner::connect(self.inner.clone(), key.clone()));
+        }
+        let waited = if queued_only {
+            match tokio::time::timeout(inner.limits.wait_timeout, rx).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // Our waiter is dead now; prune dead waiters so the gauge is true.
+                    let mut state = inner.state.lock().expect("pool lock");
+                    if let Some(host) = state.hosts.get_mut(key) {
+                        let before = host.waiters.len();
+                        host.waiters.retain(|w| !w.tx.is_closed());
+                        let gone = before - host.waiters.len();
+                        inner.stats.waiting.fetch_sub(gone, Ordering::Relaxed);
+                    }
+                    return Err(CheckoutError::Exhausted);
+                }
+            }
+        } else {
+            rx.await
+        };
+        match waited {
+            Ok(result) => result,
+            // The pool dropped the waiter (pruned as dead): nothing can come.
+            Err(_) => Err(CheckoutError::Exhausted),
+        }
+    }
+
+    /// Idle connections across all keys (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.inner.state.lock().expect("pool lock").idle_total
+    }
+}
+
+impl Inner {
+    fn now_ms(&self) -> u64 {
+        // +1 keeps 0 free to mean "in use" / "no hint".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn checkout_from(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        sender: Sender,
+        shared: Arc<ConnShared>,
+        reused: bool,
+    ) -> Checkout {
+        if reused {
+            Stats::bump(&self.stats.reused);
+        }
+        Checkout {
+            pool: Arc::downgrade(self),
+            key: key.clone(),
+            sender: Some(sender),
+            shared,
+            reused,
+            released: false,
+        }
+    }
+
+    /// Takes an idle HTTP/1.1 connection or an HTTP/2 stream slot, if one is usable.
+    /// Called with the lock held.
+    fn take_available(self: &Arc<Self>, state: &mut State, key: &PoolKey) -> Option<Checkout> {
+        let now = self.now_ms();
+        let State {
+            hosts,
+            lru,
+            idle_total,
+            ..
+        } = state;
+        let host = hosts.get_mut(key)?;
+        for c in &host.h2 {
+            let used = c.shared.streams.load(Ordering::Relaxed);
+            if used < c.shared.max_streams.load(Ordering::Relaxed) && c.sender.is_ready() {
+                c.shared.streams.fetch_add(1, Ordering::Relaxed);
+                c.shared.idle_since.store(0, Ordering::Relaxed);
+                let sender = Sender::H2(c.sender.clone());
+                return Some(self.checkout_from(key, sender, c.shared.clone(), true));
+            }
+        }
+        // LIFO: the most recently used idle connection first.
+        while let Some(c) = host.idle.pop() {
+            lru.remove(&c.lru_seq);
+            *idle_total -= 1;
+            self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+            let hint = c.shared.hint_deadline.load(Ordering::Relaxed);
+            if hint != 0 && hint <= now {
+                Stats::bump(&self.stats.evict_hint);
+                continue;
+            }
+            if c.sender.is_closed() {
+                continue;
+            }
+            c.shared.idle_since.store(0, Ordering::Relaxed);
+            return Some(self.checkout_from(key, Sender::H1(c.sender), c.shared, true));
+        }
+        None
+    }
+
+    /// Opens a connection for `key` and hands it to the waiters.
+    async fn connect(self: Arc<Self>, key: PoolKey) {
+        let result = self.open(&key).await;
+        let mut state = self.state.lock().expect("pool lock");
+        let host = state.hosts.entry(key.clone()).or_default();
+        host.connecting -= 1;
+        match result {
+            Ok(Opened::H1(sender, shared)) => {
+                drop(state);
+                // One HTTP/1.1 connection serves one waiter; with none left alive it
+                // goes idle.
+                self.hand_h1(&key, sender, shared, false);
+            }
+            Ok(Opened::H2(sender, shared)) => {
+                host.h2.push(H2Conn {
+                    sender: sender.clone(),
+                    shared: shared.clone(),
+                });
+                self.serve_h2_waiters(host, &key, &sender, &shared);
+            }
+            Err(e) => {
+                host.open -= 1;
+                tracing::debug!(upstream = %key, "connect failed: {e}");
+                // The failure answers one waiter; the others have their own connects
+                // (or queue for capacity).
+                while let Some(w) = host.waiters.pop_front() {
+                    self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                    if w.tx.send(Err(e.clone())).is_ok() {
+                        break;
+                    }
+                }
+                self.maybe_connect_for_waiters(host, &key);
+                if host.open == 0 && host.waiters.is_empty() {
+                    state.hosts.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Gives an HTTP/2 connection's free stream slots to waiters, first come first.
+    fn serve_h2_waiters(
+        self: &Arc<Self>,
+        host: &mut Host,
+        key: &PoolKey,
+        sender: &http2::SendRequest<Body>,
+        shared: &Arc<ConnShared>,
+    ) {
+        while shared.streams.load(Ordering::Relaxed) < shared.max_streams.load(Ordering::Relaxed) {
+            let Some(w) = host.waiters.pop_front() else {
+                break;
+            };
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            if w.tx.is_closed() {
+                continue;
+            }
+            shared.streams.fetch_add(1, Ordering::Relaxed);
+            shared.idle_since.store(0, Ordering::Relaxed);
+            let c = self.checkout_from(key, Sender::H2(sender.clone()), shared.clone(), false);
+            if let Err(Ok(mut c)) = w.tx.send(Ok(c)) {
+                // Gave up waiting in the meantime: take the slot back quietly (the
+                // lock is held, so not through Drop).
+                c.released = true;
+                shared.streams.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Hands an HTTP/1.1 connection to the longest waiter, or makes it idle.
+    fn hand_h1(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        mut sender: http1::SendRequest<Body>,
+        shared: Arc<ConnShared>,
+        reused: bool,
+    ) {
+        let mut state = self.state.lock().expect("pool lock");
+        let host = state.hosts.entry(key.clone()).or_default();
+        while let Some(w) = host.waiters.pop_front() {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            if w.tx.is_closed() {
+                continue;
+            }
+            shared.idle_since.store(0, Ordering::Relaxed);
+            let c = self.checkout_from(key, Sender::H1(sender), shared.clone(), reused);
+            match w.tx.send(Ok(c)) {
+                Ok(()) => return,
+                // The waiter left between the check and the send: keep looking.
+                Err(back) => {
+                    sender = back
+                        .ok()
+                        .and_then(Checkout::into_h1_sender)
+                        .expect("the checkout just made comes back whole");
+                }
+            }
+        }
+        self.make_idle(&mut state, key, sender, shared);
+    }
+
+    /// Puts an HTTP/1.1 connection on its key's idle list, evicting to stay in bounds.
+    fn make_idle(
+        &self,
+        state: &mut State,
+        key: &PoolKey,
+        sender: http1::SendRequest<Body>,
+        shared: Arc<ConnShared>,
+    ) {
+        let limits = &self.limits;
+        if limits.max_idle_per_host == 0 || limits.max_idle == 0 {
+            Stats::bump(&self.stats.evict_lru);
+            return;
+        }
+        shared.idle_since.store(self.now_ms(), Ordering::Relaxed);
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let State {
+            hosts,
+            lru,
+            idle_total,
+            ..
+        } = state;
+        let host = hosts.entry(key.clone()).or_default();
+        if host.idle.len() >= limits.max_idle_per_host {
+            // The key's coldest connection makes room.
+            let old = host.idle.remove(0);
+            lru.remove(&old.lru_seq);
+            *idle_total -= 1;
+            self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+            Stats::bump(&self.stats.evict_lru);
+        }
+        host.idle.push(IdleConn {
+            sender,
+            shared,
+            lru_seq: seq,
+        });
+        lru.insert(seq, key.clone());
+        *idle_total += 1;
+        self.stats.idle.fetch_add(1, Ordering::Relaxed);
+        while *idle_total > limits.max_idle {
+            // The pool-wide least recently used connection makes room.
+            let Some((old_seq, old_key)) = lru.pop_first() else {
+                break;
+            };
+            if let Some(h) = hosts.get_mut(&old_key)
+                && let Some(pos) = h.idle.iter().position(|c| c.lru_seq == old_seq)
+            {
+                h.idle.remove(pos);
+                *idle_total -= 1;
+                self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+                Stats::bump(&self.stats.evict_lru);
+            }
+        }
+    }
+
+    fn checkin_h1(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        sender: http1::SendRequest<Body>,
+        shared: Arc<ConnShared>,
+        hint: Option<Duration>,
+    ) {
+        if let Some(hint) = hint {
+            let margin = HINT_MARGIN.min(hint / 2);
+            let retire_in = hint.saturating_sub(margin);
+            if retire_in.is_zero() {
+                Stats::bump(&self.stats.evict_hint);
+                return;
+            }
+            let deadline = self.now_ms() + retire_in.as_millis() as u64;
+            shared.hint_deadline.store(deadline, Ordering::Relaxed);
+        } else {
+            shared.hint_deadline.store(0, Ordering::Relaxed);
+        }
+        self.hand_h1(key, sender, shared, true);
+    }
+
+    /// A request finished with its HTTP/2 stream slot.
+    fn release_stream(self: &Arc<Self>, key: &PoolKey, shared: &Arc<ConnShared>) {
+        let before = shared.streams.fetch_sub(1, Ordering::Relaxed);
+        if before == 1 {
+            shared.idle_since.store(self.now_ms(), Ordering::Relaxed);
+        }
+        let mut state = self.state.lock().expect("pool lock");
+        let Some(host) = state.hosts.get_mut(key) else {
+            return;
+        };
+        if host.waiters.is_empty() {
+            return;
+        }
+        if let Some(c) = host.h2.iter().find(|c| c.shared.id == shared.id) {
+            let (sender, shared) = (c.sender.clone(), c.shared.clone());
+            self.serve_h2_waiters(host, key, &sender, &shared);
+        }
+    }
+
+    /// Starts connects for waiters that have none, when capacity allows.
+    fn maybe_connect_for_waiters(self: &Arc<Self>, host: &mut Host, key: &PoolKey) {
+        let max = self.limits.max_conns_per_host;
+        while host.connecting < host.waiters.len() && (max == 0 || host.open < max) {
+            host.open += 1;
+            host.connecting += 1;
+            tokio::spawn(Inner::connect(self.clone(), key.clone()));
+        }
+    }
+
+    /// The driver task of a connection ended: forget it.
+    fn closed(self: &Arc<Self>, key: &PoolKey, id: u64) {
+        Stats::bump(&self.stats.closed);
+        let mut state = self.state.lock().expect("pool lock");
+        let State {
+            hosts,
+            lru,
+            idle_total,
+            ..
+        } = &mut *state;
+        let Some(host) = hosts.get_mut(key) else {
+            return;
+        };
+        host.open -= 1;
+        if let Some(pos) = host.idle.iter().position(|c| c.shared.id == id) {
+            let c = host.idle.remove(pos);
+            lru.remove(&c.lru_seq);
+            *idle_total -= 1;
+            self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+        }
+        host.h2.retain(|c| c.shared.id != id);
+        self.maybe_connect_for_waiters(host, key);
+        if host.open == 0 && host.waiters.is_empty() {
+            hosts.remove(key);
+        }
+    }
+
+    /// The idle timer of connection `id` fired: retire it if it is still idle.
+    /// Returns true when it was removed from the pool.
+    fn retire_idle(&self, key: &PoolKey, id: u64, hinted: bool) -> bool {
+        let mut state = self.state.lock().expect("pool lock");
+        let State {
+            hosts,
+            lru,
+            idle_total,
+            ..
+        } = &mut *state;
+        let Some(host) = hosts.get_mut(key) else {
+            return false;
+        };
+        let counter = if hinted {
+            &self.stats.evict_hint
+        } else {
+            &self.stats.evict_idle
+        };
+        if let Some(pos) = host.idle.iter().position(|c| c.shared.id == id) {
+            let c = host.idle.remove(pos);
+            lru.remove(&c.lru_seq);
+            *idle_total -= 1;
+            self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+            Stats::bump(counter);
+            return true;
+        }
+        if let Some(pos) = host.h2.iter().position(|c| c.shared.id == id)
+            && host.h2[pos].shared.streams.load(Ordering::Relaxed) == 0
+        {
+            host.h2.remove(pos);
+            Stats::bump(counter);
+            return true;
+        }
+        false
+    }
+
+    /// Connects and runs the HTTP handshake; spawns the connection's driver task.
+    async fn open(self: &Arc<Self>, key: &PoolKey) -> Result<Opened, CheckoutError> {
+        let (stream, h2) = (self.connector)(key)
+            .await
+            .map_err(CheckoutError::Connect)?;
+        let io = TokioIo::new(stream);
+        let shared = Arc::new(ConnShared {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            idle_since: AtomicU64::new(0),
+            hint_deadline: AtomicU64::new(0),
+            streams: AtomicUsize::new(0),
+            max_streams: AtomicUsize::new(H2_DEFAULT_STREAMS),
+        });
+        let pool = Arc::downgrade(self);
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // PING keepalive: a peer that stops answering is found and dropped.
+                .keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+                .initial_max_send_streams(H2_DEFAULT_STREAMS)
+                .handshake(io)
+                .await
+                .map_err(|e| CheckoutError::Handshake(e.to_string()))?;
+            Stats::bump(&self.stats.opened);
+            let driver = H2Driver {
+                conn,
+                shared: shared.clone(),
+            };
+            tokio::spawn(drive(
+                driver,
+                pool,
+                key.clone(),
+                shared.clone(),
+                self.limits.idle_timeout,
+            ));
+            Ok(Opened::H2(sender, shared))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| CheckoutError::Handshake(e.to_string()))?;
+            Stats::bump(&self.stats.opened);
+            tokio::spawn(drive(
+                conn,
+                pool,
+                key.clone(),
+                shared.clone(),
+                self.limits.idle_timeout,
+            ));
+            Ok(Opened::H1(sender, shared))
+        }
+    }
+}
+
+enum Opened {
+    H1(http1::SendRequest<Body>, Arc<ConnShared>),
+    H2(http2::SendRequest<Body>, Arc<ConnShared>),
+}
+
+/// Polls an HTTP/2 connection and keeps the peer's stream limit current.
+struct H2Driver {
+    conn: http2::Connection<TokioIo<Stream>, Body, TokioExecutor>,
+    shared: Arc<ConnShared>,
+}
+
+impl Future for H2Driver {
+    type Output = hyper::Result<()>;
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.conn).poll(cx);
+        let max = this.conn.current_max_send_streams().max(1);
+        this.shared.max_streams.store(max, Ordering::Relaxed);
+        r
+    }
+}
+
+/// A connection's driver task: runs hyper's connection future and retires the
+/// connection when it has been idle for `idle_timeout` (or past its keep-alive hint).
+async fn drive<F>(
+    conn: F,
+    pool: Weak<Inner>,
+    key: PoolKey,
+    shared: Arc<ConnShared>,
+    idle_timeout: Duration,
+) where
+    F: Future<Output = hyper::Result<()>>,
+{
+    tokio::pin!(conn);
+    let sleep = tokio::time::sleep(idle_timeout);
+    tokio::pin!(sleep);
+    let mut retired = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(upstream = %key, "upstream connection ended: {e}");
+                }
+                break;
+            }
+            () = sleep.as_mut(), if !retired => {
+                let Some(inner) = pool.upgrade() else { break };
+                let now = inner.now_ms();
+                let since = shared.idle_since.load(Ordering::Relaxed);
+                if since == 0 {
+                    // In use: it cannot expire before a full idle period from now.
+                    sleep.as_mut().reset(Instant::now() + idle_timeout);
+                    continue;
+                }
+                let idle_deadline = since + idle_timeout.as_millis() as u64;
+                let hint = shared.hint_deadline.load(Ordering::Relaxed);
+                let (deadline, hinted) = if hint != 0 && hint < idle_deadline {
+                    (hint, true)
+                } else {
+                    (idle_deadline, false)
+                };
+                if deadline <= now {
+                    // Removing it from the pool drops the pool's sender; with no
+                    // request on it, hyper then closes the connection.
+                    retired = inner.retire_idle(&key, shared.id, hinted);
+                    if !retired {
+                        sleep.as_mut().reset(Instant::now() + idle_timeout);
+                    }
+                } else {
+                    sleep.as_mut().reset(inner.epoch + Duration::from_millis(deadline - 1));
+                }
+            }
+        }
+    }
+    if let Some(inner) = pool.upgrade() {
+        inner.closed(&key, shared.id);
+    }
+}
