@@ -262,14 +262,17 @@ impl ServerCertVerifier for NoVerification {
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// An in-memory pipe, for the pool's unit tests.
+    #[cfg(test)]
+    Duplex(tokio::io::DuplexStream),
 }
 
 impl Stream {
     /// True when ALPN settled on HTTP/2.
     pub fn is_h2(&self) -> bool {
         match self {
-            Stream::Plain(_) => false,
             Stream::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+            _ => false,
         }
     }
 }
@@ -283,6 +286,8 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(test)]
+            Stream::Duplex(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -296,6 +301,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(test)]
+            Stream::Duplex(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -307,6 +314,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            #[cfg(test)]
+            Stream::Duplex(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -314,6 +323,8 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            #[cfg(test)]
+            Stream::Duplex(s) => s.is_write_vectored(),
         }
     }
 
@@ -321,6 +332,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(test)]
+            Stream::Duplex(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -328,6 +341,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(test)]
+            Stream::Duplex(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -162,6 +162,8 @@ struct ConnShared {
     /// HTTP/2: streams in use, and the peer's current limit.
     streams: AtomicUsize,
     max_streams: AtomicUsize,
+    /// Wakes the driver task when a keep-alive hint brings the deadline forward.
+    rearm: tokio::sync::Notify,
 }
 
 /// An idle HTTP/1.1 connection.
@@ -678,6 +680,7 @@ impl Inner {
             }
             let deadline = self.now_ms() + retire_in.as_millis() as u64;
             shared.hint_deadline.store(deadline, Ordering::Relaxed);
+            shared.rearm.notify_one();
         } else {
             shared.hint_deadline.store(0, Ordering::Relaxed);
         }
@@ -788,6 +791,7 @@ impl Inner {
             hint_deadline: AtomicU64::new(0),
             streams: AtomicUsize::new(0),
             max_streams: AtomicUsize::new(H2_DEFAULT_STREAMS),
+            rearm: tokio::sync::Notify::new(),
         });
         let pool = Arc::downgrade(self);
         if h2 {
@@ -880,6 +884,10 @@ async fn drive<F>(
                 }
                 break;
             }
+            () = shared.rearm.notified(), if !retired => {
+                // The deadline may be earlier now: look again at once.
+                sleep.as_mut().reset(Instant::now());
+            }
             () = sleep.as_mut(), if !retired => {
                 let Some(inner) = pool.upgrade() else { break };
                 let now = inner.now_ms();
@@ -911,5 +919,329 @@ async fn drive<F>(
     }
     if let Some(inner) = pool.upgrade() {
         inner.closed(&key, shared.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Version;
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+
+    /// An in-memory origin per connection: `/close` answers with `Connection: close`,
+    /// `/slow` takes 10 s, anything else answers `ok` at once.
+    fn pool_with(limits: Limits, h2: bool) -> (Pool, Arc<AtomicUsize>) {
+        let connects = Arc::new(AtomicUsize::new(0));
+        let counter = connects.clone();
+        let connector: Connector = Arc::new(move |_key: &PoolKey| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let (client, server) = tokio::io::duplex(1 << 16);
+            tokio::spawn(async move {
+                let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let mut resp = http::Response::new(Body::text("ok"));
+                    match req.uri().path() {
+                        "/close" => {
+                            resp.headers_mut().insert("connection", "close".parse().unwrap());
+                        }
+                        "/slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+                        _ => {}
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let io = TokioIo::new(server);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(2)
+                        .serve_connection(io, service)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+            });
+            Box::pin(async move { Ok((Stream::Duplex(client), h2)) })
+        });
+        (Pool::new(limits, connector), connects)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            idle_timeout: Duration::from_secs(90),
+            max_idle_per_host: 32,
+            max_idle: 1024,
+            max_conns_per_host: 0,
+            wait_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn key(authority: &str) -> PoolKey {
+        PoolKey {
+            profile: Arc::new(Profile {
+                id: 0,
+                version: Version::Auto,
+                tls: None,
+                deny: Vec::new().into(),
+            }),
+            scheme: Scheme::Http,
+            authority: authority.into(),
+        }
+    }
+
+    /// Sends `path` on a checked-out connection and reads the whole response.
+    async fn get(c: &mut Checkout, path: &str) -> http::Response<Bytes> {
+        let mut req = http::Request::new(Body::Empty);
+        *req.uri_mut() = path.parse().unwrap();
+        req.headers_mut().insert("host", "test".parse().unwrap());
+        if c.is_h2() {
+            *req.uri_mut() = format!("http://test{path}").parse().unwrap();
+        }
+        let resp = match c.send(req).await {
+            Ok(r) => r,
+            Err(_) => panic!("send failed"),
+        };
+        let (parts, body) = resp.into_parts();
+        http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    use bytes::Bytes;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_reused_last_in_first_out() {
+        let (pool, connects) = pool_with(limits(), false);
+        let k = key("a");
+        let mut a = pool.checkout(&k, false).await.unwrap();
+        let mut b = pool.checkout(&k, false).await.unwrap();
+        get(&mut a, "/").await;
+        get(&mut b, "/").await;
+        let (a_id, b_id) = (a.id(), b.id());
+        a.release(true, None);
+        b.release(true, None);
+        assert_eq!(pool.idle_count(), 2);
+        let c = pool.checkout(&k, false).await.unwrap();
+        assert_eq!(c.id(), b_id, "the most recently returned goes first");
+        assert!(c.reused);
+        let d = pool.checkout(&k, false).await.unwrap();
+        assert_eq!(d.id(), a_id);
+        assert_eq!(connects.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.stats().reused.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clients_of_different_keys_never_share() {
+        let (pool, connects) = pool_with(limits(), false);
+        let mut a = pool.checkout(&key("a"), false).await.unwrap();
+        get(&mut a, "/").await;
+        a.release(true, None);
+        let b = pool.checkout(&key("b"), false).await.unwrap();
+        assert!(!b.reused);
+        assert_eq!(connects.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_not_released_is_closed_not_reused() {
+        let (pool, connects) = pool_with(limits(), false);
+        let k = key("a");
+        let mut a = pool.checkout(&k, false).await.unwrap();
+        get(&mut a, "/").await;
+        drop(a);
+        let b = pool.checkout(&k, false).await.unwrap();
+        assert!(!b.reused);
+        assert_eq!(connects.load(Ordering::SeqCst), 2);
+        // The dropped one closes and is counted.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(pool.stats().closed.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_idle_connection_is_skipped_on_checkout() {
+        let (pool, connects) = pool_with(limits(), false);
+        let k = key("a");
+        let mut a = pool.checkout(&k, false).await.unwrap();
+        // The origin closes after this response; the pool is told it is reusable
+        // anyway, to check that checkout verifies the connection is open.
+        get(&mut a, "/close").await;
+        a.release(true, None);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let b = pool.checkout(&k, false).await.unwrap();
+        assert!(!b.reused);
+        assert_eq!(connects.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_retires_connections_by_timer() {
+        let (pool, _) = pool_with(limits(), false);
+        let k = key("a");
+        let mut a = pool.checkout(&k, false).await.unwrap();
+        get(&mut a, "/").await;
+        a.release(true, None);
+        tokio::time::sleep(Duration::from_secs(89)).await;
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(pool.stats().evict_idle.load(Ordering::Relaxed), 1);
+        assert_eq!(pool.stats().idle.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn use_pushes_the_idle_deadline_back() {
+        let (pool, _) = pool_with(limits(), false);
+        let k = key("a");
+        for _ in 0..3 {
+            let mut a = pool.checkout(&k, false).await.unwrap();
+            get(&mut a, "/").await;
+            a.release(true, None);
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        assert_eq!(pool.idle_count(), 1, "used every 60 s, never idle for 90 s");
+        assert_eq!(pool.stats().opened.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_hint_retires_before_it_runs_out() {
+        let (pool, _) = pool_with(limits(), false);
+        let k = key("a");
+        let mut a = pool.checkout(&k, false).await.unwrap();
+        get(&mut a, "/").await;
+        a.release(true, Some(Duration::from_secs(2)));
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(pool.idle_count(), 0, "retired a margin before the origin's 2 s");
+        assert_eq!(pool.stats().evict_hint.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_idle_per_host_and_max_idle_evict_the_least_recently_used() {
+        let mut l = limits();
+        l.max_idle_per_host = 2;
+        l.max_idle = 3;
+        let (pool, _) = pool_with(l, false);
+        // Three connections to "a": the per-host bound keeps two.
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(pool.checkout(&key("a"), false).await.unwrap());
+        }
+        for mut c in conns.drain(..) {
+            get(&mut c, "/").await;
+            c.release(true, None);
+        }
+        assert_eq!(pool.idle_count(), 2);
+        // Two to "b": the pool-wide bound of three drops the oldest of "a".
+        for _ in 0..2 {
+            conns.push(pool.checkout(&key("b"), false).await.unwrap());
+        }
+        for mut c in conns.drain(..) {
+            get(&mut c, "/").await;
+            c.release(true, None);
+        }
+        assert_eq!(pool.idle_count(), 3);
+        assert_eq!(pool.stats().evict_lru.load(Ordering::Relaxed), 2);
+        let state = pool.inner.state.lock().unwrap();
+        assert_eq!(state.hosts[&key("a")].idle.len(), 1);
+        assert_eq!(state.hosts[&key("b")].idle.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_conns_per_host_queues_waiters_first_come_first_served() {
+        let mut l = limits();
+        l.max_conns_per_host = 1;
+        let (pool, connects) = pool_with(l, false);
+        let k = key("a");
+        let mut first = pool.checkout(&k, false).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiting = Vec::new();
+        for n in 0..3 {
+            let (pool, k, order) = (pool.clone(), k.clone(), order.clone());
+            waiting.push(tokio::spawn(async move {
+                let mut c = pool.checkout(&k, false).await.unwrap();
+                order.lock().unwrap().push(n);
+                get(&mut c, "/").await;
+                c.release(true, None);
+            }));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(pool.stats().waiting.load(Ordering::Relaxed), 3);
+        get(&mut first, "/").await;
+        first.release(true, None);
+        for w in waiting {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2]);
+        assert_eq!(connects.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.stats().waiting.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gives_up_after_wait_timeout() {
+        let mut l = limits();
+        l.max_conns_per_host = 1;
+        let (pool, _) = pool_with(l, false);
+        let k = key("a");
+        let _held = pool.checkout(&k, false).await.unwrap();
+        let started = Instant::now();
+        let err = pool.checkout(&k, false).await.unwrap_err();
+        assert!(matches!(err, CheckoutError::Exhausted));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(pool.stats().waiting.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_opens_at_most_one_connection_per_request() {
+        let (pool, connects) = pool_with(limits(), false);
+        let k = key("a");
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (pool, k) = (pool.clone(), k.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = pool.checkout(&k, false).await.unwrap();
+                get(&mut c, "/").await;
+                c.release(true, None);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(connects.load(Ordering::SeqCst) <= 8);
+        assert_eq!(pool.idle_count(), connects.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_returned_connection_serves_a_waiter_before_a_new_one_is_ready() {
+        let (pool, _) = pool_with(limits(), false);
+        let k = key("a");
+        let mut a = pool.checkout(&k, false).await.unwrap();
+        get(&mut a, "/").await;
+        let a_id = a.id();
+        // A second request finds nothing idle and starts a connect; the first
+        // connection comes back before that connect is done.
+        let waiter = {
+            let (pool, k) = (pool.clone(), k.clone());
+            tokio::spawn(async move { pool.checkout(&k, false).await.unwrap().id() })
+        };
+        a.release(true, None);
+        assert_eq!(waiter.await.unwrap(), a_id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_connections_carry_streams_up_to_the_peers_limit() {
+        let (pool, connects) = pool_with(limits(), true);
+        let k = key("a");
+        // The in-memory origin allows 2 concurrent streams.
+        let mut first = pool.checkout(&k, false).await.unwrap();
+        get(&mut first, "/").await; // settings exchanged
+        let mut held = vec![first];
+        for _ in 0..3 {
+            held.push(pool.checkout(&k, false).await.unwrap());
+        }
+        assert_eq!(connects.load(Ordering::SeqCst), 2, "two streams per connection");
+        let ids: std::collections::HashSet<u64> = held.iter().map(|c| c.id()).collect();
+        assert_eq!(ids.len(), 2);
+        for c in held {
+            c.release(true, None);
+        }
+        let c = pool.checkout(&k, false).await.unwrap();
+        assert!(c.reused);
     }
 }
