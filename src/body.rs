@@ -15,6 +15,9 @@ use hyper::body::Incoming;
 pub enum Body {
     /// Streamed from a client, frame by frame, never buffered whole.
     Incoming(Incoming),
+    /// Streamed from a client to an upstream; the flag is set once the body was sent
+    /// to its end (a connection whose request body was cut short is not reused).
+    Watched(Incoming, std::sync::Arc<std::sync::atomic::AtomicBool>),
     /// Streamed from an upstream; returns its connection to the pool at the end.
     Upstream(crate::upstream::ResponseBody),
     /// A complete short body (`None` once sent).
@@ -52,6 +55,13 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Incoming(b) => Pin::new(b).poll_frame(cx),
             Body::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Body::Watched(b, done) => {
+                let polled = Pin::new(&mut *b).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None)) || b.is_end_stream() {
+                    done.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                polled
+            }
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Empty => Poll::Ready(None),
         }
@@ -61,6 +71,7 @@ impl http_body::Body for Body {
         match self {
             Body::Incoming(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
+            Body::Watched(b, _) => b.is_end_stream(),
             Body::Full(data) => data.is_none(),
             Body::Empty => true,
         }
@@ -70,6 +81,7 @@ impl http_body::Body for Body {
         match self {
             Body::Incoming(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
+            Body::Watched(b, _) => b.size_hint(),
             Body::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Body::Full(None) | Body::Empty => SizeHint::with_exact(0),
         }

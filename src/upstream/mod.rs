@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, HeaderValue};
+use http::header::{CONNECTION, HOST, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
@@ -32,8 +32,10 @@ use pool::{Checkout, CheckoutError, Pool, PoolKey, SendError};
 
 /// A request body up to this size is read before sending so it can be replayed.
 pub const REPLAY_BUFFER: u64 = 64 * 1024;
-/// Most attempts for one request (first try plus retries).
-const MAX_ATTEMPTS: usize = 3;
+/// Most attempts for one request (first try plus retries). Unsent requests and
+/// unprocessed HTTP/2 streams may use them all; a replay after writing to a reused
+/// HTTP/1.1 connection happens at most once.
+const MAX_ATTEMPTS: usize = 8;
 
 /// Connection settings shared by a group of targets: protocol, TLS and address policy.
 /// Two targets only ever share a connection when they share a profile.
@@ -222,6 +224,19 @@ impl Upstream {
         key: PoolKey,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let replayable = make_replayable(&mut req).await?;
+        // A streamed body is watched: if the response ends before the body was sent
+        // whole, the connection is not reused (hyper would still be writing it).
+        let sent_whole = match std::mem::take(req.body_mut()) {
+            Body::Incoming(b) => {
+                let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                *req.body_mut() = Body::Watched(b, flag.clone());
+                Some(flag)
+            }
+            other => {
+                *req.body_mut() = other;
+                None
+            }
+        };
         let idempotent = is_idempotent(req.method());
         let closing = wants_close(req.headers());
         let mut fresh = false;
@@ -231,10 +246,10 @@ impl Upstream {
             set_uri(&mut req, &key, conn.is_h2())?;
             // A copy is needed only where a retry after writing is allowed: a reused
             // connection or HTTP/2. Failures on fresh HTTP/1.1 connections are final.
-            let copy = (replayable && replays_left > 0 && (conn.reused || conn.is_h2()))
+            let copy = (replayable && (conn.is_h2() || (conn.reused && replays_left > 0)))
                 .then(|| copy_request(&req));
             match conn.send(req).await {
-                Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, closing)),
+                Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, closing, sent_whole)),
                 Err(SendError::Unsent(back, e)) => {
                     tracing::debug!(upstream = %key, attempt, "request not sent ({e}); retrying on a fresh connection");
                     if conn.is_h2() {
@@ -244,18 +259,21 @@ impl Upstream {
                 }
                 Err(SendError::Failed(e)) => {
                     let retry = match copy {
+                        // Not processed by the peer: safe to replay whatever the method.
                         Some(copy) if conn.is_h2() && h2_unprocessed(&e) => {
                             conn.retire_h2();
                             Some(copy)
                         }
-                        Some(copy) if !conn.is_h2() && idempotent && no_response(&e) => Some(copy),
+                        Some(copy) if !conn.is_h2() && idempotent && no_response(&e) => {
+                            replays_left -= 1;
+                            Some(copy)
+                        }
                         _ => None,
                     };
                     let Some(copy) = retry else {
                         return Err(UpstreamError::Exchange(e));
                     };
-                    tracing::debug!(upstream = %key, attempt, "no response on a reused connection ({e}); retrying on a fresh one");
-                    replays_left -= 1;
+                    tracing::debug!(upstream = %key, attempt, "request not processed ({e}); replaying on a fresh connection");
                     req = copy;
                 }
             }
@@ -364,7 +382,8 @@ fn copy_request(req: &Request<Body>) -> Request<Body> {
     copy
 }
 
-/// HTTP/1.1 wants origin form; HTTP/2 wants scheme and authority for its pseudo-headers.
+/// HTTP/1.1 wants origin form and `Host`; HTTP/2 wants scheme and authority in
+/// pseudo-headers and no `Host` beside them (RFC 9113 §8.3.1; nginx refuses both).
 fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), UpstreamError> {
     *req.version_mut() = if h2 {
         http::Version::HTTP_2
@@ -380,23 +399,41 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = if h2 {
-        let authority = Authority::try_from(&*key.authority).map_err(|_| {
-            UpstreamError::BadTarget(format!("invalid authority {}", key.authority))
-        })?;
+    if h2 {
+        // The Host the proxy chose becomes :authority.
+        let authority = match req.headers_mut().remove(HOST) {
+            Some(v) => Authority::try_from(v.as_bytes()).ok(),
+            None => None,
+        };
+        let authority = match authority {
+            Some(a) => a,
+            None => Authority::try_from(&*key.authority).map_err(|_| {
+                UpstreamError::BadTarget(format!("invalid authority {}", key.authority))
+            })?,
+        };
         let scheme = match key.scheme {
             Scheme::Http => UriScheme::HTTP,
             Scheme::Https => UriScheme::HTTPS,
         };
-        Uri::builder()
+        *req.uri_mut() = Uri::builder()
             .scheme(scheme)
             .authority(authority)
             .path_and_query(path)
             .build()
-            .map_err(|e| UpstreamError::BadTarget(e.to_string()))?
+            .map_err(|e| UpstreamError::BadTarget(e.to_string()))?;
     } else {
-        Uri::from(path)
-    };
+        if !req.headers().contains_key(HOST) {
+            let authority = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or(&key.authority);
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+        *req.uri_mut() = Uri::from(path);
+    }
     Ok(())
 }
 
@@ -419,8 +456,14 @@ fn no_response(e: &hyper::Error) -> bool {
     false
 }
 
-/// True when an HTTP/2 peer did not process the stream (RFC 9113 §8.7).
+/// True when an HTTP/2 peer did not process the stream (RFC 9113 §8.7): it refused it,
+/// or it was above the GOAWAY's last stream id, or it never left hyper's queue because
+/// the connection's task ended first ("dispatch task is gone": hyper has no predicate
+/// for that one, so its message is matched).
 fn h2_unprocessed(e: &hyper::Error) -> bool {
+    if e.is_user() && e.to_string().contains("dispatch task is gone") {
+        return true;
+    }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2e) = s.downcast_ref::<h2::Error>() {
@@ -452,6 +495,8 @@ pub struct ResponseBody {
     conn: Option<Checkout>,
     reusable: bool,
     hint: Option<Duration>,
+    /// Set once the request body was sent to its end; `None` when it had no stream.
+    request_sent: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl fmt::Debug for ResponseBody {
@@ -466,6 +511,7 @@ impl ResponseBody {
         resp: Response<Incoming>,
         conn: Checkout,
         request_closes: bool,
+        request_sent: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Response<ResponseBody> {
         let h = resp.headers();
         let closes = h.get_all(CONNECTION).iter().any(|v| has_token(v, "close"));
@@ -485,6 +531,7 @@ impl ResponseBody {
             conn: Some(conn),
             reusable,
             hint,
+            request_sent,
         };
         if http_body::Body::is_end_stream(&body.inner) {
             body.finish();
@@ -494,7 +541,11 @@ impl ResponseBody {
 
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take() {
-            conn.release(self.reusable, self.hint);
+            let sent = self
+                .request_sent
+                .as_ref()
+                .is_none_or(|s| s.load(std::sync::atomic::Ordering::Relaxed));
+            conn.release(self.reusable && sent, self.hint);
         }
     }
 }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -787,7 +787,10 @@ impl Inner {
         let io = TokioIo::new(stream);
         let shared = Arc::new(ConnShared {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            idle_since: AtomicU64::new(0),
+            // An HTTP/2 connection is idle until a stream takes it (one opened for a
+            // waiter another connection served may never get one); an HTTP/1.1
+            // connection goes straight to a request or to the idle list.
+            idle_since: AtomicU64::new(if h2 { self.now_ms() } else { 0 }),
             hint_deadline: AtomicU64::new(0),
             streams: AtomicUsize::new(0),
             max_streams: AtomicUsize::new(H2_DEFAULT_STREAMS),
@@ -795,12 +798,13 @@ impl Inner {
         });
         let pool = Arc::downgrade(self);
         if h2 {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            let exec = ConnExec(tokio_util::sync::CancellationToken::new());
+            let (sender, conn) = http2::Builder::new(exec.clone())
                 .timer(TokioTimer::new())
                 // PING keepalive: a peer that stops answering is found and dropped.
                 .keep_alive_interval(Duration::from_secs(20))
                 .keep_alive_timeout(Duration::from_secs(10))
-                .keep_alive_while_idle(true)
+                .keep_alive_while_idle(false)
                 .initial_max_send_streams(H2_DEFAULT_STREAMS)
                 .handshake(io)
                 .await
@@ -809,6 +813,7 @@ impl Inner {
             let driver = H2Driver {
                 conn,
                 shared: shared.clone(),
+                exec,
             };
             tokio::spawn(drive(
                 driver,
@@ -816,6 +821,7 @@ impl Inner {
                 key.clone(),
                 shared.clone(),
                 self.limits.idle_timeout,
+                false,
             ));
             Ok(Opened::H2(sender, shared))
         } else {
@@ -830,6 +836,7 @@ impl Inner {
                 key.clone(),
                 shared.clone(),
                 self.limits.idle_timeout,
+                true,
             ));
             Ok(Opened::H1(sender, shared))
         }
@@ -841,10 +848,40 @@ enum Opened {
     H2(http2::SendRequest<Body>, Arc<ConnShared>),
 }
 
-/// Polls an HTTP/2 connection and keeps the peer's stream limit current.
+/// Spawns the tasks of one HTTP/2 connection so they can be ended together: hyper keeps
+/// an h2 connection open after its last handle is dropped (its ping keeps a reference),
+/// so a retired connection is closed by cancelling its tasks, which drops the socket.
+#[derive(Clone)]
+struct ConnExec(tokio_util::sync::CancellationToken);
+
+impl<F> hyper::rt::Executor<F> for ConnExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let token = self.0.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                () = token.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Polls an HTTP/2 connection and keeps the peer's stream limit current; dropping it
+/// ends the connection's tasks.
 struct H2Driver {
-    conn: http2::Connection<TokioIo<Stream>, Body, TokioExecutor>,
+    conn: http2::Connection<TokioIo<Stream>, Body, ConnExec>,
     shared: Arc<ConnShared>,
+    exec: ConnExec,
+}
+
+impl Drop for H2Driver {
+    fn drop(&mut self) {
+        self.exec.0.cancel();
+    }
 }
 
 impl Future for H2Driver {
@@ -869,6 +906,7 @@ async fn drive<F>(
     key: PoolKey,
     shared: Arc<ConnShared>,
     idle_timeout: Duration,
+    is_h1: bool,
 ) where
     F: Future<Output = hyper::Result<()>>,
 {
@@ -906,8 +944,13 @@ async fn drive<F>(
                 };
                 if deadline <= now {
                     // Removing it from the pool drops the pool's sender; with no
-                    // request on it, hyper then closes the connection.
+                    // request on it, hyper then closes an HTTP/1.1 connection. An idle
+                    // HTTP/2 connection is ended here: listed or already retired (after
+                    // GOAWAY), no new stream can come to it.
                     retired = inner.retire_idle(&key, shared.id, hinted);
+                    if shared.streams.load(Ordering::Relaxed) == 0 && (retired || !is_h1) {
+                        break;
+                    }
                     if !retired {
                         sleep.as_mut().reset(Instant::now() + idle_timeout);
                     }
@@ -942,7 +985,8 @@ mod tests {
                     let mut resp = http::Response::new(Body::text("ok"));
                     match req.uri().path() {
                         "/close" => {
-                            resp.headers_mut().insert("connection", "close".parse().unwrap());
+                            resp.headers_mut()
+                                .insert("connection", "close".parse().unwrap());
                         }
                         "/slow" => tokio::time::sleep(Duration::from_secs(10)).await,
                         _ => {}
@@ -951,10 +995,12 @@ mod tests {
                 });
                 let io = TokioIo::new(server);
                 if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .max_concurrent_streams(2)
-                        .serve_connection(io, service)
-                        .await;
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .max_concurrent_streams(2)
+                    .serve_connection(io, service)
+                    .await;
                 } else {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(io, service)
@@ -1108,7 +1154,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(pool.idle_count(), 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(pool.idle_count(), 0, "retired a margin before the origin's 2 s");
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "retired a margin before the origin's 2 s"
+        );
         assert_eq!(pool.stats().evict_hint.load(Ordering::Relaxed), 1);
     }
 
@@ -1235,7 +1285,11 @@ mod tests {
         for _ in 0..3 {
             held.push(pool.checkout(&k, false).await.unwrap());
         }
-        assert_eq!(connects.load(Ordering::SeqCst), 2, "two streams per connection");
+        assert_eq!(
+            connects.load(Ordering::SeqCst),
+            2,
+            "two streams per connection"
+        );
         let ids: std::collections::HashSet<u64> = held.iter().map(|c| c.id()).collect();
         assert_eq!(ids.len(), 2);
         for c in held {

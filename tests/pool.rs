@@ -1,0 +1,341 @@
+//! The upstream pool against origins that misbehave on cue: zero failed GETs, and the
+//! proxy's file descriptors back to baseline afterwards.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn route_to(addr: SocketAddr, extra: &str) -> String {
+    format!(
+        "listen = [{{ addr = \"127.0.0.1:0\" }}]\n{extra}\n[[route]]\nupstream = \"http://{addr}\"\n"
+    )
+}
+
+/// Reads one request head (and a Content-Length body); false at EOF or timeout.
+async fn read_request(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(within, s.read(&mut byte)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&byte[..n]),
+            _ => return false,
+        }
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut have = buf.len() - end - 4;
+            while have < len {
+                match s.read(&mut byte).await {
+                    Ok(n) if n > 0 => have += n,
+                    _ => return false,
+                }
+            }
+            return true;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Close {
+    Fin,
+    Rst,
+}
+
+/// Answers one request per connection as if keeping it alive, then closes it.
+async fn closing_origin(how: Close) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if read_request(&mut s, Duration::from_secs(10)).await {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+                match how {
+                    Close::Fin => {
+                        let _ = s.shutdown().await;
+                    }
+                    Close::Rst => {
+                        // SO_LINGER 0: close() sends RST instead of FIN.
+                        let std = s.into_std().unwrap();
+                        let _ = socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO));
+                        drop(std);
+                        return;
+                    }
+                }
+                drop(s);
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// One keep-alive client connection to strait, sending `n` GETs in a row.
+async fn gets_on_one_connection(strait: SocketAddr, n: usize) -> usize {
+    let stream = TcpStream::connect(strait).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut ok = 0;
+    for i in 0..n {
+        sender.ready().await.unwrap();
+        let req = http::Request::get(format!("/r{i}"))
+            .header("host", "strait")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        resp.into_body().collect().await.unwrap();
+        if status == 200 {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+async fn no_failed_gets_when_the_origin_closes_after_each_response(how: Close) {
+    let (origin, conns) = closing_origin(how).await;
+    let strait = Strait::start(&route_to(origin, "[pool]\nidle_timeout = \"1s\""), &[]);
+    let baseline = strait.fd_count();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let addr = strait.addr();
+        tasks.push(tokio::spawn(async move {
+            gets_on_one_connection(addr, 50).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    assert_eq!(ok, 200, "every GET answered 200");
+    assert!(conns.load(Ordering::SeqCst) >= 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        strait.fd_count(),
+        baseline,
+        "file descriptors back to baseline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_closes_each_kept_alive_connection_with_fin_loses_no_get() {
+    no_failed_gets_when_the_origin_closes_after_each_response(Close::Fin).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_resets_each_kept_alive_connection_loses_no_get() {
+    no_failed_gets_when_the_origin_closes_after_each_response(Close::Rst).await;
+}
+
+/// Advertises `Keep-Alive: timeout=2` and closes connections idle for 2 s.
+async fn hinting_origin() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                while read_request(&mut s, Duration::from_secs(2)).await {
+                    let reply =
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=2\r\n\r\nok";
+                    if s.write_all(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_timeout_hint_retires_connections_before_the_origin_closes_them() {
+    let (origin, conns) = hinting_origin().await;
+    let strait = Strait::start(&route_to(origin, ""), &[]);
+    let url = format!("{}/post", strait.url());
+    // POSTs are never retried once written, so a request sent into a connection the
+    // origin is closing would fail: near the 2 s age, every one must still succeed.
+    for pause_ms in [0, 1900, 1950, 2000, 2050, 300] {
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        let out = curl(&["-X", "POST", "--data-binary", "x", &url]).await;
+        assert_eq!(out.status, 200, "after {pause_ms} ms idle: {out:?}");
+    }
+    // Each long pause retired the connection; the short ones reused it.
+    assert_eq!(conns.load(Ordering::SeqCst), 5);
+}
+
+/// Answers 413 as soon as a request head arrives, without reading the body; then
+/// drains for a moment (as servers do, so the answer is not lost to a reset) and closes.
+async fn refusing_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large")
+                    .await;
+                let _ = s.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_413_reaches_the_client_and_the_connection_is_not_reused() {
+    let origin = refusing_origin().await;
+    let strait = Strait::start(&route_to(origin, ""), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let upload = dir.path().join("big");
+    std::fs::write(&upload, vec![b'u'; 20 * 1024 * 1024]).unwrap();
+    let url = format!("{}/upload", strait.url());
+    let out = curl(&["-T", upload.to_str().unwrap(), &url]).await;
+    assert_eq!(out.status, 413, "{out:?}");
+    for _ in 0..3 {
+        let out = curl(&["-H", "Expect:", "--data-binary", "small", &url]).await;
+        assert_eq!(out.status, 413);
+    }
+}
+
+/// nginx as an h2c origin that allows 8 concurrent streams and sends GOAWAY after
+/// every 10 requests on a connection.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start() -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let port = closed_port().port();
+        let conf = format!(
+            "worker_processes 1;
+error_log {d}/error.log;
+pid {d}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d};
+    proxy_temp_path {d};
+    fastcgi_temp_path {d};
+    uwsgi_temp_path {d};
+    scgi_temp_path {d};
+    http2_max_concurrent_streams 8;
+    keepalive_requests 10;
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location / {{ return 200 \"from nginx\"; }}
+    }}
+}}
+",
+            d = dir.path().display()
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new("nginx")
+            .args([
+                "-p",
+                dir.path().to_str().unwrap(),
+                "-c",
+                path.to_str().unwrap(),
+                "-g",
+                "daemon off;",
+            ])
+            .spawn()
+            .expect("nginx must be installed (.ci/run installs it)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Nginx {
+                    child,
+                    addr,
+                    _dir: dir,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nginx did not start");
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM lets the master stop its worker too (SIGKILL would orphan it).
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_origin_with_8_streams_and_goaway_every_10_requests_loses_no_get() {
+    let nginx = Nginx::start();
+    let config = format!(
+        "listen = [{{ addr = \"127.0.0.1:0\" }}]\n[pool]\nidle_timeout = \"1s\"\n[[route]]\nupstream = \"http://{}\"\nversion = \"h2\"\n",
+        nginx.addr
+    );
+    let strait = Strait::start(&config, &[]);
+    let baseline = strait.fd_count();
+    // 32 client connections at once, 20 GETs each: 640 requests over streams that
+    // nginx caps at 8 per connection and ends with GOAWAY every 10.
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let addr = strait.addr();
+        tasks.push(tokio::spawn(async move {
+            gets_on_one_connection(addr, 20).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    assert_eq!(ok, 640, "every GET answered 200");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        strait.fd_count(),
+        baseline,
+        "file descriptors back to baseline"
+    );
+}
