@@ -246,6 +246,8 @@ struct Nginx {
 }
 
 impl Nginx {
+    // The child is waited for in Drop, which clippy cannot see.
+    #[allow(clippy::zombie_processes)]
     fn start() -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let port = closed_port().port();
