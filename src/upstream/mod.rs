@@ -201,7 +201,9 @@ impl Upstream {
             scheme: target.scheme,
             authority: target.authority.clone(),
         };
-        match tokio::time::timeout(self.response_timeout, self.exchange(req, key)).await {
+        // Boxed: the exchange's state is large, and callers move their futures around.
+        let exchange = Box::pin(self.exchange(req, key));
+        match tokio::time::timeout(self.response_timeout, exchange).await {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
         }
@@ -223,7 +225,11 @@ impl Upstream {
         mut req: Request<Body>,
         key: PoolKey,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
-        let replayable = make_replayable(&mut req).await?;
+        let replayable = match replay_plan(req.body()) {
+            Replay::Ready => true,
+            Replay::Never => false,
+            Replay::Buffer => Box::pin(buffer_body(&mut req)).await?,
+        };
         // A streamed body is watched: if the response ends before the body was sent
         // whole, the connection is not reused (hyper would still be writing it).
         let sent_whole = match std::mem::take(req.body_mut()) {
@@ -242,7 +248,17 @@ impl Upstream {
         let mut fresh = false;
         let mut replays_left = 1;
         for attempt in 1..=MAX_ATTEMPTS {
-            let mut conn = self.pool.checkout(&key, fresh).await?;
+            // The common case takes an idle connection without awaiting; the waiting
+            // and connecting path is boxed so this future stays small.
+            let found = if fresh {
+                None
+            } else {
+                self.pool.try_checkout(&key)
+            };
+            let mut conn = match found {
+                Some(c) => c,
+                None => Box::pin(self.pool.checkout(&key, fresh)).await?,
+            };
             set_uri(&mut req, &key, conn.is_h2())?;
             // A copy is needed only where a retry after writing is allowed: a reused
             // connection or HTTP/2. Failures on fresh HTTP/1.1 connections are final.
@@ -342,31 +358,37 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Makes the body replayable when that is cheap: empty, or known to be at most
-/// [`REPLAY_BUFFER`] bytes (read whole, then sent as one piece).
-async fn make_replayable(req: &mut Request<Body>) -> Result<bool, UpstreamError> {
+/// Whether a request body can be replayed, and what it takes.
+enum Replay {
+    /// Empty or already in memory.
+    Ready,
+    /// Known to be at most [`REPLAY_BUFFER`] bytes: read it whole first.
+    Buffer,
+    /// Streamed: sent once.
+    Never,
+}
+
+fn replay_plan(body: &Body) -> Replay {
     use http_body::Body as _;
-    let body = req.body();
-    if body.is_end_stream() {
-        *req.body_mut() = Body::Empty;
-        return Ok(true);
-    }
-    if matches!(body, Body::Full(_)) {
-        return Ok(true);
+    if body.is_end_stream() || matches!(body, Body::Full(_) | Body::Empty) {
+        return Replay::Ready;
     }
     match body.size_hint().exact() {
-        Some(n) if n <= REPLAY_BUFFER => {
-            let body = std::mem::take(req.body_mut());
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| UpstreamError::BadTarget(format!("reading the request body: {e}")))?
-                .to_bytes();
-            *req.body_mut() = Body::Full(Some(bytes));
-            Ok(true)
-        }
-        _ => Ok(false),
+        Some(n) if n <= REPLAY_BUFFER => Replay::Buffer,
+        _ => Replay::Never,
     }
+}
+
+/// Reads a small body whole so the request can be replayed; always true.
+async fn buffer_body(req: &mut Request<Body>) -> Result<bool, UpstreamError> {
+    let body = std::mem::take(req.body_mut());
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| UpstreamError::BadTarget(format!("reading the request body: {e}")))?
+        .to_bytes();
+    *req.body_mut() = Body::Full(Some(bytes));
+    Ok(true)
 }
 
 /// A copy of a request whose body is replayable (empty or buffered).
@@ -400,27 +422,30 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     if h2 {
-        // The Host the proxy chose becomes :authority.
+        // The Host the proxy chose becomes :authority; the key's own authority is
+        // parsed once per request only when they differ.
         let authority = match req.headers_mut().remove(HOST) {
-            Some(v) => Authority::try_from(v.as_bytes()).ok(),
-            None => None,
+            Some(v) if v.as_bytes() != key.authority.as_bytes() => {
+                Authority::try_from(v.as_bytes()).ok()
+            }
+            _ => None,
         };
         let authority = match authority {
             Some(a) => a,
-            None => Authority::try_from(&*key.authority).map_err(|_| {
-                UpstreamError::BadTarget(format!("invalid authority {}", key.authority))
-            })?,
+            None => Authority::from_maybe_shared(Bytes::copy_from_slice(key.authority.as_bytes()))
+                .map_err(|_| {
+                    UpstreamError::BadTarget(format!("invalid authority {}", key.authority))
+                })?,
         };
-        let scheme = match key.scheme {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(match key.scheme {
             Scheme::Http => UriScheme::HTTP,
             Scheme::Https => UriScheme::HTTPS,
-        };
-        *req.uri_mut() = Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .map_err(|e| UpstreamError::BadTarget(e.to_string()))?;
+        });
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(path);
+        *req.uri_mut() =
+            Uri::from_parts(parts).map_err(|e| UpstreamError::BadTarget(e.to_string()))?;
     } else {
         if !req.headers().contains_key(HOST) {
             let authority = req
@@ -562,7 +587,15 @@ impl http_body::Body for ResponseBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            // HTTP/1.1: the last byte is in; release now, as the reader may stop
+            // polling once the length is satisfied (and dropping would close the
+            // connection). Not for HTTP/2, whose end flag can arrive while earlier
+            // frames are still buffered: there the slot frees on None or drop.
+            Poll::Ready(Some(Ok(_)))
+                if this.inner.is_end_stream() && this.conn.as_ref().is_some_and(|c| !c.is_h2()) =>
+            {
+                this.finish()
+            }
             Poll::Ready(Some(Err(_))) => {
                 // Broken mid-body: the connection is not reused.
                 this.reusable = false;

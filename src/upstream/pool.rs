@@ -186,15 +186,34 @@ struct Waiter {
 }
 
 /// One key's connections.
-#[derive(Default)]
 struct Host {
     /// HTTP/1.1 idle connections; the last is the most recently used.
     idle: Vec<IdleConn>,
     h2: Vec<H2Conn>,
     /// Connections open or being opened.
     open: usize,
+    /// Set once an HTTP/2 connection was made for this key (or the profile asks for
+    /// HTTP/2): then one connection serves many waiters, and a burst opens one per
+    /// `H2_DEFAULT_STREAMS` waiters instead of one per waiter.
+    speaks_h2: bool,
+    /// The stream limit the last HTTP/2 connection of this key reported.
+    h2_streams: usize,
     connecting: usize,
     waiters: VecDeque<Waiter>,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            idle: Vec::new(),
+            h2: Vec::new(),
+            open: 0,
+            speaks_h2: false,
+            h2_streams: H2_DEFAULT_STREAMS,
+            connecting: 0,
+            waiters: VecDeque::new(),
+        }
+    }
 }
 
 struct State {
@@ -380,21 +399,39 @@ impl Pool {
         Stats::bump(&self.inner.stats.retried);
     }
 
+    /// An idle connection or a free HTTP/2 stream slot for `key`, if there is one now.
+    /// The fast path: no waiting, no connect, nothing to await.
+    pub fn try_checkout(&self, key: &PoolKey) -> Option<Checkout> {
+        let mut state = self.inner.state.lock().expect("pool lock");
+        self.inner.take_available(&mut state, key)
+        // pool lock released here
+    }
+
     /// A connection for `key`: an idle one, a stream slot on an HTTP/2 one, or a new
     /// one. With `fresh`, never a reused connection.
     pub async fn checkout(&self, key: &PoolKey, fresh: bool) -> Result<Checkout, CheckoutError> {
         let inner = &self.inner;
         let (rx, connect, queued_only) = {
             let mut state = inner.state.lock().expect("pool lock");
+            // Counted as waiting before looking: a stream slot released right after
+            // the look then sees a waiter and comes to the lock (see release_stream).
+            inner.stats.waiting.fetch_add(1, Ordering::SeqCst);
             if !fresh && let Some(c) = inner.take_available(&mut state, key) {
+                inner.stats.waiting.fetch_sub(1, Ordering::SeqCst);
                 return Ok(c);
             }
             let limits = &inner.limits;
             let host = state.hosts.entry(key.clone()).or_default();
             let under_cap = limits.max_conns_per_host == 0 || host.open < limits.max_conns_per_host;
-            // At most one connect per waiting request.
-            let connect = under_cap && host.connecting <= host.waiters.len();
+            // At most one connect per waiting request; for HTTP/2, one per connection's
+            // worth of waiting streams.
+            let speaks_h2 = host.speaks_h2 || key.profile.version == crate::config::Version::H2;
+            let per_conn = if speaks_h2 { host.h2_streams } else { 1 };
+            // A fresh connection is asked for by a retry: it gets its own, so its
+            // request is the first stream there (never refused by a GOAWAY).
+            let connect = under_cap && (fresh || host.connecting * per_conn <= host.waiters.len());
             if !connect && host.waiters.len() >= MAX_WAITERS {
+                inner.stats.waiting.fetch_sub(1, Ordering::SeqCst);
                 return Err(CheckoutError::Exhausted);
             }
             if connect {
@@ -408,7 +445,6 @@ impl Pool {
             } else {
                 host.waiters.push_back(Waiter { tx });
             }
-            inner.stats.waiting.fetch_add(1, Ordering::Relaxed);
             (rx, connect, !connect)
             // pool lock released here
         };
@@ -484,6 +520,7 @@ impl Inner {
         } = state;
         let host = hosts.get_mut(key)?;
         for c in &host.h2 {
+            host.h2_streams = c.shared.max_streams.load(Ordering::Relaxed);
             let used = c.shared.streams.load(Ordering::Relaxed);
             if used < c.shared.max_streams.load(Ordering::Relaxed) && c.sender.is_ready() {
                 c.shared.streams.fetch_add(1, Ordering::Relaxed);
@@ -525,6 +562,7 @@ impl Inner {
                 self.hand_h1(&key, sender, shared, false);
             }
             Ok(Opened::H2(sender, shared)) => {
+                host.speaks_h2 = true;
                 host.h2.push(H2Conn {
                     sender: sender.clone(),
                     shared: shared.clone(),
@@ -689,9 +727,14 @@ impl Inner {
 
     /// A request finished with its HTTP/2 stream slot.
     fn release_stream(self: &Arc<Self>, key: &PoolKey, shared: &Arc<ConnShared>) {
-        let before = shared.streams.fetch_sub(1, Ordering::Relaxed);
+        let before = shared.streams.fetch_sub(1, Ordering::SeqCst);
         if before == 1 {
             shared.idle_since.store(self.now_ms(), Ordering::Relaxed);
+        }
+        // Nobody waits anywhere (the usual case): no need for the lock. A waiter that
+        // arrives just after this check finds the free slot itself, under the lock.
+        if self.stats.waiting.load(Ordering::SeqCst) == 0 {
+            return;
         }
         let mut state = self.state.lock().expect("pool lock");
         let Some(host) = state.hosts.get_mut(key) else {
@@ -709,7 +752,8 @@ impl Inner {
     /// Starts connects for waiters that have none, when capacity allows.
     fn maybe_connect_for_waiters(self: &Arc<Self>, host: &mut Host, key: &PoolKey) {
         let max = self.limits.max_conns_per_host;
-        while host.connecting < host.waiters.len() && (max == 0 || host.open < max) {
+        let per_conn = if host.speaks_h2 { host.h2_streams } else { 1 };
+        while host.connecting * per_conn < host.waiters.len() && (max == 0 || host.open < max) {
             host.open += 1;
             host.connecting += 1;
             tokio::spawn(Inner::connect(self.clone(), key.clone()));
@@ -814,6 +858,7 @@ impl Inner {
                 conn,
                 shared: shared.clone(),
                 exec,
+                finished: false,
             };
             tokio::spawn(drive(
                 driver,
@@ -876,11 +921,17 @@ struct H2Driver {
     conn: http2::Connection<TokioIo<Stream>, Body, ConnExec>,
     shared: Arc<ConnShared>,
     exec: ConnExec,
+    finished: bool,
 }
 
 impl Drop for H2Driver {
     fn drop(&mut self) {
-        self.exec.0.cancel();
+        // Dropped before hyper's side finished: the connection was retired while idle,
+        // so end its tasks (and close the socket). When hyper's side ends by itself,
+        // its connection task finishes any streams still under way and closes.
+        if !self.finished {
+            self.exec.0.cancel();
+        }
     }
 }
 
@@ -892,6 +943,7 @@ impl Future for H2Driver {
     ) -> std::task::Poll<Self::Output> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.conn).poll(cx);
+        this.finished = r.is_ready();
         let max = this.conn.current_max_send_streams().max(1);
         this.shared.max_streams.store(max, Ordering::Relaxed);
         r
