@@ -91,17 +91,26 @@ async fn a_300_mb_download_streams_in_bounded_memory() {
     let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
     assert_eq!(curl(&[&format!("{}/warm", strait.url())]).await.status, 200);
     let base = strait.proc_status_kib("VmRSS");
-    let out = curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{size_download}\n",
-        &format!("{}/big", strait.url()),
-    ])
-    .await;
-    assert_eq!(out.exit, 0, "{out:?}");
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+        ])
+        .arg(format!("{}/big", strait.url()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("200 {BIG}"),
+        "{out:?}"
+    );
     let peak = strait.proc_status_kib("VmHWM");
     let grew = peak.saturating_sub(base);
+    eprintln!("download: RSS {base} KiB before, peak {peak} KiB, grew {grew} KiB");
     assert!(grew < 64 * 1024, "RSS grew by {grew} KiB moving 300 MB");
 }
 
@@ -127,5 +136,6 @@ async fn a_300_mb_upload_streams_in_bounded_memory() {
     );
     let peak = strait.proc_status_kib("VmHWM");
     let grew = peak.saturating_sub(base);
+    eprintln!("upload: RSS {base} KiB before, peak {peak} KiB, grew {grew} KiB");
     assert!(grew < 64 * 1024, "RSS grew by {grew} KiB moving 300 MB up");
 }
