@@ -8,10 +8,6 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn route_to(url: &str, extra: &str) -> String {
-    format!("listen = [{{ addr = \"127.0.0.1:0\" }}]\n{extra}\n[[route]]\nupstream = \"{url}\"\n")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_request_gets_400_and_disturbs_no_one() {
     let origin = Origin::start().await;

@@ -6,10 +6,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn route_to(url: &str, extra: &str) -> String {
-    format!("listen = [{{ addr = \"127.0.0.1:0\" }}]\n{extra}\n[[route]]\nupstream = \"{url}\"\n")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     let origin = Origin::with(|_| async {

@@ -14,12 +14,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn route_to(addr: SocketAddr, extra: &str) -> String {
-    format!(
-        "listen = [{{ addr = \"127.0.0.1:0\" }}]\n{extra}\n[[route]]\nupstream = \"http://{addr}\"\n"
-    )
-}
-
 /// Reads one request head (and a Content-Length body); false at EOF or timeout.
 async fn read_request(s: &mut TcpStream, within: Duration) -> bool {
     let mut buf = Vec::new();
@@ -115,7 +109,10 @@ async fn gets_on_one_connection(strait: SocketAddr, n: usize) -> usize {
 
 async fn no_failed_gets_when_the_origin_closes_after_each_response(how: Close) {
     let (origin, conns) = closing_origin(how).await;
-    let strait = Strait::start(&route_to(origin, "[pool]\nidle_timeout = \"1s\""), &[]);
+    let strait = Strait::start(
+        &route_to(&format!("http://{origin}"), "[pool]\nidle_timeout = \"1s\""),
+        &[],
+    );
     let baseline = strait.fd_count();
     let mut tasks = Vec::new();
     for _ in 0..4 {
@@ -174,7 +171,7 @@ async fn hinting_origin() -> (SocketAddr, Arc<AtomicUsize>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_timeout_hint_retires_connections_before_the_origin_closes_them() {
     let (origin, conns) = hinting_origin().await;
-    let strait = Strait::start(&route_to(origin, ""), &[]);
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
     let url = format!("{}/post", strait.url());
     // POSTs are never retried once written, so a request sent into a connection the
     // origin is closing would fail: near the 2 s age, every one must still succeed.
@@ -224,7 +221,7 @@ async fn refusing_origin() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_413_reaches_the_client_and_the_connection_is_not_reused() {
     let origin = refusing_origin().await;
-    let strait = Strait::start(&route_to(origin, ""), &[]);
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
     let dir = tempfile::tempdir().unwrap();
     let upload = dir.path().join("big");
     std::fs::write(&upload, vec![b'u'; 20 * 1024 * 1024]).unwrap();

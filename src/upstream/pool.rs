@@ -483,6 +483,14 @@ impl Pool {
 }
 
 impl Inner {
+    /// Forgets an idle connection taken off its key's list: the pool-wide LRU entry,
+    /// the total and the gauge. Called with the lock held.
+    fn forget_idle(&self, lru: &mut BTreeMap<u64, PoolKey>, idle_total: &mut usize, seq: u64) {
+        lru.remove(&seq);
+        *idle_total -= 1;
+        self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+    }
+
     fn now_ms(&self) -> u64 {
         // +1 keeps 0 free to mean "in use" / "no hint".
         self.epoch.elapsed().as_millis() as u64 + 1
@@ -531,9 +539,7 @@ impl Inner {
         }
         // LIFO: the most recently used idle connection first.
         while let Some(c) = host.idle.pop() {
-            lru.remove(&c.lru_seq);
-            *idle_total -= 1;
-            self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+            self.forget_idle(lru, idle_total, c.lru_seq);
             let hint = c.shared.hint_deadline.load(Ordering::Relaxed);
             if hint != 0 && hint <= now {
                 Stats::bump(&self.stats.evict_hint);
@@ -673,9 +679,7 @@ impl Inner {
         if host.idle.len() >= limits.max_idle_per_host {
             // The key's coldest connection makes room.
             let old = host.idle.remove(0);
-            lru.remove(&old.lru_seq);
-            *idle_total -= 1;
-            self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+            self.forget_idle(lru, idle_total, old.lru_seq);
             Stats::bump(&self.stats.evict_lru);
         }
         host.idle.push(IdleConn {
@@ -776,9 +780,7 @@ impl Inner {
         host.open -= 1;
         if let Some(pos) = host.idle.iter().position(|c| c.shared.id == id) {
             let c = host.idle.remove(pos);
-            lru.remove(&c.lru_seq);
-            *idle_total -= 1;
-            self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+            self.forget_idle(lru, idle_total, c.lru_seq);
         }
         host.h2.retain(|c| c.shared.id != id);
         self.maybe_connect_for_waiters(host, key);
@@ -807,9 +809,7 @@ impl Inner {
         };
         if let Some(pos) = host.idle.iter().position(|c| c.shared.id == id) {
             let c = host.idle.remove(pos);
-            lru.remove(&c.lru_seq);
-            *idle_total -= 1;
-            self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+            self.forget_idle(lru, idle_total, c.lru_seq);
             Stats::bump(counter);
             return true;
         }

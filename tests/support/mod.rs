@@ -197,6 +197,11 @@ pub fn run_strait(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A config with one ephemeral listener, `extra` TOML, and one any-host route to `url`.
+pub fn route_to(url: &str, extra: &str) -> String {
+    format!("listen = [{{ addr = \"127.0.0.1:0\" }}]\n{extra}\n[[route]]\nupstream = \"{url}\"\n")
+}
+
 // ---- origins ------------------------------------------------------------------------
 
 /// One request as an origin received it.
