@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use strait::body::Body;
+use strait::body::RequestBody;
 use strait::config::{self, Scheme, Version};
 use strait::upstream::{Profile, ProfileSettings, Target, Upstream};
 use tokio::net::TcpListener;
@@ -70,7 +70,7 @@ impl StraitSide {
     async fn round_trip(&self) {
         let req = http::Request::get("/")
             .header("host", &*self.authority)
-            .body(Body::Empty)
+            .body(RequestBody::Empty)
             .unwrap();
         let target = Target {
             scheme: Scheme::Http,
@@ -105,13 +105,14 @@ impl HyperUtilSide {
     }
 
     async fn round_trip(&self) {
-        // A proxy holds an origin-form request and a target, as the Strait side does:
-        // the absolute URI hyper-util needs is built per request.
+        // A proxy holds an origin-form request with its Host and a target, as the
+        // Strait side does: the absolute URI hyper-util needs is built per request.
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         let req = http::Request::get(http::Uri::from_parts(parts).unwrap())
+            .header("host", self.authority.as_str())
             .body(Full::new(Bytes::new()))
             .unwrap();
         let resp = self.client.request(req).await.unwrap();

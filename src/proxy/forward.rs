@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 
 use super::auth::Auth;
 use super::{ConnInfo, Proxy, Refusal, headers, relay_response};
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::{self, Cidr, Scheme, Version};
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
 
@@ -97,7 +97,7 @@ impl Proxy {
         headers::strip_hop_by_hop(h);
         h.insert(HOST, host);
 
-        let req = req.map(Body::Incoming);
+        let req = req.map(RequestBody::Incoming);
         let authority: Arc<str> = authority.into();
         let target = Target {
             scheme,

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::{ConnInfo, Proxy, Refusal, relay_response};
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
 use crate::upstream::balance::Balancer;
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
@@ -143,9 +143,9 @@ impl Proxy {
         // be reached; one with a body is sent once (its body streams and is gone).
         let replayable = hyper::body::Body::is_end_stream(&body);
         let mut body = if replayable {
-            Body::Empty
+            RequestBody::Empty
         } else {
-            Body::Incoming(body)
+            RequestBody::Incoming(body)
         };
         let mut last_err = None;
         for i in route.balancer.order() {

@@ -11,6 +11,7 @@ pub mod connect;
 pub mod pool;
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,7 +26,7 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::body::Body;
+use crate::body::RequestBody as Body;
 use crate::config::{self, Cidr, Scheme, Version};
 pub use connect::{ConnectError, TlsSettings};
 use pool::{Checkout, CheckoutError, Pool, PoolKey, SendError};
@@ -191,22 +192,24 @@ impl Upstream {
 
     /// Sends `req` (whose URI is in origin form, with `Host` set) to `target` and waits
     /// for the response head, at most `timeouts.upstream_response`.
-    pub async fn send(
+    pub fn send(
         &self,
         req: Request<Body>,
         target: Target<'_>,
-    ) -> Result<Response<ResponseBody>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + '_ {
         let key = PoolKey {
             profile: target.profile.clone(),
             scheme: target.scheme,
             authority: target.authority.clone(),
         };
-        // Boxed: the exchange's state is large, and callers move their futures around.
-        let exchange = Box::pin(self.exchange(req, key));
-        match tokio::time::timeout(self.response_timeout, exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
-        }
+        // One box for the whole exchange: its state is large, and callers move (and
+        // spawn) their futures; a pointer moves cheaply.
+        Box::pin(async move {
+            match tokio::time::timeout(self.response_timeout, self.exchange(req, key)).await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
+            }
+        })
     }
 
     /// The exchange with its retry rules:

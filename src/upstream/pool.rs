@@ -40,7 +40,7 @@ use tokio::time::Instant;
 
 use super::Profile;
 use super::connect::{ConnectError, Stream};
-use crate::body::Body;
+use crate::body::RequestBody as Body;
 use crate::config::Scheme;
 
 /// Most requests that may wait for one key's connections; more get 503 at once.
@@ -842,7 +842,7 @@ impl Inner {
         });
         let pool = Arc::downgrade(self);
         if h2 {
-            let exec = ConnExec(tokio_util::sync::CancellationToken::new());
+            let exec = ConnExec::default();
             let (sender, conn) = http2::Builder::new(exec.clone())
                 .timer(TokioTimer::new())
                 // PING keepalive: a peer that stops answering is found and dropped.
@@ -893,11 +893,12 @@ enum Opened {
     H2(http2::SendRequest<Body>, Arc<ConnShared>),
 }
 
-/// Spawns the tasks of one HTTP/2 connection so they can be ended together: hyper keeps
-/// an h2 connection open after its last handle is dropped (its ping keeps a reference),
-/// so a retired connection is closed by cancelling its tasks, which drops the socket.
-#[derive(Clone)]
-struct ConnExec(tokio_util::sync::CancellationToken);
+/// Spawns the tasks of one HTTP/2 connection and remembers the first, the connection
+/// task itself (hyper spawns it during the handshake, before any request), so a retired
+/// connection can be ended: hyper keeps an h2 connection open after its last handle is
+/// dropped (its ping holds a reference). Per-request tasks are spawned plainly.
+#[derive(Clone, Default)]
+struct ConnExec(Arc<std::sync::OnceLock<tokio::task::AbortHandle>>);
 
 impl<F> hyper::rt::Executor<F> for ConnExec
 where
@@ -905,13 +906,19 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let token = self.0.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = fut => {}
-                () = token.cancelled() => {}
-            }
-        });
+        let task = tokio::spawn(fut);
+        if self.0.get().is_none() {
+            let _ = self.0.set(task.abort_handle());
+        }
+    }
+}
+
+impl ConnExec {
+    /// Ends the connection task, which closes the socket.
+    fn end(&self) {
+        if let Some(task) = self.0.get() {
+            task.abort();
+        }
     }
 }
 
@@ -930,7 +937,7 @@ impl Drop for H2Driver {
         // so end its tasks (and close the socket). When hyper's side ends by itself,
         // its connection task finishes any streams still under way and closes.
         if !self.finished {
-            self.exec.0.cancel();
+            self.exec.end();
         }
     }
 }
@@ -960,16 +967,18 @@ async fn drive<F>(
     idle_timeout: Duration,
     is_h1: bool,
 ) where
-    F: Future<Output = hyper::Result<()>>,
+    F: Future<Output = hyper::Result<()>> + Send + 'static,
 {
-    tokio::pin!(conn);
+    // hyper's connection runs in a task of its own, so the timer here is not polled on
+    // every wake of a busy connection; aborting that task drops (and closes) it.
+    let mut conn_task = tokio::spawn(conn);
     let sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(sleep);
     let mut retired = false;
     loop {
         tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
+            r = &mut conn_task => {
+                if let Ok(Err(e)) = r {
                     tracing::debug!(upstream = %key, "upstream connection ended: {e}");
                 }
                 break;
@@ -979,7 +988,10 @@ async fn drive<F>(
                 sleep.as_mut().reset(Instant::now());
             }
             () = sleep.as_mut(), if !retired => {
-                let Some(inner) = pool.upgrade() else { break };
+                let Some(inner) = pool.upgrade() else {
+                    conn_task.abort();
+                    break;
+                };
                 let now = inner.now_ms();
                 let since = shared.idle_since.load(Ordering::Relaxed);
                 if since == 0 {
@@ -995,12 +1007,12 @@ async fn drive<F>(
                     (idle_deadline, false)
                 };
                 if deadline <= now {
-                    // Removing it from the pool drops the pool's sender; with no
-                    // request on it, hyper then closes an HTTP/1.1 connection. An idle
-                    // HTTP/2 connection is ended here: listed or already retired (after
-                    // GOAWAY), no new stream can come to it.
+                    // Removing it from the pool makes sure no request takes it; an idle
+                    // HTTP/2 connection already retired (after GOAWAY) cannot get one
+                    // either. Then the connection is ended here.
                     retired = inner.retire_idle(&key, shared.id, hinted);
                     if shared.streams.load(Ordering::Relaxed) == 0 && (retired || !is_h1) {
+                        conn_task.abort();
                         break;
                     }
                     if !retired {
@@ -1034,7 +1046,7 @@ mod tests {
             let (client, server) = tokio::io::duplex(1 << 16);
             tokio::spawn(async move {
                 let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let mut resp = http::Response::new(Body::text("ok"));
+                    let mut resp = http::Response::new(crate::body::Body::text("ok"));
                     match req.uri().path() {
                         "/close" => {
                             resp.headers_mut()
