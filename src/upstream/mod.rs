@@ -505,7 +505,8 @@ fn h2_unprocessed(e: &hyper::Error) -> bool {
 
 /// The origin's `Keep-Alive: timeout=N`, if it sent one.
 fn keep_alive_hint(headers: &http::HeaderMap) -> Option<Duration> {
-    let v = headers.get("keep-alive")?.to_str().ok()?;
+    static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+    let v = headers.get(&KEEP_ALIVE)?.to_str().ok()?;
     v.split(',').find_map(|part| {
         let (k, n) = part.split_once('=')?;
         if k.trim().eq_ignore_ascii_case("timeout") {
@@ -542,12 +543,13 @@ impl ResponseBody {
         request_sent: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Response<ResponseBody> {
         let h = resp.headers();
-        let closes = h.get_all(CONNECTION).iter().any(|v| has_token(v, "close"));
-        let http10_without_keep_alive = resp.version() == http::Version::HTTP_10
-            && !h
-                .get_all(CONNECTION)
-                .iter()
-                .any(|v| has_token(v, "keep-alive"));
+        // One pass over Connection: `close` forbids reuse; HTTP/1.0 needs `keep-alive`.
+        let (mut closes, mut keeps) = (false, false);
+        for v in h.get_all(CONNECTION) {
+            closes |= has_token(v, "close");
+            keeps |= has_token(v, "keep-alive");
+        }
+        let http10_without_keep_alive = resp.version() == http::Version::HTTP_10 && !keeps;
         let reusable = !request_closes
             && !closes
             && !http10_without_keep_alive

@@ -25,7 +25,7 @@
 //!   in the queue; whichever connection frees up first (a new one, or one a finished
 //!   request checks in) goes to the longest waiter.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -218,8 +218,11 @@ impl Default for Host {
 
 struct State {
     hosts: HashMap<PoolKey, Host>,
-    /// Pool-wide LRU of idle connections: sequence number → key.
-    lru: BTreeMap<u64, PoolKey>,
+    /// Pool-wide order of idle connections, oldest first: (sequence number, key).
+    /// Entries of connections taken back out are left in place and skipped when met
+    /// (checking a sequence number against its key's short idle list); the queue is
+    /// compacted when stale entries outnumber live ones. No allocation in steady state.
+    lru: VecDeque<(u64, PoolKey)>,
     next_seq: u64,
     idle_total: usize,
 }
@@ -377,7 +380,7 @@ impl Pool {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
                     hosts: HashMap::new(),
-                    lru: BTreeMap::new(),
+                    lru: VecDeque::new(),
                     next_seq: 0,
                     idle_total: 0,
                 }),
@@ -483,10 +486,10 @@ impl Pool {
 }
 
 impl Inner {
-    /// Forgets an idle connection taken off its key's list: the pool-wide LRU entry,
-    /// the total and the gauge. Called with the lock held.
-    fn forget_idle(&self, lru: &mut BTreeMap<u64, PoolKey>, idle_total: &mut usize, seq: u64) {
-        lru.remove(&seq);
+    /// Forgets an idle connection taken off its key's list: the total and the gauge.
+    /// Called with the lock held.
+    fn forget_idle(&self, idle_total: &mut usize) {
+        // Its LRU entry goes stale: skipped when met, dropped when the queue is compacted.
         *idle_total -= 1;
         self.stats.idle.fetch_sub(1, Ordering::Relaxed);
     }
@@ -522,7 +525,7 @@ impl Inner {
         let now = self.now_ms();
         let State {
             hosts,
-            lru,
+            lru: _,
             idle_total,
             ..
         } = state;
@@ -539,7 +542,7 @@ impl Inner {
         }
         // LIFO: the most recently used idle connection first.
         while let Some(c) = host.idle.pop() {
-            self.forget_idle(lru, idle_total, c.lru_seq);
+            self.forget_idle(idle_total);
             let hint = c.shared.hint_deadline.load(Ordering::Relaxed);
             if hint != 0 && hint <= now {
                 Stats::bump(&self.stats.evict_hint);
@@ -631,8 +634,9 @@ impl Inner {
         reused: bool,
     ) {
         let mut state = self.state.lock().expect("pool lock");
-        let host = state.hosts.entry(key.clone()).or_default();
-        while let Some(w) = host.waiters.pop_front() {
+        while let Some(host) = state.hosts.get_mut(key)
+            && let Some(w) = host.waiters.pop_front()
+        {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if w.tx.is_closed() {
                 continue;
@@ -675,11 +679,14 @@ impl Inner {
             idle_total,
             ..
         } = state;
-        let host = hosts.entry(key.clone()).or_default();
+        let host = match hosts.get_mut(key) {
+            Some(h) => h,
+            None => hosts.entry(key.clone()).or_default(),
+        };
         if host.idle.len() >= limits.max_idle_per_host {
             // The key's coldest connection makes room.
-            let old = host.idle.remove(0);
-            self.forget_idle(lru, idle_total, old.lru_seq);
+            host.idle.remove(0);
+            self.forget_idle(idle_total);
             Stats::bump(&self.stats.evict_lru);
         }
         host.idle.push(IdleConn {
@@ -687,12 +694,17 @@ impl Inner {
             shared,
             lru_seq: seq,
         });
-        lru.insert(seq, key.clone());
+        lru.push_back((seq, key.clone()));
         *idle_total += 1;
         self.stats.idle.fetch_add(1, Ordering::Relaxed);
+        let is_live = |hosts: &HashMap<PoolKey, Host>, seq: u64, key: &PoolKey| {
+            hosts
+                .get(key)
+                .is_some_and(|h| h.idle.iter().any(|c| c.lru_seq == seq))
+        };
         while *idle_total > limits.max_idle {
             // The pool-wide least recently used connection makes room.
-            let Some((old_seq, old_key)) = lru.pop_first() else {
+            let Some((old_seq, old_key)) = lru.pop_front() else {
                 break;
             };
             if let Some(h) = hosts.get_mut(&old_key)
@@ -703,6 +715,9 @@ impl Inner {
                 self.stats.idle.fetch_sub(1, Ordering::Relaxed);
                 Stats::bump(&self.stats.evict_lru);
             }
+        }
+        if lru.len() > 2 * *idle_total + 64 {
+            lru.retain(|(seq, key)| is_live(hosts, *seq, key));
         }
     }
 
@@ -770,7 +785,7 @@ impl Inner {
         let mut state = self.state.lock().expect("pool lock");
         let State {
             hosts,
-            lru,
+            lru: _,
             idle_total,
             ..
         } = &mut *state;
@@ -779,8 +794,8 @@ impl Inner {
         };
         host.open -= 1;
         if let Some(pos) = host.idle.iter().position(|c| c.shared.id == id) {
-            let c = host.idle.remove(pos);
-            self.forget_idle(lru, idle_total, c.lru_seq);
+            host.idle.remove(pos);
+            self.forget_idle(idle_total);
         }
         host.h2.retain(|c| c.shared.id != id);
         self.maybe_connect_for_waiters(host, key);
@@ -795,7 +810,7 @@ impl Inner {
         let mut state = self.state.lock().expect("pool lock");
         let State {
             hosts,
-            lru,
+            lru: _,
             idle_total,
             ..
         } = &mut *state;
@@ -808,8 +823,8 @@ impl Inner {
             &self.stats.evict_idle
         };
         if let Some(pos) = host.idle.iter().position(|c| c.shared.id == id) {
-            let c = host.idle.remove(pos);
-            self.forget_idle(lru, idle_total, c.lru_seq);
+            host.idle.remove(pos);
+            self.forget_idle(idle_total);
             Stats::bump(counter);
             return true;
         }
