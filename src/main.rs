@@ -14,6 +14,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Certificates are read now, so a bad one is a config error (exit 2), in --check too.
+    for l in &config.listen {
+        if let Some(files) = &l.tls
+            && let Err(e) = strait::server::tls::load_pair(files)
+        {
+            eprintln!("strait: {e}");
+            return ExitCode::from(2);
+        }
+    }
     if cli.check {
         match &cli.config {
             Some(path) => println!("{}: ok", path.display()),
@@ -39,7 +48,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("strait: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -37,7 +37,14 @@ impl Proxy {
                 "CONNECT target is not host:port".into(),
             ));
         };
-        let Some(port) = authority.port_u16() else {
+        // Extended CONNECT (RFC 9113 §8.5) names a scheme, whose default port applies.
+        let extended = req.extensions().get::<hyper::ext::Protocol>().is_some();
+        let default_port = match req.uri().scheme_str() {
+            Some("https") | Some("wss") if extended => Some(443),
+            Some("http") | Some("ws") if extended => Some(80),
+            _ => None,
+        };
+        let Some(port) = authority.port_u16().or(default_port) else {
             return Err(Refusal::BadRequest("CONNECT target has no port".into()));
         };
         let host = authority

@@ -34,15 +34,28 @@ pub use shutdown::Shutdown;
 pub enum RunError {
     /// A listener could not be bound (exit 1).
     Bind(SocketAddr, std::io::Error),
-    /// TLS material or other setup failed (exit 1).
+    /// A file the config names cannot be used, for example a certificate that does not
+    /// parse (exit 2, like any other config problem).
+    Config(String),
+    /// Other setup failed (exit 1).
     Setup(String),
+}
+
+impl RunError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) => 2,
+            RunError::Bind(..) | RunError::Setup(_) => 1,
+        }
+    }
 }
 
 impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RunError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
-            RunError::Setup(msg) => f.write_str(msg),
+            RunError::Config(msg) | RunError::Setup(msg) => f.write_str(msg),
         }
     }
 }
@@ -64,17 +77,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let mut listeners = Vec::with_capacity(config.listen.len());
     for l in &config.listen {
+        let acceptor = match &l.tls {
+            Some(files) => Some(tls::Acceptor::load(files).map_err(RunError::Config)?),
+            None => None,
+        };
         let listener = TcpListener::bind(l.addr)
             .await
             .map_err(|e| RunError::Bind(l.addr, e))?;
-        let acceptor = match &l.tls {
-            Some(files) => Some(tls::Acceptor::load(files).map_err(RunError::Setup)?),
-            None => None,
-        };
         listeners.push((listener, acceptor));
     }
+    let hup = Arc::new(tokio::sync::Notify::new());
+    for acceptor in listeners.iter().filter_map(|(_, a)| a.clone()) {
+        tokio::spawn(acceptor.watch(hup.clone()));
+    }
 
-    let proxy = Proxy::new(&config, tasks.clone()).map_err(RunError::Setup)?;
+    let proxy = Proxy::new(&config, tasks.clone()).map_err(RunError::Config)?;
     let shared = Arc::new(Shared {
         proxy,
         http: http_builder(&config),
@@ -97,7 +114,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ));
     }
 
-    let signal = shutdown::wait_for_signal().await;
+    let signal = shutdown::wait_for_signal(&hup).await;
     tracing::info!(
         "{signal}: draining, up to {} for in-flight requests",
         humantime::format_duration(config.timeouts.shutdown_grace)
@@ -124,7 +141,11 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(config.timeouts.header_read)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // RFC 8441 / RFC 9113 §8.5: extended CONNECT for clients that tunnel over h2.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol();
     builder
 }
 

@@ -38,9 +38,9 @@ impl Shutdown {
     }
 }
 
-/// Waits for SIGTERM or SIGINT and names the one that came. SIGHUP is caught too (its
-/// default action would kill the process) and logged; reloads hook in there.
-pub async fn wait_for_signal() -> &'static str {
+/// Waits for SIGTERM or SIGINT and names the one that came. SIGHUP (whose default action
+/// would kill the process) wakes everything waiting on `hup`: certificate reloads.
+pub async fn wait_for_signal(hup_waiters: &tokio::sync::Notify) -> &'static str {
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
     let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
@@ -48,7 +48,10 @@ pub async fn wait_for_signal() -> &'static str {
         tokio::select! {
             _ = term.recv() => return "SIGTERM",
             _ = int.recv() => return "SIGINT",
-            _ = hup.recv() => tracing::info!("SIGHUP received"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading certificates");
+                hup_waiters.notify_waiters();
+            }
         }
     }
 }

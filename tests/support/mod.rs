@@ -570,8 +570,18 @@ pub struct Certs {
 }
 
 impl Certs {
-    /// A CA plus a leaf for `names` (DNS names or IP addresses).
+    /// A CA plus a leaf for `names` (DNS names or IP addresses), ECDSA P-256.
     pub fn new(dir: &Path, names: &[&str]) -> Certs {
+        Certs::make(dir, names, &rcgen::PKCS_ECDSA_P256_SHA256, "")
+    }
+
+    /// The same with another key algorithm, files named with `prefix`.
+    pub fn make(
+        dir: &Path,
+        names: &[&str],
+        alg: &'static rcgen::SignatureAlgorithm,
+        prefix: &str,
+    ) -> Certs {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -582,15 +592,15 @@ impl Certs {
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
 
-        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_key = KeyPair::generate_for(alg).unwrap();
         let params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
         let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
 
-        let ca_pem = dir.join("ca.pem");
-        let cert_pem = dir.join("cert.pem");
-        let key_pem = dir.join("key.pem");
+        let ca_pem = dir.join(format!("{prefix}ca.pem"));
+        let cert_pem = dir.join(format!("{prefix}cert.pem"));
+        let key_pem = dir.join(format!("{prefix}key.pem"));
         std::fs::write(&ca_pem, ca.pem()).unwrap();
         std::fs::write(&cert_pem, leaf.pem()).unwrap();
         std::fs::write(&key_pem, leaf_key.serialize_pem()).unwrap();
