@@ -327,3 +327,49 @@ async fn connect_works_over_an_h2_client_connection() {
     io.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"over h2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_connection_close_closes_the_client_connection() {
+    let origin = Origin::start().await;
+    let strait = Strait::start(OPEN, &[]);
+    let req = format!(
+        "GET {}/pc HTTP/1.1\r\nHost: {}\r\nProxy-Connection: close\r\n\r\n",
+        origin.url(),
+        origin.addr
+    );
+    // read_to_end returns only because Strait closes the connection after the answer.
+    let reply = raw_exchange(strait.addr(), req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
+    assert_eq!(origin.last().header("proxy-connection"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_tunnels_over_h2() {
+    let echo = echo_server().await;
+    let strait = Strait::start(OPEN, &[]);
+    let stream = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // RFC 8441: CONNECT with :protocol, :scheme and :path; the authority is the target.
+    let mut req = http::Request::connect(format!("http://{echo}/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(b"extended").await.unwrap();
+    let mut buf = [0u8; 8];
+    io.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"extended");
+}

@@ -93,6 +93,14 @@ impl Proxy {
         let host = HeaderValue::from_str(&authority)
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
 
+        // Old clients say `Proxy-Connection` to a proxy where they mean `Connection`
+        // (RFC 9112 appendix C.2.2): honour a close there for the client connection.
+        let client_closes = !req.headers().contains_key(http::header::CONNECTION)
+            && req
+                .headers()
+                .get(&headers::PROXY_CONNECTION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"));
         let h = req.headers_mut();
         headers::strip_hop_by_hop(h);
         h.insert(HOST, host);
@@ -105,7 +113,12 @@ impl Proxy {
             profile: &policy.profile,
         };
         let resp = self.upstream.send(req, target).await?;
-        Ok(relay_response(resp))
+        let mut resp = relay_response(resp);
+        if client_closes {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(resp)
     }
 }
 
