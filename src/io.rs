@@ -1,7 +1,9 @@
 //! IO wrappers shared by the server and the upstream side.
 //!
 //! [`IdleTimeoutIo`] ends a stream on which no byte has moved either way for a while: it
-//! enforces `timeouts.idle` on client connections and tunnels. It never touches the bytes.
+//! enforces `timeouts.idle` on client connections and tunnels. [`CountingIo`] counts the
+//! bytes read and written (the seed's CounterIO), for `strait_transfer_bytes_total`.
+//! Neither touches the bytes.
 
 use std::future::Future;
 use std::io;
@@ -144,10 +146,123 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
     }
 }
 
+/// Bytes moved on one connection, and how many of them were already attributed to a
+/// request (so each byte is counted once).
+#[derive(Debug, Default)]
+pub struct ConnBytes {
+    rx: std::sync::atomic::AtomicU64,
+    tx: std::sync::atomic::AtomicU64,
+    rx_taken: std::sync::atomic::AtomicU64,
+    tx_taken: std::sync::atomic::AtomicU64,
+}
+
+impl ConnBytes {
+    /// Bytes read and written since the last call: (rx, tx).
+    pub fn take(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let rx = self.rx.load(Relaxed);
+        let tx = self.tx.load(Relaxed);
+        let rx_before = self.rx_taken.swap(rx, Relaxed);
+        let tx_before = self.tx_taken.swap(tx, Relaxed);
+        (rx.saturating_sub(rx_before), tx.saturating_sub(tx_before))
+    }
+}
+
+pin_project! {
+    /// A stream that counts the bytes read from and written to it.
+    pub struct CountingIo<T> {
+        #[pin]
+        inner: T,
+        bytes: std::sync::Arc<ConnBytes>,
+    }
+}
+
+impl<T> CountingIo<T> {
+    pub fn new(inner: T, bytes: std::sync::Arc<ConnBytes>) -> Self {
+        CountingIo { inner, bytes }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for CountingIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.bytes
+                .rx
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.bytes
+                .tx
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.bytes
+                .tx
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn counting_io_counts_each_byte_once() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let bytes = std::sync::Arc::new(ConnBytes::default());
+        let mut a = CountingIo::new(a, bytes.clone());
+        a.write_all(b"hello").await.unwrap();
+        b.write_all(b"abc").await.unwrap();
+        let mut buf = [0u8; 3];
+        a.read_exact(&mut buf).await.unwrap();
+        assert_eq!(bytes.take(), (3, 5));
+        assert_eq!(bytes.take(), (0, 0));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_stream_times_out() {

@@ -14,15 +14,19 @@
 //! - [`route`]: the reverse route table (host and path prefix).
 //! - [`upstream`]: pooled connections to origins, connect and TLS, load balancing. Knows
 //!   nothing of routes or users.
-//! - [`io`]: stream wrappers (idle timeout).
+//! - [`io`]: stream wrappers (idle timeout, byte counting).
+//! - [`metrics`]: the Prometheus registry and its bounded label sets.
+//! - [`access`]: the access log writer (bounded queue, never blocks a request).
 //! - [`body`]: the body type that crosses the proxy.
 //! - [`config`] and [`cli`]: the TOML schema and the command line, turned into typed
 //!   values once.
 
+pub mod access;
 pub mod body;
 pub mod cli;
 pub mod config;
 pub mod io;
+pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server;

@@ -11,7 +11,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::auth::Auth;
-use super::{ConnInfo, Proxy, Refusal, headers, relay_response};
+use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response};
+use crate::metrics::{Kind, Label};
 use crate::body::{Body, RequestBody};
 use crate::config::{self, Cidr, Scheme, Version};
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
@@ -72,16 +73,22 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         conn: ConnInfo,
+        meta: &mut Meta,
     ) -> Result<Response<Body>, Refusal> {
         let policy = self
             .forward
             .as_ref()
             .expect("forward requests need [forward]");
+        meta.kind = Kind::Forward;
         match policy.check(req.headers()) {
-            Access::Granted(_user) => {}
+            Access::Granted(user) => {
+                if let Some(user) = user {
+                    meta.user = Label(user);
+                }
+            }
             Access::Challenge => return Err(Refusal::AuthRequired),
             // Answer as a web server that was asked for one of its own paths.
-            Access::Hidden => return self.reverse(req, conn).await,
+            Access::Hidden => return self.reverse(req, conn, meta).await,
         }
         let scheme = match req.uri().scheme_str() {
             Some(s) if s.eq_ignore_ascii_case("http") => Scheme::Http,
@@ -107,6 +114,7 @@ impl Proxy {
 
         let req = req.map(RequestBody::Incoming);
         let authority: Arc<str> = authority.into();
+        meta.upstream = Some(authority.clone());
         let target = Target {
             scheme,
             authority: &authority,

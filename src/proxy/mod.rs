@@ -12,14 +12,23 @@ pub mod reverse;
 pub mod tunnel;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode, header};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::access::{AccessLog, Entry};
 use crate::body::Body;
 use crate::config::Config;
+use crate::io::ConnBytes;
+use crate::metrics::{BytesLabels, Direction, Kind, Label, Metrics, RequestLabels, RouteLabels};
 use crate::route::RouteTable;
 use crate::upstream::{ConnectError, ResponseBody, Upstream, UpstreamError};
 
@@ -39,13 +48,40 @@ pub struct Proxy {
     idle_timeout: Duration,
     /// Tunnels outlive the request that opened them; shutdown waits for them here.
     tasks: TaskTracker,
+    metrics: Arc<Metrics>,
+    access: Option<AccessLog>,
+}
+
+/// What the dispatch learned about a request, for metrics and the access log.
+pub struct Meta {
+    pub kind: Kind,
+    pub route: Label,
+    pub user: Label,
+    /// The upstream URL (reverse) or target authority (forward, CONNECT).
+    pub upstream: Option<Arc<str>>,
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        Meta {
+            kind: Kind::Reverse,
+            route: Label::none(),
+            user: Label::none(),
+            upstream: None,
+        }
+    }
 }
 
 impl Proxy {
     /// Builds the service from a validated config. Fails only on TLS material that
     /// cannot be loaded (for example an unreadable `tls_ca`).
-    pub fn new(config: &Config, tasks: TaskTracker) -> Result<Proxy, String> {
-        let upstream = Upstream::new(&config.pool, &config.timeouts);
+    pub fn new(
+        config: &Config,
+        tasks: TaskTracker,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+        access: Option<AccessLog>,
+    ) -> Result<Proxy, String> {
         let forward = config
             .forward
             .enabled
@@ -65,25 +101,63 @@ impl Proxy {
             routes: RouteTable::new(routes),
             idle_timeout: config.timeouts.idle,
             tasks,
+            metrics,
+            access,
         })
     }
 
     /// Handles one request; never fails: refusals become short plain-text responses.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
-        // Kept for the log line should the request be refused; both clones are
-        // reference-count bumps, not copies.
+    /// The response body carries the request's accounting, done when it ends.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        bytes: &Arc<ConnBytes>,
+    ) -> Response<Tracked> {
+        let start = Instant::now();
+        // Kept for the log line and metrics; the clones are reference-count bumps.
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let result = if method == Method::CONNECT {
-            self.connect(req, conn).await
-        } else if self.is_forward_form(&req, conn) {
-            self.forward(req, conn).await
-        } else {
-            self.reverse(req, conn).await
+        let version = req.version();
+        let (referer, user_agent) = match &self.access {
+            Some(_) => (
+                req.headers().get(header::REFERER).cloned(),
+                req.headers().get(header::USER_AGENT).cloned(),
+            ),
+            None => (None, None),
         };
-        result.unwrap_or_else(|refusal| {
+        let mut meta = Meta::default();
+        let result = if method == Method::CONNECT {
+            self.connect(req, conn, &mut meta, bytes).await
+        } else if self.is_forward_form(&req, conn) {
+            self.forward(req, conn, &mut meta).await
+        } else {
+            self.reverse(req, conn, &mut meta).await
+        };
+        let resp = result.unwrap_or_else(|refusal| {
             refusal.log(&method, &uri, conn);
             refusal.into_response()
+        });
+        let status = resp.status().as_u16();
+        // A tunnel accounts for its bytes and logs its line when it closes.
+        let tunnel = meta.kind == Kind::Connect && status == 200;
+        let done = Done {
+            metrics: self.metrics.clone(),
+            access: if tunnel { None } else { self.access.clone() },
+            bytes: (!tunnel).then(|| bytes.clone()),
+            start,
+            meta,
+            status,
+            method,
+            uri,
+            version,
+            client: conn.peer,
+            referer,
+            user_agent,
+        };
+        resp.map(|body| Tracked {
+            body,
+            done: Some(done),
         })
     }
 
@@ -228,4 +302,127 @@ fn relay_response(resp: Response<ResponseBody>) -> Response<Body> {
     // origin must not turn a keep-alive client connection into a closing one).
     parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, Body::Upstream(body))
+}
+
+/// A response body that does the request's accounting when it ends or is dropped:
+/// `strait_requests_total`, the duration histogram, the connection's bytes since the
+/// previous request, and the access log line.
+pub struct Tracked {
+    body: Body,
+    done: Option<Done>,
+}
+
+struct Done {
+    metrics: Arc<Metrics>,
+    access: Option<AccessLog>,
+    bytes: Option<Arc<ConnBytes>>,
+    start: Instant,
+    meta: Meta,
+    status: u16,
+    method: Method,
+    uri: Uri,
+    version: http::Version,
+    client: SocketAddr,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let elapsed = self.start.elapsed();
+        let kind = self.meta.kind;
+        m.requests
+            .get_or_create(&RequestLabels {
+                kind,
+                route: self.meta.route.clone(),
+                code: self.status,
+            })
+            .inc();
+        m.duration
+            .get_or_create(&RouteLabels {
+                kind,
+                route: self.meta.route.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        let (rx, tx) = match &self.bytes {
+            Some(b) => b.take(),
+            None => (0, 0),
+        };
+        if rx + tx > 0 {
+            count_bytes(m, kind, &self.meta.user, rx, tx);
+        }
+        if let Some(log) = &self.access {
+            let target = self.uri.to_string();
+            log.log(&Entry {
+                client: self.client,
+                user: &self.meta.user.0,
+                method: self.method.as_str(),
+                target: &target,
+                protocol: protocol_name(self.version),
+                status: self.status,
+                bytes_in: rx,
+                bytes_out: tx,
+                duration: elapsed,
+                kind: kind.as_str(),
+                route: &self.meta.route.0,
+                upstream: self.meta.upstream.as_deref().unwrap_or("-"),
+                referer: header_str(&self.referer),
+                user_agent: header_str(&self.user_agent),
+            });
+        }
+    }
+}
+
+/// Adds a request's or tunnel's bytes to `strait_transfer_bytes_total`.
+pub fn count_bytes(m: &Metrics, kind: Kind, user: &Label, rx: u64, tx: u64) {
+    for (direction, n) in [(Direction::Rx, rx), (Direction::Tx, tx)] {
+        if n > 0 {
+            m.bytes
+                .get_or_create(&BytesLabels {
+                    kind,
+                    user: user.clone(),
+                    direction,
+                })
+                .inc_by(n);
+        }
+    }
+}
+
+fn header_str(v: &Option<HeaderValue>) -> &str {
+    v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-")
+}
+
+pub fn protocol_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            // The end: account now rather than when hyper drops the body.
+            this.done = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }

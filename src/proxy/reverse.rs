@@ -14,7 +14,8 @@ use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
 
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
-use super::{ConnInfo, Proxy, Refusal, relay_response};
+use super::{ConnInfo, Meta, Proxy, Refusal, relay_response};
+use crate::metrics::{Kind, Label};
 use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
 use crate::upstream::balance::Balancer;
@@ -23,7 +24,9 @@ use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
 /// A route, ready to serve: its upstreams, their balancer and connection profile.
 pub struct Route {
     /// The route as written, for logs and metrics.
-    pub label: String,
+    pub label: Label,
+    /// Each upstream URL as written, for the access log.
+    names: Vec<Arc<str>>,
     prefix_len: usize,
     upstreams: Vec<UpstreamUrl>,
     /// Each upstream's authority as a ready `Host` value, and as a pool key part.
@@ -60,7 +63,13 @@ impl Route {
             deny: Vec::new().into(),
         });
         Ok(Route {
-            label: cfg.label(),
+            label: Label::from(cfg.label().as_str()),
+            names: cfg
+                .upstream
+                .0
+                .iter()
+                .map(|u| Arc::from(u.to_string().as_str()))
+                .collect(),
             prefix_len: cfg.path.0.len(),
             upstreams: cfg.upstream.0.clone(),
             host_values: cfg
@@ -111,7 +120,9 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
+        meta: &mut Meta,
     ) -> Result<Response<Body>, Refusal> {
+        meta.kind = Kind::Reverse;
         let (mut parts, body) = req.into_parts();
         let host_value = request_host(&parts.uri, &parts.headers);
         let host = host_value
@@ -122,6 +133,7 @@ impl Proxy {
             .routes
             .find(host, parts.uri.path())
             .ok_or(Refusal::NoRoute)?;
+        meta.route = route.label.clone();
 
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h);
@@ -162,6 +174,7 @@ impl Proxy {
             if !route.preserve_host {
                 req.headers_mut().insert(HOST, route.host_values[i].clone());
             }
+            meta.upstream = Some(route.names[i].clone());
             let target = Target {
                 scheme: up.scheme,
                 authority: &route.authorities[i],
@@ -174,7 +187,7 @@ impl Proxy {
                 }
                 Err(e) if e.is_unsent() => {
                     route.balancer.mark_failed(i);
-                    tracing::warn!(route = %route.label, upstream = %up, "upstream unreachable: {e}");
+                    tracing::warn!(route = %route.label.0, upstream = %up, "upstream unreachable: {e}");
                     last_err = Some(e);
                     if !replayable {
                         break;

@@ -6,7 +6,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::forward::Access;
-use super::{ConnInfo, Proxy, Refusal};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::{ConnInfo, Meta, Proxy, Refusal, count_bytes, protocol_name};
+use crate::access::{AccessLog, Entry};
+use crate::io::ConnBytes;
+use crate::metrics::{Kind, Label, Metrics};
 use crate::body::Body;
 use crate::io::IdleTimeoutIo;
 use crate::upstream::UpstreamError;
@@ -18,14 +25,21 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         conn: ConnInfo,
+        meta: &mut Meta,
+        bytes: &Arc<ConnBytes>,
     ) -> Result<Response<Body>, Refusal> {
+        meta.kind = Kind::Connect;
         let Some(policy) = &self.forward else {
             return Err(Refusal::BadRequest(
                 "CONNECT with forward proxying off".into(),
             ));
         };
         match policy.check(req.headers()) {
-            Access::Granted(_user) => {}
+            Access::Granted(user) => {
+                if let Some(user) = user {
+                    meta.user = Label(user);
+                }
+            }
             Access::Challenge => return Err(Refusal::AuthRequired),
             // A plain web server does not know CONNECT.
             Access::Hidden => {
@@ -52,6 +66,8 @@ impl Proxy {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
+        let target: Arc<str> = Arc::from(authority.as_str());
+        meta.upstream = Some(target.clone());
         if !policy.connect_ports.is_empty() && !policy.connect_ports.contains(&port) {
             return Err(Refusal::Denied(format!(
                 "port {port} is not in connect_ports"
@@ -63,12 +79,22 @@ impl Proxy {
 
         let on_upgrade = hyper::upgrade::on(&mut req);
         let idle = self.idle_timeout;
-        let peer = conn.peer;
+        let account = TunnelEnd {
+            metrics: self.metrics.clone(),
+            access: self.access.clone(),
+            bytes: bytes.clone(),
+            user: meta.user.clone(),
+            target,
+            client: conn.peer,
+            version: req.version(),
+            start: Instant::now(),
+        };
+        self.metrics.tunnels_active.inc();
         self.tasks.spawn(async move {
             let client = match on_upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => {
-                    tracing::debug!(client = %peer, "CONNECT upgrade failed: {e}");
+                    tracing::debug!(client = %account.client, "CONNECT upgrade failed: {e}");
                     return;
                 }
             };
@@ -76,15 +102,55 @@ impl Proxy {
             let mut upstream = IdleTimeoutIo::new(upstream, idle);
             match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                 Ok((rx, tx)) => {
-                    tracing::debug!(client = %peer, target = %format!("{host}:{port}"), rx, tx, "tunnel closed")
+                    tracing::debug!(client = %account.client, target = %account.target, rx, tx, "tunnel closed")
                 }
                 Err(e) => {
-                    tracing::debug!(client = %peer, target = %format!("{host}:{port}"), "tunnel ended: {e}")
+                    tracing::debug!(client = %account.client, target = %account.target, "tunnel ended: {e}")
                 }
             }
+            // `account` drops here: the tunnel's bytes and log line.
         });
         let mut resp = Response::new(Body::Empty);
         *resp.status_mut() = StatusCode::OK;
         Ok(resp)
+    }
+}
+
+/// A tunnel's accounting, done when it closes (or its task ends any other way): the
+/// connection's bytes since the CONNECT request, one access log line, the gauge.
+struct TunnelEnd {
+    metrics: Arc<Metrics>,
+    access: Option<AccessLog>,
+    bytes: Arc<ConnBytes>,
+    user: Label,
+    target: Arc<str>,
+    client: std::net::SocketAddr,
+    version: http::Version,
+    start: Instant,
+}
+
+impl Drop for TunnelEnd {
+    fn drop(&mut self) {
+        self.metrics.tunnels_active.dec();
+        let (rx, tx) = self.bytes.take();
+        count_bytes(&self.metrics, Kind::Connect, &self.user, rx, tx);
+        if let Some(log) = &self.access {
+            log.log(&Entry {
+                client: self.client,
+                user: &self.user.0,
+                method: "CONNECT",
+                target: &self.target,
+                protocol: protocol_name(self.version),
+                status: 200,
+                bytes_in: rx,
+                bytes_out: tx,
+                duration: self.start.elapsed(),
+                kind: Kind::Connect.as_str(),
+                route: "-",
+                upstream: &self.target,
+                referer: "-",
+                user_agent: "-",
+            });
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! Requests go to the shared [`Proxy`]. This module knows nothing of routes or
 //! upstreams.
 
+mod admin;
 mod shutdown;
 pub mod tls;
 
@@ -23,10 +24,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::body::Body;
+use crate::access::AccessLog;
 use crate::config::Config;
-use crate::io::IdleTimeoutIo;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::io::{ConnBytes, CountingIo, IdleTimeoutIo};
+use crate::metrics::{Label, ListenerLabels, Metrics};
+use crate::proxy::{ConnInfo, Proxy, Tracked};
+use crate::upstream::Upstream;
+use prometheus_client::metrics::gauge::Gauge;
 pub use shutdown::Shutdown;
 
 /// Why Strait could not run.
@@ -68,12 +72,17 @@ struct Shared {
     http: auto::Builder<TokioExecutor>,
     idle: Duration,
     handshake_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs Strait until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let shutdown = Shutdown::new();
     let tasks = TaskTracker::new();
+
+    let upstream = Upstream::new(&config.pool, &config.timeouts);
+    let metrics = Arc::new(Metrics::new(upstream.stats().clone()));
+    let hup = Arc::new(tokio::sync::Notify::new());
 
     let mut listeners = Vec::with_capacity(config.listen.len());
     for l in &config.listen {
@@ -84,22 +93,40 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let listener = TcpListener::bind(l.addr)
             .await
             .map_err(|e| RunError::Bind(l.addr, e))?;
-        listeners.push((listener, acceptor));
+        let gauge = metrics
+            .client_connections
+            .get_or_create(&ListenerLabels {
+                listener: Label::from(l.addr.to_string().as_str()),
+            })
+            .clone();
+        listeners.push((listener, acceptor, gauge));
     }
-    let hup = Arc::new(tokio::sync::Notify::new());
-    for acceptor in listeners.iter().filter_map(|(_, a)| a.clone()) {
-        tokio::spawn(acceptor.watch(hup.clone()));
+    let admin = match &config.admin {
+        Some(a) => Some(admin::bind(a.addr).await?),
+        None => None,
+    };
+    for acceptor in listeners.iter().filter_map(|(_, a, _)| a.clone()) {
+        tokio::spawn(acceptor.watch(hup.clone(), metrics.clone()));
     }
 
-    let proxy = Proxy::new(&config, tasks.clone()).map_err(RunError::Config)?;
+    let access = AccessLog::start(&config.log, hup.clone(), metrics.access_log_dropped.clone());
+    let proxy = Proxy::new(&config, tasks.clone(), upstream, metrics.clone(), access)
+        .map_err(RunError::Config)?;
     let shared = Arc::new(Shared {
         proxy,
         http: http_builder(&config),
         idle: config.timeouts.idle,
         handshake_timeout: config.timeouts.header_read,
+        metrics: metrics.clone(),
     });
 
-    for (listener, acceptor) in listeners {
+    if let Some(listener) = admin {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("admin listening on {addr}");
+        }
+        tokio::spawn(admin::serve(listener, metrics.clone(), shutdown.clone()));
+    }
+    for (listener, acceptor, gauge) in listeners {
         let local = listener
             .local_addr()
             .map_err(|e| RunError::Setup(e.to_string()))?;
@@ -108,6 +135,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tokio::spawn(accept_loop(
             listener,
             acceptor,
+            gauge,
             shared.clone(),
             shutdown.clone(),
             tasks.clone(),
@@ -152,6 +180,7 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<tls::Acceptor>,
+    gauge: Gauge,
     shared: Arc<Shared>,
     shutdown: Shutdown,
     tasks: TaskTracker,
@@ -178,7 +207,10 @@ async fn accept_loop(
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let acceptor = acceptor.clone();
+        let gauge = gauge.clone();
         tasks.spawn(async move {
+            gauge.inc();
+            let _open = DecOnDrop(gauge);
             match acceptor {
                 None => {
                     let info = ConnInfo {
@@ -199,8 +231,14 @@ async fn accept_loop(
                             };
                             serve(tls, info, shared, shutdown).await
                         }
-                        Ok(Err(e)) => tracing::debug!(client = %peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            shared.metrics.tls_handshake_failures.inc();
+                            tracing::debug!(client = %peer, "TLS handshake failed: {e}")
+                        }
+                        Err(_) => {
+                            shared.metrics.tls_handshake_failures.inc();
+                            tracing::debug!(client = %peer, "TLS handshake timed out")
+                        }
                     }
                 }
             }
@@ -214,10 +252,13 @@ async fn serve<S>(stream: S, info: ConnInfo, shared: Arc<Shared>, shutdown: Shut
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TokioIo::new(IdleTimeoutIo::new(stream, shared.idle));
+    let bytes = Arc::new(ConnBytes::default());
+    let counted = CountingIo::new(stream, bytes.clone());
+    let io = TokioIo::new(IdleTimeoutIo::new(counted, shared.idle));
     let service = ConnService {
         shared: shared.clone(),
         info,
+        bytes,
     };
     let conn = shared.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -238,16 +279,27 @@ where
 struct ConnService {
     shared: Arc<Shared>,
     info: ConnInfo,
+    bytes: Arc<ConnBytes>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<Body>;
+    type Response = Response<Tracked>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
         let info = self.info;
-        Box::pin(async move { Ok(shared.proxy.handle(req, info).await) })
+        let bytes = self.bytes.clone();
+        Box::pin(async move { Ok(shared.proxy.handle(req, info, &bytes).await) })
+    }
+}
+
+/// Decrements a gauge when dropped (a connection's end, however it ends).
+struct DecOnDrop(Gauge);
+
+impl Drop for DecOnDrop {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -30,6 +30,11 @@ impl Shutdown {
         self.tx.send_replace(true);
     }
 
+    /// True once the drain has started.
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
     /// Completes once [`Shutdown::trigger`] was called (at once if it already was).
     pub async fn triggered(&self) {
         let mut rx = self.rx.clone();

@@ -114,7 +114,7 @@ impl Acceptor {
 
     /// Watches the files and reloads when they change or `hup` is notified. Runs until
     /// the process ends.
-    pub async fn watch(self, hup: Arc<Notify>) {
+    pub async fn watch(self, hup: Arc<Notify>, metrics: Arc<crate::metrics::Metrics>) {
         let mut seen = signature(&self.files);
         let mut tick = tokio::time::interval(WATCH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -131,7 +131,9 @@ impl Acceptor {
             // the next change is tried again.
             seen = now;
             let why = if forced { "SIGHUP" } else { "files changed" };
-            match self.reload() {
+            let result = self.reload();
+            metrics.count_reload(result.is_ok());
+            match result {
                 Ok(()) => tracing::info!(
                     cert = %self.files.cert.display(),
                     "certificate reloaded ({why})"

@@ -137,6 +137,17 @@ pub struct Stats {
     pub evict_hint: AtomicU64,
     pub idle: AtomicUsize,
     pub waiting: AtomicUsize,
+    /// Told how long each successful connect took (TCP, TLS and HTTP handshake).
+    pub on_connect: std::sync::OnceLock<ConnectObserver>,
+}
+
+/// A callback for connect durations (the metrics module installs one).
+pub struct ConnectObserver(pub Box<dyn Fn(Duration) + Send + Sync>);
+
+impl fmt::Debug for ConnectObserver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConnectObserver")
+    }
 }
 
 impl Stats {
@@ -494,6 +505,12 @@ impl Inner {
         self.stats.idle.fetch_sub(1, Ordering::Relaxed);
     }
 
+    fn observe_connect(&self, started: Instant) {
+        if let Some(observe) = self.stats.on_connect.get() {
+            (observe.0)(started.elapsed());
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         // +1 keeps 0 free to mean "in use" / "no hint".
         self.epoch.elapsed().as_millis() as u64 + 1
@@ -840,6 +857,7 @@ impl Inner {
 
     /// Connects and runs the HTTP handshake; spawns the connection's driver task.
     async fn open(self: &Arc<Self>, key: &PoolKey) -> Result<Opened, CheckoutError> {
+        let started = Instant::now();
         let (stream, h2) = (self.connector)(key)
             .await
             .map_err(CheckoutError::Connect)?;
@@ -869,6 +887,7 @@ impl Inner {
                 .await
                 .map_err(|e| CheckoutError::Handshake(e.to_string()))?;
             Stats::bump(&self.stats.opened);
+            self.observe_connect(started);
             let driver = H2Driver {
                 conn,
                 shared: shared.clone(),
@@ -890,6 +909,7 @@ impl Inner {
                 .await
                 .map_err(|e| CheckoutError::Handshake(e.to_string()))?;
             Stats::bump(&self.stats.opened);
+            self.observe_connect(started);
             tokio::spawn(drive(
                 conn,
                 pool,

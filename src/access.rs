@@ -1,0 +1,240 @@
+//! The access log: one line per request and per tunnel, JSON or combined.
+//!
+//! Request handling never waits for it: lines go into a bounded queue that one writer
+//! task drains; when the queue is full the line is dropped and counted
+//! (`strait_access_log_dropped_lines_total`). A log file is reopened on SIGHUP, for
+//! logrotate.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc};
+
+use crate::config::{self, LogFormat};
+
+/// Lines that may wait for the writer; more are dropped.
+pub const QUEUE: usize = 8192;
+
+/// One request or tunnel, as logged.
+pub struct Entry<'a> {
+    pub client: SocketAddr,
+    pub user: &'a str,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub protocol: &'a str,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration: Duration,
+    pub kind: &'a str,
+    pub route: &'a str,
+    pub upstream: &'a str,
+    pub referer: &'a str,
+    pub user_agent: &'a str,
+}
+
+/// The sending side of the access log.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: mpsc::Sender<String>,
+    format: LogFormat,
+    dropped: Counter,
+}
+
+impl AccessLog {
+    /// Starts the writer; `None` when the log is off.
+    pub fn start(cfg: &config::Log, hup: Arc<Notify>, dropped: Counter) -> Option<AccessLog> {
+        let sink = match &cfg.access {
+            config::AccessLog::Off => return None,
+            config::AccessLog::Stdout => Sink::Stdout,
+            config::AccessLog::File(p) => Sink::File(p.clone()),
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write_lines(rx, sink, hup));
+        Some(AccessLog {
+            tx,
+            format: cfg.format,
+            dropped,
+        })
+    }
+
+    /// Queues one line; never waits.
+    pub fn log(&self, e: &Entry<'_>) {
+        let line = match self.format {
+            LogFormat::Json => json_line(e),
+            LogFormat::Combined => combined_line(e),
+        };
+        if self.tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+enum Sink {
+    Stdout,
+    File(PathBuf),
+}
+
+async fn open(path: &PathBuf) -> Option<tokio::fs::File> {
+    match tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::error!(path = %path.display(), "cannot open the access log: {e}");
+            None
+        }
+    }
+}
+
+async fn write_lines(mut rx: mpsc::Receiver<String>, sink: Sink, hup: Arc<Notify>) {
+    let mut stdout = tokio::io::stdout();
+    let mut file = match &sink {
+        Sink::File(p) => open(p).await,
+        Sink::Stdout => None,
+    };
+    let mut batch = String::new();
+    loop {
+        tokio::select! {
+            line = rx.recv() => {
+                let Some(line) = line else { break };
+                batch.clear();
+                batch.push_str(&line);
+                // Take whatever else is waiting, for one write.
+                while batch.len() < 64 * 1024 {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push_str(&more),
+                        Err(_) => break,
+                    }
+                }
+                let written = match (&sink, &mut file) {
+                    (Sink::Stdout, _) => stdout.write_all(batch.as_bytes()).await.and(stdout.flush().await),
+                    (Sink::File(_), Some(f)) => f.write_all(batch.as_bytes()).await,
+                    (Sink::File(_), None) => Ok(()),
+                };
+                if let Err(e) = written {
+                    tracing::warn!("access log write failed: {e}");
+                }
+            }
+            () = hup.notified() => {
+                if let Sink::File(p) = &sink {
+                    file = open(p).await;
+                    tracing::info!(path = %p.display(), "access log reopened");
+                }
+            }
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// A JSON string with quotes and escapes.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn json_line(e: &Entry<'_>) -> String {
+    let mut o = String::with_capacity(320);
+    o.push_str("{\"time\":");
+    json_str(&mut o, &now_rfc3339());
+    o.push_str(",\"client\":");
+    json_str(&mut o, &e.client.to_string());
+    o.push_str(",\"user\":");
+    json_str(&mut o, e.user);
+    o.push_str(",\"method\":");
+    json_str(&mut o, e.method);
+    o.push_str(",\"target\":");
+    json_str(&mut o, e.target);
+    o.push_str(",\"protocol\":");
+    json_str(&mut o, e.protocol);
+    let _ = write!(
+        o,
+        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}",
+        e.status,
+        e.bytes_in,
+        e.bytes_out,
+        e.duration.as_secs_f64() * 1000.0
+    );
+    o.push_str(",\"kind\":");
+    json_str(&mut o, e.kind);
+    o.push_str(",\"route\":");
+    json_str(&mut o, e.route);
+    o.push_str(",\"upstream\":");
+    json_str(&mut o, e.upstream);
+    o.push_str("}\n");
+    o
+}
+
+/// Apache's combined format, plus duration, route and upstream at the end.
+fn combined_line(e: &Entry<'_>) -> String {
+    let time = humantime::format_rfc3339_seconds(SystemTime::now());
+    format!(
+        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {:.3} {} {}\n",
+        e.client.ip(),
+        e.user,
+        time,
+        e.method,
+        e.target,
+        e.protocol,
+        e.status,
+        e.bytes_out,
+        e.referer,
+        e.user_agent,
+        e.duration.as_secs_f64(),
+        e.route,
+        e.upstream
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_escape_what_clients_send() {
+        let e = Entry {
+            client: "127.0.0.1:5".parse().unwrap(),
+            user: "-",
+            method: "GET",
+            target: "/a\"b\\c\n",
+            protocol: "HTTP/1.1",
+            status: 200,
+            bytes_in: 10,
+            bytes_out: 20,
+            duration: Duration::from_millis(5),
+            kind: "reverse",
+            route: "/",
+            upstream: "http://u",
+            referer: "",
+            user_agent: "",
+        };
+        let line = json_line(&e);
+        assert!(line.ends_with("}\n"));
+        assert!(line.contains(r#""target":"/a\"b\\c\n""#), "{line}");
+        assert!(line.contains(r#""status":200,"bytes_in":10,"bytes_out":20"#), "{line}");
+    }
+}

@@ -1,0 +1,237 @@
+//! Prometheus metrics: the registry, bounded label sets and the `/metrics` text.
+//!
+//! Labels are bounded by construction: `kind` is one of three words, `route` is a route
+//! as written in the config (or `-`), `code` a status code, `user` a configured proxy user
+//! (or `-`), `listener` a configured address. Client addresses and raw target hosts are
+//! never labels. The pool's counters live as atomics in the pool and are copied in at
+//! scrape time, so the pool knows nothing of Prometheus.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::upstream::pool::Stats;
+
+/// A shared, cheaply cloned label value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Label(pub Arc<str>);
+
+impl Label {
+    pub fn none() -> Label {
+        static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        Label(NONE.get_or_init(|| Arc::from("-")).clone())
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Label {
+        Label(Arc::from(s))
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+/// What a request was: forward, reverse or connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Forward,
+    Reverse,
+    Connect,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Forward => "forward",
+            Kind::Reverse => "reverse",
+            Kind::Connect => "connect",
+        }
+    }
+}
+
+impl EncodeLabelValue for Kind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub kind: Kind,
+    pub route: Label,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub kind: Kind,
+    pub route: Label,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Rx,
+    Tx,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Direction::Rx => "rx",
+            Direction::Tx => "tx",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub kind: Kind,
+    pub user: Label,
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: Label,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub what: &'static str,
+    pub result: &'static str,
+}
+
+/// Every metric Strait exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub client_connections: Family<ListenerLabels, Gauge>,
+    pub connect_duration: Histogram,
+    pub tunnels_active: Gauge,
+    pub tls_handshake_failures: Counter,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub access_log_dropped: Counter,
+    pool_events: Family<EventLabels, Counter>,
+    pool_idle: Gauge,
+    pool_waiting: Gauge,
+    pool: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+impl Metrics {
+    pub fn new(pool: Arc<Stats>) -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration: Family<RouteLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        let bytes = Family::<BytesLabels, Counter>::default();
+        let client_connections = Family::<ListenerLabels, Gauge>::default();
+        let connect_duration = latency_histogram();
+        let tunnels_active = Gauge::default();
+        let tls_handshake_failures = Counter::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        let access_log_dropped = Counter::default();
+        let pool_events = Family::<EventLabels, Counter>::default();
+        let pool_idle = Gauge::default();
+        let pool_waiting = Gauge::default();
+        let r = &mut registry;
+        r.register("strait_requests", "Requests answered, by kind, route and status code", requests.clone());
+        r.register("strait_request_duration_seconds", "Time from request head to the end of the response", duration.clone());
+        r.register("strait_transfer_bytes", "Bytes from (rx) and to (tx) clients, by kind and proxy user", bytes.clone());
+        r.register("strait_client_connections", "Open client connections, by listener", client_connections.clone());
+        r.register("strait_pool_events", "Upstream pool events", pool_events.clone());
+        r.register("strait_pool_idle_connections", "Idle upstream connections in the pool", pool_idle.clone());
+        r.register("strait_pool_waiting_requests", "Requests waiting for an upstream connection", pool_waiting.clone());
+        r.register("strait_upstream_connect_duration_seconds", "Time to open an upstream connection (TCP, TLS, HTTP handshake)", connect_duration.clone());
+        r.register("strait_tunnels_active", "Open CONNECT tunnels", tunnels_active.clone());
+        r.register("strait_tls_handshake_failures", "Client TLS handshakes that failed or timed out", tls_handshake_failures.clone());
+        r.register("strait_reloads", "Certificate reloads, by result", reloads.clone());
+        r.register("strait_access_log_dropped_lines", "Access log lines dropped because the writer fell behind", access_log_dropped.clone());
+        let histogram = connect_duration.clone();
+        let _ = pool
+            .on_connect
+            .set(crate::upstream::pool::ConnectObserver(Box::new(move |d| {
+                histogram.observe(d.as_secs_f64())
+            })));
+        Metrics {
+            registry,
+            requests,
+            duration,
+            bytes,
+            client_connections,
+            connect_duration,
+            tunnels_active,
+            tls_handshake_failures,
+            reloads,
+            access_log_dropped,
+            pool_events,
+            pool_idle,
+            pool_waiting,
+            pool,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let s = &self.pool;
+        for (event, value) in [
+            ("open", &s.opened),
+            ("reuse", &s.reused),
+            ("retry", &s.retried),
+            ("evict_idle", &s.evict_idle),
+            ("evict_lru", &s.evict_lru),
+            ("evict_hint", &s.evict_hint),
+            ("close", &s.closed),
+        ] {
+            self.pool_events
+                .get_or_create(&EventLabels { event })
+                .inner()
+                .store(value.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.pool_idle.set(s.idle.load(Ordering::Relaxed) as i64);
+        self.pool_waiting.set(s.waiting.load(Ordering::Relaxed) as i64);
+        let mut out = String::with_capacity(8 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+
+    pub fn count_reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                what: "certificate",
+                result: if ok { "ok" } else { "refused" },
+            })
+            .inc();
+    }
+}

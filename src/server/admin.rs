@@ -1,0 +1,66 @@
+//! The admin listener: `GET /metrics` (Prometheus text) and `GET /healthz` (200 while
+//! serving, 503 while draining). Separate from the proxy listeners, so a scrape never
+//! queues behind proxy traffic and the proxy's own requests never show in it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use super::Shutdown;
+use crate::metrics::Metrics;
+
+/// Serves the admin endpoints until the process ends.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Shutdown) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let answer = answer(&req, &metrics, &shutdown);
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(req: &Request<Incoming>, metrics: &Metrics, shutdown: &Shutdown) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        (&Method::GET, "/healthz") if shutdown.is_triggered() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".to_owned())
+        }
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "404 not found\n".to_owned()),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Binds the admin address; the error names it.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, super::RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| super::RunError::Bind(addr, e))
+}
