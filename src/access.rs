@@ -235,6 +235,9 @@ mod tests {
         let line = json_line(&e);
         assert!(line.ends_with("}\n"));
         assert!(line.contains(r#""target":"/a\"b\\c\n""#), "{line}");
-        assert!(line.contains(r#""status":200,"bytes_in":10,"bytes_out":20"#), "{line}");
+        assert!(
+            line.contains(r#""status":200,"bytes_in":10,"bytes_out":20"#),
+            "{line}"
+        );
     }
 }

@@ -682,6 +682,7 @@ impl Config {
             }
         }
         if let Some(admin) = &self.admin
+            && admin.addr.port() != 0
             && self.listen.iter().any(|l| l.addr == admin.addr)
         {
             return Err(ConfigError::new(format!(

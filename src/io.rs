@@ -148,15 +148,42 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
 
 /// Bytes moved on one connection, and how many of them were already attributed to a
 /// request (so each byte is counted once).
-#[derive(Debug, Default)]
-pub struct ConnBytes {
+///
+/// A response's last bytes are written after its request is accounted, so whatever a
+/// connection moves after its last request goes, at the connection's end, to the owner
+/// recorded with [`ConnBytes::set_owner`].
+#[derive(Debug)]
+pub struct ConnBytes<O = ()> {
     rx: std::sync::atomic::AtomicU64,
     tx: std::sync::atomic::AtomicU64,
     rx_taken: std::sync::atomic::AtomicU64,
     tx_taken: std::sync::atomic::AtomicU64,
+    owner: std::sync::Mutex<Option<O>>,
 }
 
-impl ConnBytes {
+impl<O> Default for ConnBytes<O> {
+    fn default() -> Self {
+        ConnBytes {
+            rx: Default::default(),
+            tx: Default::default(),
+            rx_taken: Default::default(),
+            tx_taken: Default::default(),
+            owner: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<O> ConnBytes<O> {
+    /// Records who the bytes moved from now on belong to, until the next owner.
+    pub fn set_owner(&self, owner: O) {
+        *self.owner.lock().expect("owner lock") = Some(owner);
+    }
+
+    /// The last recorded owner.
+    pub fn take_owner(&self) -> Option<O> {
+        self.owner.lock().expect("owner lock").take()
+    }
+
     /// Bytes read and written since the last call: (rx, tx).
     pub fn take(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -170,20 +197,20 @@ impl ConnBytes {
 
 pin_project! {
     /// A stream that counts the bytes read from and written to it.
-    pub struct CountingIo<T> {
+    pub struct CountingIo<T, O> {
         #[pin]
         inner: T,
-        bytes: std::sync::Arc<ConnBytes>,
+        bytes: std::sync::Arc<ConnBytes<O>>,
     }
 }
 
-impl<T> CountingIo<T> {
-    pub fn new(inner: T, bytes: std::sync::Arc<ConnBytes>) -> Self {
+impl<T, O> CountingIo<T, O> {
+    pub fn new(inner: T, bytes: std::sync::Arc<ConnBytes<O>>) -> Self {
         CountingIo { inner, bytes }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for CountingIo<T> {
+impl<T: AsyncRead, O> AsyncRead for CountingIo<T, O> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -202,7 +229,7 @@ impl<T: AsyncRead> AsyncRead for CountingIo<T> {
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
+impl<T: AsyncWrite, O> AsyncWrite for CountingIo<T, O> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -254,7 +281,7 @@ mod tests {
     #[tokio::test]
     async fn counting_io_counts_each_byte_once() {
         let (a, mut b) = tokio::io::duplex(64);
-        let bytes = std::sync::Arc::new(ConnBytes::default());
+        let bytes = std::sync::Arc::new(ConnBytes::<()>::default());
         let mut a = CountingIo::new(a, bytes.clone());
         a.write_all(b"hello").await.unwrap();
         b.write_all(b"abc").await.unwrap();

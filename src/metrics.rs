@@ -164,18 +164,66 @@ impl Metrics {
         let pool_idle = Gauge::default();
         let pool_waiting = Gauge::default();
         let r = &mut registry;
-        r.register("strait_requests", "Requests answered, by kind, route and status code", requests.clone());
-        r.register("strait_request_duration_seconds", "Time from request head to the end of the response", duration.clone());
-        r.register("strait_transfer_bytes", "Bytes from (rx) and to (tx) clients, by kind and proxy user", bytes.clone());
-        r.register("strait_client_connections", "Open client connections, by listener", client_connections.clone());
-        r.register("strait_pool_events", "Upstream pool events", pool_events.clone());
-        r.register("strait_pool_idle_connections", "Idle upstream connections in the pool", pool_idle.clone());
-        r.register("strait_pool_waiting_requests", "Requests waiting for an upstream connection", pool_waiting.clone());
-        r.register("strait_upstream_connect_duration_seconds", "Time to open an upstream connection (TCP, TLS, HTTP handshake)", connect_duration.clone());
-        r.register("strait_tunnels_active", "Open CONNECT tunnels", tunnels_active.clone());
-        r.register("strait_tls_handshake_failures", "Client TLS handshakes that failed or timed out", tls_handshake_failures.clone());
-        r.register("strait_reloads", "Certificate reloads, by result", reloads.clone());
-        r.register("strait_access_log_dropped_lines", "Access log lines dropped because the writer fell behind", access_log_dropped.clone());
+        r.register(
+            "strait_requests",
+            "Requests answered, by kind, route and status code",
+            requests.clone(),
+        );
+        r.register(
+            "strait_request_duration_seconds",
+            "Time from request head to the end of the response",
+            duration.clone(),
+        );
+        r.register(
+            "strait_transfer_bytes",
+            "Bytes from (rx) and to (tx) clients, by kind and proxy user",
+            bytes.clone(),
+        );
+        r.register(
+            "strait_client_connections",
+            "Open client connections, by listener",
+            client_connections.clone(),
+        );
+        r.register(
+            "strait_pool_events",
+            "Upstream pool events",
+            pool_events.clone(),
+        );
+        r.register(
+            "strait_pool_idle_connections",
+            "Idle upstream connections in the pool",
+            pool_idle.clone(),
+        );
+        r.register(
+            "strait_pool_waiting_requests",
+            "Requests waiting for an upstream connection",
+            pool_waiting.clone(),
+        );
+        r.register(
+            "strait_upstream_connect_duration_seconds",
+            "Time to open an upstream connection (TCP, TLS, HTTP handshake)",
+            connect_duration.clone(),
+        );
+        r.register(
+            "strait_tunnels_active",
+            "Open CONNECT tunnels",
+            tunnels_active.clone(),
+        );
+        r.register(
+            "strait_tls_handshake_failures",
+            "Client TLS handshakes that failed or timed out",
+            tls_handshake_failures.clone(),
+        );
+        r.register(
+            "strait_reloads",
+            "Certificate reloads, by result",
+            reloads.clone(),
+        );
+        r.register(
+            "strait_access_log_dropped_lines",
+            "Access log lines dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
         let histogram = connect_duration.clone();
         let _ = pool
             .on_connect
@@ -218,7 +266,8 @@ impl Metrics {
                 .store(value.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         self.pool_idle.set(s.idle.load(Ordering::Relaxed) as i64);
-        self.pool_waiting.set(s.waiting.load(Ordering::Relaxed) as i64);
+        self.pool_waiting
+            .set(s.waiting.load(Ordering::Relaxed) as i64);
         let mut out = String::with_capacity(8 * 1024);
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");

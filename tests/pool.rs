@@ -68,6 +68,9 @@ async fn closing_origin(how: Close) -> (SocketAddr, Arc<AtomicUsize>) {
                         let _ = s.shutdown().await;
                     }
                     Close::Rst => {
+                        // Give the response a moment to leave (a reset discards what is
+                        // still unsent), then reset the kept-alive connection.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
                         // SO_LINGER 0: close() sends RST instead of FIN.
                         let std = s.into_std().unwrap();
                         let _ = socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO));

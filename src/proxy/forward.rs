@@ -12,9 +12,9 @@ use hyper::body::Incoming;
 
 use super::auth::Auth;
 use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response};
-use crate::metrics::{Kind, Label};
 use crate::body::{Body, RequestBody};
 use crate::config::{self, Cidr, Scheme, Version};
+use crate::metrics::{Kind, Label};
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
 
 /// The `[forward]` settings, resolved.

@@ -27,10 +27,14 @@ use tokio_util::task::TaskTracker;
 use crate::access::{AccessLog, Entry};
 use crate::body::Body;
 use crate::config::Config;
-use crate::io::ConnBytes;
+use crate::io::ConnBytes as Bytes_;
 use crate::metrics::{BytesLabels, Direction, Kind, Label, Metrics, RequestLabels, RouteLabels};
 use crate::route::RouteTable;
 use crate::upstream::{ConnectError, ResponseBody, Upstream, UpstreamError};
+
+/// A client connection's byte counters; the owner is the kind and user of the
+/// connection's latest request.
+pub type ConnBytes = Bytes_<(Kind, Label)>;
 
 /// What Strait knows about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -154,6 +158,7 @@ impl Proxy {
             client: conn.peer,
             referer,
             user_agent,
+            body_sent: 0,
         };
         resp.map(|body| Tracked {
             body,
@@ -325,6 +330,8 @@ struct Done {
     client: SocketAddr,
     referer: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
+    /// Response body bytes handed to the client (nginx's `$body_bytes_sent`).
+    body_sent: u64,
 }
 
 impl Drop for Done {
@@ -346,7 +353,10 @@ impl Drop for Done {
             })
             .observe(elapsed.as_secs_f64());
         let (rx, tx) = match &self.bytes {
-            Some(b) => b.take(),
+            Some(b) => {
+                b.set_owner((kind, self.meta.user.clone()));
+                b.take()
+            }
             None => (0, 0),
         };
         if rx + tx > 0 {
@@ -362,7 +372,7 @@ impl Drop for Done {
                 protocol: protocol_name(self.version),
                 status: self.status,
                 bytes_in: rx,
-                bytes_out: tx,
+                bytes_out: self.body_sent,
                 duration: elapsed,
                 kind: kind.as_str(),
                 route: &self.meta.route.0,
@@ -411,9 +421,15 @@ impl http_body::Body for Tracked {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(done), Some(data)) = (&mut this.done, frame.data_ref()) {
+                    done.body_sent += data.len() as u64;
+                }
+            }
             // The end: account now rather than when hyper drops the body.
-            this.done = None;
+            Poll::Ready(_) => this.done = None,
+            Poll::Pending => {}
         }
         polled
     }

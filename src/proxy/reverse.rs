@@ -15,9 +15,9 @@ use hyper::body::Incoming;
 
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::{ConnInfo, Meta, Proxy, Refusal, relay_response};
-use crate::metrics::{Kind, Label};
 use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
+use crate::metrics::{Kind, Label};
 use crate::upstream::balance::Balancer;
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
 

@@ -10,12 +10,11 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{ConnInfo, Meta, Proxy, Refusal, count_bytes, protocol_name};
+use super::{ConnBytes, ConnInfo, Meta, Proxy, Refusal, count_bytes, protocol_name};
 use crate::access::{AccessLog, Entry};
-use crate::io::ConnBytes;
-use crate::metrics::{Kind, Label, Metrics};
 use crate::body::Body;
 use crate::io::IdleTimeoutIo;
+use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::UpstreamError;
 use crate::upstream::connect::connect_tcp;
 
@@ -132,6 +131,7 @@ struct TunnelEnd {
 impl Drop for TunnelEnd {
     fn drop(&mut self) {
         self.metrics.tunnels_active.dec();
+        self.bytes.set_owner((Kind::Connect, self.user.clone()));
         let (rx, tx) = self.bytes.take();
         count_bytes(&self.metrics, Kind::Connect, &self.user, rx, tx);
         if let Some(log) = &self.access {

@@ -38,23 +38,35 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Shutd
     }
 }
 
-fn answer(req: &Request<Incoming>, metrics: &Metrics, shutdown: &Shutdown) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.render(),
         ),
-        (&Method::GET, "/healthz") if shutdown.is_triggered() => {
-            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".to_owned())
-        }
+        (&Method::GET, "/healthz") if shutdown.is_triggered() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".to_owned(),
+        ),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "404 not found\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "404 not found\n".to_owned(),
+        ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     resp
 }
 

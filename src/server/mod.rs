@@ -26,9 +26,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
 use crate::config::Config;
-use crate::io::{ConnBytes, CountingIo, IdleTimeoutIo};
+use crate::io::{CountingIo, IdleTimeoutIo};
 use crate::metrics::{Label, ListenerLabels, Metrics};
-use crate::proxy::{ConnInfo, Proxy, Tracked};
+use crate::proxy::{ConnBytes, ConnInfo, Proxy, Tracked, count_bytes};
 use crate::upstream::Upstream;
 use prometheus_client::metrics::gauge::Gauge;
 pub use shutdown::Shutdown;
@@ -258,7 +258,7 @@ where
     let service = ConnService {
         shared: shared.clone(),
         info,
-        bytes,
+        bytes: bytes.clone(),
     };
     let conn = shared.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -271,6 +271,11 @@ where
     };
     if let Err(e) = result {
         tracing::debug!(client = %info.peer, "connection ended: {e}");
+    }
+    // The tail of the last response was written after its request was accounted.
+    let (rx, tx) = bytes.take();
+    if let Some((kind, user)) = bytes.take_owner() {
+        count_bytes(&shared.metrics, kind, &user, rx, tx);
     }
 }
 

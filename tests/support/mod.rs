@@ -69,7 +69,9 @@ impl Strait {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(rest) = line.split("listening on ").nth(1) {
+                    if !line.contains("admin listening on ")
+                        && let Some(rest) = line.split("listening on ").nth(1)
+                    {
                         let addr = rest.split_whitespace().next().unwrap().to_owned();
                         let _ = tx.send(addr);
                     }
@@ -107,6 +109,28 @@ impl Strait {
 
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// The admin listener's address, from its startup log line.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.logs()
+            .iter()
+            .find_map(|l| l.split("admin listening on ").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .expect("an admin listener")
+            .parse()
+            .unwrap()
+    }
+
+    /// The value of one metric line (`name{labels}` exactly as Strait renders it), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let out = curl(&[&format!("http://{}/metrics", self.admin_addr())]).await;
+        assert_eq!(out.status, 200);
+        out.text()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
     }
 
     pub fn url(&self) -> String {
