@@ -53,6 +53,8 @@ pub struct Proxy {
     /// Tunnels outlive the request that opened them; shutdown waits for them here.
     tasks: TaskTracker,
     metrics: Arc<Metrics>,
+    /// Per-request metrics are kept only when an admin listener can export them.
+    metrics_on: bool,
     access: Option<AccessLog>,
 }
 
@@ -106,6 +108,7 @@ impl Proxy {
             idle_timeout: config.timeouts.idle,
             tasks,
             metrics,
+            metrics_on: config.admin.is_some(),
             access,
         })
     }
@@ -145,9 +148,11 @@ impl Proxy {
         let status = resp.status().as_u16();
         // A tunnel accounts for its bytes and logs its line when it closes.
         let tunnel = meta.kind == Kind::Connect && status == 200;
-        let done = Done {
-            metrics: self.metrics.clone(),
-            access: if tunnel { None } else { self.access.clone() },
+        let access = if tunnel { None } else { self.access.clone() };
+        let metrics = self.metrics_on.then(|| self.metrics.clone());
+        let done = (metrics.is_some() || access.is_some()).then(|| Done {
+            metrics,
+            access,
             bytes: (!tunnel).then(|| bytes.clone()),
             start,
             meta,
@@ -159,11 +164,8 @@ impl Proxy {
             referer,
             user_agent,
             body_sent: 0,
-        };
-        resp.map(|body| Tracked {
-            body,
-            done: Some(done),
-        })
+        });
+        resp.map(|body| Tracked { body, done })
     }
 
     /// True for a request addressed to another server through this proxy.
@@ -318,7 +320,7 @@ pub struct Tracked {
 }
 
 struct Done {
-    metrics: Arc<Metrics>,
+    metrics: Option<Arc<Metrics>>,
     access: Option<AccessLog>,
     bytes: Option<Arc<ConnBytes>>,
     start: Instant,
@@ -336,22 +338,8 @@ struct Done {
 
 impl Drop for Done {
     fn drop(&mut self) {
-        let m = &self.metrics;
         let elapsed = self.start.elapsed();
         let kind = self.meta.kind;
-        m.requests
-            .get_or_create(&RequestLabels {
-                kind,
-                route: self.meta.route.clone(),
-                code: self.status,
-            })
-            .inc();
-        m.duration
-            .get_or_create(&RouteLabels {
-                kind,
-                route: self.meta.route.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
         let (rx, tx) = match &self.bytes {
             Some(b) => {
                 b.set_owner((kind, self.meta.user.clone()));
@@ -359,8 +347,23 @@ impl Drop for Done {
             }
             None => (0, 0),
         };
-        if rx + tx > 0 {
-            count_bytes(m, kind, &self.meta.user, rx, tx);
+        if let Some(m) = &self.metrics {
+            m.requests
+                .get_or_create(&RequestLabels {
+                    kind,
+                    route: self.meta.route.clone(),
+                    code: self.status,
+                })
+                .inc();
+            m.duration
+                .get_or_create(&RouteLabels {
+                    kind,
+                    route: self.meta.route.clone(),
+                })
+                .observe(elapsed.as_secs_f64());
+            if rx + tx > 0 {
+                count_bytes(m, kind, &self.meta.user, rx, tx);
+            }
         }
         if let Some(log) = &self.access {
             let target = self.uri.to_string();

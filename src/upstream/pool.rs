@@ -194,6 +194,8 @@ struct H2Conn {
 /// A request waiting for a connection.
 struct Waiter {
     tx: oneshot::Sender<Result<Checkout, CheckoutError>>,
+    /// A retry that must not be sent on a reused connection: it waits for a new one.
+    fresh: bool,
 }
 
 /// One key's connections.
@@ -211,6 +213,18 @@ struct Host {
     h2_streams: usize,
     connecting: usize,
     waiters: VecDeque<Waiter>,
+}
+
+impl Host {
+    /// The longest waiter that may take a connection; a reused connection skips
+    /// waiters that asked for a fresh one.
+    fn next_waiter(&mut self, reused: bool) -> Option<Waiter> {
+        if !reused {
+            return self.waiters.pop_front();
+        }
+        let pos = self.waiters.iter().position(|w| !w.fresh)?;
+        self.waiters.remove(pos)
+    }
 }
 
 impl Default for Host {
@@ -455,9 +469,10 @@ impl Pool {
             let (tx, rx) = oneshot::channel();
             if fresh && connect {
                 // A fresh connection goes to this request alone: it waits at the front.
-                host.waiters.push_front(Waiter { tx });
+                host.waiters.push_front(Waiter { tx, fresh: true });
             } else {
-                host.waiters.push_back(Waiter { tx });
+                // At the cap no new connection may be opened: take any that frees up.
+                host.waiters.push_back(Waiter { tx, fresh: false });
             }
             (rx, connect, !connect)
             // pool lock released here
@@ -593,7 +608,7 @@ impl Inner {
                     sender: sender.clone(),
                     shared: shared.clone(),
                 });
-                self.serve_h2_waiters(host, &key, &sender, &shared);
+                self.serve_h2_waiters(host, &key, &sender, &shared, false);
             }
             Err(e) => {
                 host.open -= 1;
@@ -621,9 +636,10 @@ impl Inner {
         key: &PoolKey,
         sender: &http2::SendRequest<Body>,
         shared: &Arc<ConnShared>,
+        reused: bool,
     ) {
         while shared.streams.load(Ordering::Relaxed) < shared.max_streams.load(Ordering::Relaxed) {
-            let Some(w) = host.waiters.pop_front() else {
+            let Some(w) = host.next_waiter(reused) else {
                 break;
             };
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -632,7 +648,7 @@ impl Inner {
             }
             shared.streams.fetch_add(1, Ordering::Relaxed);
             shared.idle_since.store(0, Ordering::Relaxed);
-            let c = self.checkout_from(key, Sender::H2(sender.clone()), shared.clone(), false);
+            let c = self.checkout_from(key, Sender::H2(sender.clone()), shared.clone(), reused);
             if let Err(Ok(mut c)) = w.tx.send(Ok(c)) {
                 // Gave up waiting in the meantime: take the slot back quietly (the
                 // lock is held, so not through Drop).
@@ -652,7 +668,7 @@ impl Inner {
     ) {
         let mut state = self.state.lock().expect("pool lock");
         while let Some(host) = state.hosts.get_mut(key)
-            && let Some(w) = host.waiters.pop_front()
+            && let Some(w) = host.next_waiter(reused)
         {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if w.tx.is_closed() {
@@ -781,7 +797,7 @@ impl Inner {
         }
         if let Some(c) = host.h2.iter().find(|c| c.shared.id == shared.id) {
             let (sender, shared) = (c.sender.clone(), c.shared.clone());
-            self.serve_h2_waiters(host, key, &sender, &shared);
+            self.serve_h2_waiters(host, key, &sender, &shared, true);
         }
     }
 
@@ -1371,6 +1387,25 @@ mod tests {
         };
         a.release(true, None);
         assert_eq!(waiter.await.unwrap(), a_id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_checkout_never_gets_a_reused_connection() {
+        let (pool, _) = pool_with(limits(), false);
+        let k = key("a");
+        let mut a = pool.checkout(&k, false).await.unwrap();
+        get(&mut a, "/").await;
+        let a_id = a.id();
+        let retry = {
+            let (pool, k) = (pool.clone(), k.clone());
+            tokio::spawn(async move { pool.checkout(&k, true).await.unwrap() })
+        };
+        tokio::task::yield_now().await;
+        a.release(true, None);
+        let c = retry.await.unwrap();
+        assert_ne!(c.id(), a_id);
+        assert!(!c.reused);
+        assert_eq!(pool.idle_count(), 1, "the returned one went idle instead");
     }
 
     #[tokio::test(start_paused = true)]
