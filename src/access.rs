@@ -1,19 +1,22 @@
 //! The access log: one line per request and per tunnel, JSON or combined.
 //!
 //! Request handling never waits for it: lines go into a bounded queue that one writer
-//! task drains; when the queue is full the line is dropped and counted
+//! thread drains into a buffered file (or stdout), flushing whenever the queue runs dry;
+//! when the queue is full the line is dropped and counted
 //! (`strait_access_log_dropped_lines_total`). A log file is reopened on SIGHUP, for
-//! logrotate.
+//! logrotate. A plain thread, not a task: file writes block, and tokio's file type would
+//! hop to its blocking pool for every write.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::config::{self, LogFormat};
 
@@ -41,9 +44,14 @@ pub struct Entry<'a> {
 /// The sending side of the access log.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: mpsc::Sender<String>,
+    tx: SyncSender<Message>,
     format: LogFormat,
     dropped: Counter,
+}
+
+enum Message {
+    Line(String),
+    Reopen,
 }
 
 impl AccessLog {
@@ -54,8 +62,21 @@ impl AccessLog {
             config::AccessLog::Stdout => Sink::Stdout,
             config::AccessLog::File(p) => Sink::File(p.clone()),
         };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_lines(rx, sink, hup));
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("strait-access-log".into())
+            .spawn(move || write_lines(rx, sink))
+            .expect("starting the access log thread");
+        // SIGHUP reaches the writer as a message in its queue.
+        let reopen = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                hup.notified().await;
+                if reopen.send(Message::Reopen).is_err() {
+                    break;
+                }
+            }
+        });
         Some(AccessLog {
             tx,
             format: cfg.format,
@@ -69,7 +90,7 @@ impl AccessLog {
             LogFormat::Json => json_line(e),
             LogFormat::Combined => combined_line(e),
         };
-        if self.tx.try_send(line).is_err() {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Message::Line(line)) {
             self.dropped.inc();
         }
     }
@@ -80,12 +101,11 @@ enum Sink {
     File(PathBuf),
 }
 
-async fn open(path: &PathBuf) -> Option<tokio::fs::File> {
-    match tokio::fs::OpenOptions::new()
+fn open(path: &PathBuf) -> Option<std::fs::File> {
+    match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .await
     {
         Ok(f) => Some(f),
         Err(e) => {
@@ -95,42 +115,50 @@ async fn open(path: &PathBuf) -> Option<tokio::fs::File> {
     }
 }
 
-async fn write_lines(mut rx: mpsc::Receiver<String>, sink: Sink, hup: Arc<Notify>) {
-    let mut stdout = tokio::io::stdout();
-    let mut file = match &sink {
-        Sink::File(p) => open(p).await,
-        Sink::Stdout => None,
+fn write_lines(rx: Receiver<Message>, sink: Sink) {
+    let writer = |sink: &Sink| -> Box<dyn std::io::Write> {
+        match sink {
+            Sink::Stdout => Box::new(std::io::stdout()),
+            Sink::File(p) => match open(p) {
+                Some(f) => Box::new(f),
+                None => Box::new(std::io::sink()),
+            },
+        }
     };
-    let mut batch = String::new();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer(&sink));
     loop {
-        tokio::select! {
-            line = rx.recv() => {
-                let Some(line) = line else { break };
-                batch.clear();
-                batch.push_str(&line);
-                // Take whatever else is waiting, for one write.
-                while batch.len() < 64 * 1024 {
-                    match rx.try_recv() {
-                        Ok(more) => batch.push_str(&more),
-                        Err(_) => break,
+        // Drain what is queued, write it, then sleep a little. The writer never blocks
+        // on the queue, so senders never have to wake it: no context switch per line.
+        let mut drained = 0usize;
+        loop {
+            match rx.try_recv() {
+                Ok(Message::Line(line)) => {
+                    drained += 1;
+                    if let Err(e) = out.write_all(line.as_bytes()) {
+                        tracing::warn!("access log write failed: {e}");
                     }
                 }
-                let written = match (&sink, &mut file) {
-                    (Sink::Stdout, _) => stdout.write_all(batch.as_bytes()).await.and(stdout.flush().await),
-                    (Sink::File(_), Some(f)) => f.write_all(batch.as_bytes()).await,
-                    (Sink::File(_), None) => Ok(()),
-                };
-                if let Err(e) = written {
-                    tracing::warn!("access log write failed: {e}");
+                Ok(Message::Reopen) => {
+                    let _ = out.flush();
+                    if let Sink::File(p) = &sink {
+                        out = std::io::BufWriter::with_capacity(64 * 1024, writer(&sink));
+                        tracing::info!(path = %p.display(), "access log reopened");
+                    }
                 }
-            }
-            () = hup.notified() => {
-                if let Sink::File(p) = &sink {
-                    file = open(p).await;
-                    tracing::info!(path = %p.display(), "access log reopened");
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
                 }
             }
         }
+        let _ = out.flush();
+        // A busy log is drained more often, so the queue does not fill.
+        std::thread::sleep(if drained > QUEUE / 4 {
+            Duration::from_millis(2)
+        } else {
+            Duration::from_millis(20)
+        });
     }
 }
 

@@ -151,7 +151,7 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
 ///
 /// A response's last bytes are written after its request is accounted, so whatever a
 /// connection moves after its last request goes, at the connection's end, to the owner
-/// recorded with [`ConnBytes::set_owner`].
+/// recorded with [`ConnBytes::with_owner`].
 #[derive(Debug)]
 pub struct ConnBytes<O = ()> {
     rx: std::sync::atomic::AtomicU64,
@@ -174,14 +174,14 @@ impl<O> Default for ConnBytes<O> {
 }
 
 impl<O> ConnBytes<O> {
-    /// Records who the bytes moved from now on belong to, until the next owner.
-    pub fn set_owner(&self, owner: O) {
-        *self.owner.lock().expect("owner lock") = Some(owner);
-    }
-
     /// The last recorded owner.
     pub fn take_owner(&self) -> Option<O> {
         self.owner.lock().expect("owner lock").take()
+    }
+
+    /// Runs `f` on the owner slot (under its lock, held only for `f`).
+    pub fn with_owner<R>(&self, f: impl FnOnce(&mut Option<O>) -> R) -> R {
+        f(&mut self.owner.lock().expect("owner lock"))
     }
 
     /// Bytes read and written since the last call: (rx, tx).

@@ -31,10 +31,75 @@ use crate::io::ConnBytes as Bytes_;
 use crate::metrics::{BytesLabels, Direction, Kind, Label, Metrics, RequestLabels, RouteLabels};
 use crate::route::RouteTable;
 use crate::upstream::{ConnectError, ResponseBody, Upstream, UpstreamError};
+use prometheus_client::metrics::counter::Counter;
 
 /// A client connection's byte counters; the owner is the kind and user of the
 /// connection's latest request.
-pub type ConnBytes = Bytes_<(Kind, Label)>;
+pub type ConnBytes = Bytes_<BytesOwner>;
+
+/// Who a connection's bytes belong to, with that owner's counters resolved once (a
+/// keep-alive connection's requests usually share kind and user: no lookup per request).
+pub struct BytesOwner {
+    kind: Kind,
+    user: Label,
+    rx: Counter,
+    tx: Counter,
+}
+
+impl BytesOwner {
+    fn new(m: &Metrics, kind: Kind, user: &Label) -> BytesOwner {
+        let counter = |direction| {
+            m.bytes
+                .get_or_create(&BytesLabels {
+                    kind,
+                    user: user.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        BytesOwner {
+            kind,
+            user: user.clone(),
+            rx: counter(Direction::Rx),
+            tx: counter(Direction::Tx),
+        }
+    }
+
+    /// Adds bytes to this owner's counters.
+    pub fn count(&self, rx: u64, tx: u64) {
+        if rx > 0 {
+            self.rx.inc_by(rx);
+        }
+        if tx > 0 {
+            self.tx.inc_by(tx);
+        }
+    }
+}
+
+/// Makes (kind, user) the owner of `bytes` (reusing the resolved counters when it
+/// already is) and counts what moved since the last call.
+pub fn attribute_bytes(
+    bytes: &ConnBytes,
+    m: Option<&Metrics>,
+    kind: Kind,
+    user: &Label,
+) -> (u64, u64) {
+    let (rx, tx) = bytes.take();
+    if let Some(m) = m {
+        bytes.with_owner(|owner| {
+            let same = owner
+                .as_ref()
+                .is_some_and(|o| o.kind == kind && Arc::ptr_eq(&o.user.0, &user.0));
+            if !same {
+                *owner = Some(BytesOwner::new(m, kind, user));
+            }
+            if let Some(o) = owner {
+                o.count(rx, tx);
+            }
+        });
+    }
+    (rx, tx)
+}
 
 /// What Strait knows about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -340,11 +405,8 @@ impl Drop for Done {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         let kind = self.meta.kind;
-        let (rx, tx) = match &self.bytes {
-            Some(b) => {
-                b.set_owner((kind, self.meta.user.clone()));
-                b.take()
-            }
+        let (rx, _tx) = match &self.bytes {
+            Some(b) => attribute_bytes(b, self.metrics.as_deref(), kind, &self.meta.user),
             None => (0, 0),
         };
         if let Some(m) = &self.metrics {
@@ -361,9 +423,6 @@ impl Drop for Done {
                     route: self.meta.route.clone(),
                 })
                 .observe(elapsed.as_secs_f64());
-            if rx + tx > 0 {
-                count_bytes(m, kind, &self.meta.user, rx, tx);
-            }
         }
         if let Some(log) = &self.access {
             let target = self.uri.to_string();
@@ -383,21 +442,6 @@ impl Drop for Done {
                 referer: header_str(&self.referer),
                 user_agent: header_str(&self.user_agent),
             });
-        }
-    }
-}
-
-/// Adds a request's or tunnel's bytes to `strait_transfer_bytes_total`.
-pub fn count_bytes(m: &Metrics, kind: Kind, user: &Label, rx: u64, tx: u64) {
-    for (direction, n) in [(Direction::Rx, rx), (Direction::Tx, tx)] {
-        if n > 0 {
-            m.bytes
-                .get_or_create(&BytesLabels {
-                    kind,
-                    user: user.clone(),
-                    direction,
-                })
-                .inc_by(n);
         }
     }
 }

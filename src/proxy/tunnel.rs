@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{ConnBytes, ConnInfo, Meta, Proxy, Refusal, count_bytes, protocol_name};
+use super::{ConnBytes, ConnInfo, Meta, Proxy, Refusal, attribute_bytes, protocol_name};
 use crate::access::{AccessLog, Entry};
 use crate::body::Body;
 use crate::io::IdleTimeoutIo;
@@ -131,9 +131,7 @@ struct TunnelEnd {
 impl Drop for TunnelEnd {
     fn drop(&mut self) {
         self.metrics.tunnels_active.dec();
-        self.bytes.set_owner((Kind::Connect, self.user.clone()));
-        let (rx, tx) = self.bytes.take();
-        count_bytes(&self.metrics, Kind::Connect, &self.user, rx, tx);
+        let (rx, tx) = attribute_bytes(&self.bytes, Some(&self.metrics), Kind::Connect, &self.user);
         if let Some(log) = &self.access {
             log.log(&Entry {
                 client: self.client,

@@ -28,7 +28,7 @@ use crate::access::AccessLog;
 use crate::config::Config;
 use crate::io::{CountingIo, IdleTimeoutIo};
 use crate::metrics::{Label, ListenerLabels, Metrics};
-use crate::proxy::{ConnBytes, ConnInfo, Proxy, Tracked, count_bytes};
+use crate::proxy::{ConnBytes, ConnInfo, Proxy, Tracked};
 use crate::upstream::Upstream;
 use prometheus_client::metrics::gauge::Gauge;
 pub use shutdown::Shutdown;
@@ -274,8 +274,8 @@ where
     }
     // The tail of the last response was written after its request was accounted.
     let (rx, tx) = bytes.take();
-    if let Some((kind, user)) = bytes.take_owner() {
-        count_bytes(&shared.metrics, kind, &user, rx, tx);
+    if let Some(owner) = bytes.take_owner() {
+        owner.count(rx, tx);
     }
 }
 
