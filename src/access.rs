@@ -162,13 +162,36 @@ fn write_lines(rx: Receiver<Message>, sink: Sink) {
     }
 }
 
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+/// The current time in RFC 3339 with milliseconds, formatted at most once per
+/// millisecond per thread.
+fn with_now<R>(f: impl FnOnce(&str) -> R) -> R {
+    thread_local! {
+        static NOW: std::cell::RefCell<(u128, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    NOW.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != ms || cached.1.is_empty() {
+            cached.1.clear();
+            let _ = write!(cached.1, "{}", humantime::format_rfc3339_millis(now));
+            cached.0 = ms;
+        }
+        f(&cached.1)
+    })
 }
 
 /// A JSON string with quotes and escapes.
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -188,9 +211,9 @@ fn json_str(out: &mut String, s: &str) {
 fn json_line(e: &Entry<'_>) -> String {
     let mut o = String::with_capacity(320);
     o.push_str("{\"time\":");
-    json_str(&mut o, &now_rfc3339());
-    o.push_str(",\"client\":");
-    json_str(&mut o, &e.client.to_string());
+    with_now(|now| json_str(&mut o, now));
+    // An address needs no escaping.
+    let _ = write!(o, ",\"client\":\"{}\"", e.client);
     o.push_str(",\"user\":");
     json_str(&mut o, e.user);
     o.push_str(",\"method\":");

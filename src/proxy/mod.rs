@@ -425,12 +425,21 @@ impl Drop for Done {
                 .observe(elapsed.as_secs_f64());
         }
         if let Some(log) = &self.access {
-            let target = self.uri.to_string();
+            // Origin form (most requests) is logged as it is; only absolute and
+            // authority forms need the URI put back together.
+            let whole;
+            let target = match (self.uri.scheme(), self.uri.path_and_query()) {
+                (None, Some(pq)) => pq.as_str(),
+                _ => {
+                    whole = self.uri.to_string();
+                    &whole
+                }
+            };
             log.log(&Entry {
                 client: self.client,
                 user: &self.meta.user.0,
                 method: self.method.as_str(),
-                target: &target,
+                target,
                 protocol: protocol_name(self.version),
                 status: self.status,
                 bytes_in: rx,
