@@ -92,6 +92,28 @@ async fn bytes_are_counted_once_by_kind_user_and_direction() {
     let tx = strait.metric(&series("forward", "alice", "tx")).await;
     assert!(tx >= "origin says hi".len() as f64, "tx {tx}");
 
+    // Reverse: a 10 000-byte POST adds 10 000 plus the head to rx; the reply to tx.
+    let rrx0 = strait.metric(&series("reverse", "-", "rx")).await;
+    let rtx0 = strait.metric(&series("reverse", "-", "tx")).await;
+    let small = dir.path().join("small");
+    std::fs::write(&small, vec![b's'; 10_000]).unwrap();
+    let body = format!("@{}", small.display());
+    let out = curl(&[
+        "--data-binary",
+        &body,
+        &format!("{}/api/post", strait.url()),
+    ])
+    .await;
+    assert_eq!(out.status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rrx = strait.metric(&series("reverse", "-", "rx")).await - rrx0;
+    let rtx = strait.metric(&series("reverse", "-", "tx")).await - rtx0;
+    assert!(
+        (10_000.0..11_000.0).contains(&rrx),
+        "reverse rx grew by {rrx}"
+    );
+    assert!((14.0..1_000.0).contains(&rtx), "reverse tx grew by {rtx}");
+
     // CONNECT as bob: the tunnel's bytes, both ways, once.
     let mut s = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
     s.write_all(
@@ -118,7 +140,7 @@ async fn bytes_are_counted_once_by_kind_user_and_direction() {
     assert!((100_000.0..101_000.0).contains(&rx), "connect rx {rx}");
     assert!((100_000.0..101_000.0).contains(&tx), "connect tx {tx}");
     let reverse = strait.metric(&series("reverse", "-", "rx")).await;
-    assert_eq!(reverse, 0.0, "nothing counted twice or elsewhere");
+    assert_eq!(reverse, rrx + rrx0, "the tunnel counted nothing as reverse");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
