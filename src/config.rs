@@ -608,6 +608,14 @@ impl Config {
     }
 
     /// Parses TOML text; the error carries the line and dotted key of the problem.
+    ///
+    /// ```
+    /// let c = strait::Config::parse("[timeouts]\nconnect = \"2s\"\n").unwrap();
+    /// assert_eq!(c.timeouts.connect, std::time::Duration::from_secs(2));
+    ///
+    /// let e = strait::Config::parse("[timeouts]\nconnect = \"fast\"\n").unwrap_err();
+    /// assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("timeouts.connect")));
+    /// ```
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, e, None))?;
         serde_path_to_error::deserialize(de).map_err(|e| {
