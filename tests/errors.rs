@@ -90,6 +90,26 @@ async fn a_slow_upstream_is_504_after_upstream_response() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_h2_upstream_is_504_too() {
+    let origin = Origin::with(|_| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        ok("too late")
+    })
+    .await;
+    let config = format!(
+        "listen = [{{ addr = \"127.0.0.1:0\" }}]\n[timeouts]\nupstream_response = \"500ms\"\n[[route]]\nupstream = \"{}\"\nversion = \"h2\"\n",
+        origin.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    let started = std::time::Instant::now();
+    let out = curl(&[&format!("{}/slow", strait.url())]).await;
+    assert_eq!(out.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The shared connection serves the next request.
+    assert_eq!(origin.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_reset_mid_body_never_looks_like_a_clean_end() {
     let origin = Origin::with(|s| {
         let chunked = s.uri.contains("chunked");

@@ -161,6 +161,7 @@ impl Upstream {
             max_idle: pool.max_idle,
             max_conns_per_host: pool.max_conns_per_host,
             wait_timeout: pool.wait_timeout,
+            deadline_check: (timeouts.upstream_response / 4).max(Duration::from_millis(10)),
         };
         Upstream {
             pool: Pool::new(limits, connector),
@@ -204,12 +205,7 @@ impl Upstream {
         };
         // One box for the whole exchange: its state is large, and callers move (and
         // spawn) their futures; a pointer moves cheaply.
-        Box::pin(async move {
-            match tokio::time::timeout(self.response_timeout, self.exchange(req, key)).await {
-                Ok(r) => r,
-                Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
-            }
-        })
+        Box::pin(self.exchange(req, key))
     }
 
     /// The exchange with its retry rules:
@@ -248,6 +244,8 @@ impl Upstream {
         };
         let idempotent = is_idempotent(req.method());
         let closing = wants_close(req.headers());
+        // `upstream_response` runs from here to the response head, retries included.
+        let deadline = tokio::time::Instant::now() + self.response_timeout;
         let mut fresh = false;
         let mut replays_left = 1;
         for attempt in 1..=MAX_ATTEMPTS {
@@ -267,8 +265,11 @@ impl Upstream {
             // connection or HTTP/2. Failures on fresh HTTP/1.1 connections are final.
             let copy = (replayable && (conn.is_h2() || (conn.reused && replays_left > 0)))
                 .then(|| copy_request(&req));
-            match conn.send(req).await {
+            match conn.send(req, deadline).await {
                 Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, closing, sent_whole)),
+                Err(SendError::TimedOut) => {
+                    return Err(UpstreamError::Timeout(self.response_timeout));
+                }
                 Err(SendError::Unsent(back, e)) => {
                     tracing::debug!(upstream = %key, attempt, "request not sent ({e}); retrying on a fresh connection");
                     if conn.is_h2() {

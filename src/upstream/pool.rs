@@ -95,6 +95,9 @@ pub struct Limits {
     /// 0 = unlimited.
     pub max_conns_per_host: usize,
     pub wait_timeout: Duration,
+    /// How often a connection's timer looks at the response deadline of the HTTP/1.1
+    /// request on it (a quarter of `upstream_response`).
+    pub deadline_check: Duration,
 }
 
 /// Opens a connection for a key: returns the stream and whether it speaks HTTP/2.
@@ -175,6 +178,11 @@ struct ConnShared {
     max_streams: AtomicUsize,
     /// Wakes the driver task when a keep-alive hint brings the deadline forward.
     rearm: tokio::sync::Notify,
+    /// HTTP/1.1: pool-clock millisecond by which the response head must arrive; 0 when
+    /// no request waits. The connection's timer enforces it (no timer per request).
+    head_deadline: AtomicU64,
+    /// Set by the timer when it ended the connection for a late response head.
+    timed_out: std::sync::atomic::AtomicBool,
 }
 
 /// An idle HTTP/1.1 connection.
@@ -304,6 +312,8 @@ pub enum SendError {
     Unsent(Box<http::Request<Body>>, hyper::Error),
     /// The request (or part of it) may have been written.
     Failed(hyper::Error),
+    /// No response head by the deadline.
+    TimedOut,
 }
 
 impl Checkout {
@@ -316,10 +326,16 @@ impl Checkout {
         self.shared.id
     }
 
-    /// Sends a request on this connection, once it is ready for one.
+    /// Sends a request on this connection, once it is ready for one, and waits for the
+    /// response head until `deadline`.
+    ///
+    /// HTTP/1.1 carries one request at a time, so its deadline is kept by the
+    /// connection's own timer, which ends the connection when it passes: no timer per
+    /// request. HTTP/2 streams share a connection and get a timer each.
     pub async fn send(
         &mut self,
         req: http::Request<Body>,
+        deadline: Instant,
     ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
         let sender = self
             .sender
@@ -327,24 +343,48 @@ impl Checkout {
             .expect("a checkout has its sender until released");
         let result = match sender {
             Sender::H1(sender) => {
+                let Some(pool) = self.pool.upgrade() else {
+                    return Err(SendError::TimedOut);
+                };
+                let shared = &self.shared;
+                let deadline_ms = pool.ms_at(deadline);
+                drop(pool);
+                shared.head_deadline.store(deadline_ms, Ordering::Relaxed);
                 // A connection checked in a moment ago may not want its next request
                 // yet; a closed one fails here, before anything is written.
-                if let Err(e) = sender.ready().await {
-                    return Err(SendError::Unsent(Box::new(req), e));
+                let result =
+                    match sender.ready().await {
+                        Err(e) => Err(SendError::Unsent(Box::new(req), e)),
+                        Ok(()) => sender.try_send_request(req).await.map_err(|mut e| {
+                            match e.take_message() {
+                                Some(req) => SendError::Unsent(Box::new(req), e.into_error()),
+                                None => SendError::Failed(e.into_error()),
+                            }
+                        }),
+                    };
+                shared.head_deadline.store(0, Ordering::Relaxed);
+                if result.is_err() && shared.timed_out.load(Ordering::Relaxed) {
+                    return Err(SendError::TimedOut);
                 }
-                sender.try_send_request(req).await
+                return result;
             }
             Sender::H2(sender) => {
-                if let Err(e) = sender.ready().await {
-                    return Err(SendError::Unsent(Box::new(req), e));
-                }
-                sender.try_send_request(req).await
+                let exchange = async {
+                    if let Err(e) = sender.ready().await {
+                        return Err(SendError::Unsent(Box::new(req), e));
+                    }
+                    sender
+                        .try_send_request(req)
+                        .await
+                        .map_err(|mut e| match e.take_message() {
+                            Some(req) => SendError::Unsent(Box::new(req), e.into_error()),
+                            None => SendError::Failed(e.into_error()),
+                        })
+                };
+                tokio::time::timeout_at(deadline, exchange).await
             }
         };
-        result.map_err(|mut e| match e.take_message() {
-            Some(req) => SendError::Unsent(Box::new(req), e.into_error()),
-            None => SendError::Failed(e.into_error()),
-        })
+        result.unwrap_or(Err(SendError::TimedOut))
     }
 
     /// Stops new streams going to this HTTP/2 connection (after GOAWAY or a refused
@@ -518,6 +558,11 @@ impl Inner {
         // Its LRU entry goes stale: skipped when met, dropped when the queue is compacted.
         *idle_total -= 1;
         self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The pool-clock millisecond of an instant (see `now_ms`).
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 
     fn observe_connect(&self, started: Instant) {
@@ -888,6 +933,8 @@ impl Inner {
             streams: AtomicUsize::new(0),
             max_streams: AtomicUsize::new(H2_DEFAULT_STREAMS),
             rearm: tokio::sync::Notify::new(),
+            head_deadline: AtomicU64::new(0),
+            timed_out: std::sync::atomic::AtomicBool::new(false),
         });
         let pool = Arc::downgrade(self);
         if h2 {
@@ -1023,7 +1070,11 @@ async fn drive<F>(
     // hyper's connection runs in a task of its own, so the timer here is not polled on
     // every wake of a busy connection; aborting that task drops (and closes) it.
     let mut conn_task = tokio::spawn(conn);
-    let sleep = tokio::time::sleep(idle_timeout);
+    let first = pool
+        .upgrade()
+        .map_or(idle_timeout, |p| p.limits.deadline_check)
+        .min(idle_timeout);
+    let sleep = tokio::time::sleep(first);
     tokio::pin!(sleep);
     let mut retired = false;
     loop {
@@ -1044,10 +1095,19 @@ async fn drive<F>(
                     break;
                 };
                 let now = inner.now_ms();
+                let check = inner.limits.deadline_check.min(idle_timeout);
+                let head = shared.head_deadline.load(Ordering::Relaxed);
+                if head != 0 && head <= now {
+                    // No response head in time: ending the connection fails the request,
+                    // which reports the timeout (504).
+                    shared.timed_out.store(true, Ordering::Relaxed);
+                    conn_task.abort();
+                    break;
+                }
                 let since = shared.idle_since.load(Ordering::Relaxed);
                 if since == 0 {
-                    // In use: it cannot expire before a full idle period from now.
-                    sleep.as_mut().reset(Instant::now() + idle_timeout);
+                    // In use: look again soon, for the response deadline.
+                    sleep.as_mut().reset(Instant::now() + check);
                     continue;
                 }
                 let idle_deadline = since + idle_timeout.as_millis() as u64;
@@ -1070,7 +1130,8 @@ async fn drive<F>(
                         sleep.as_mut().reset(Instant::now() + idle_timeout);
                     }
                 } else {
-                    sleep.as_mut().reset(inner.epoch + Duration::from_millis(deadline - 1));
+                    let at = inner.epoch + Duration::from_millis(deadline - 1);
+                    sleep.as_mut().reset(at.min(Instant::now() + check));
                 }
             }
         }
@@ -1134,6 +1195,7 @@ mod tests {
             max_idle: 1024,
             max_conns_per_host: 0,
             wait_timeout: Duration::from_secs(5),
+            deadline_check: Duration::from_secs(15),
         }
     }
 
@@ -1158,7 +1220,7 @@ mod tests {
         if c.is_h2() {
             *req.uri_mut() = format!("http://test{path}").parse().unwrap();
         }
-        let resp = match c.send(req).await {
+        let resp = match c.send(req, Instant::now() + Duration::from_secs(60)).await {
             Ok(r) => r,
             Err(_) => panic!("send failed"),
         };
@@ -1387,6 +1449,26 @@ mod tests {
         };
         a.release(true, None);
         assert_eq!(waiter.await.unwrap(), a_id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connections_timer_ends_a_late_http1_response() {
+        let mut l = limits();
+        l.deadline_check = Duration::from_millis(250);
+        let (pool, _) = pool_with(l, false);
+        let k = key("a");
+        let mut c = pool.checkout(&k, false).await.unwrap();
+        let mut req = http::Request::new(Body::Empty);
+        *req.uri_mut() = "/slow".parse().unwrap();
+        req.headers_mut().insert("host", "test".parse().unwrap());
+        let started = Instant::now();
+        let result = c.send(req, started + Duration::from_secs(1)).await;
+        assert!(matches!(result, Err(SendError::TimedOut)));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited <= Duration::from_millis(1250),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
