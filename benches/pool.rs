@@ -45,7 +45,7 @@ async fn origin() -> SocketAddr {
 struct StraitSide {
     upstream: Upstream,
     profile: Arc<Profile>,
-    authority: Arc<str>,
+    authority: http::uri::Authority,
 }
 
 impl StraitSide {
@@ -63,13 +63,13 @@ impl StraitSide {
         StraitSide {
             upstream,
             profile,
-            authority: addr.to_string().into(),
+            authority: addr.to_string().parse().unwrap(),
         }
     }
 
     async fn round_trip(&self) {
         let req = http::Request::get("/")
-            .header("host", &*self.authority)
+            .header("host", self.authority.as_str())
             .body(RequestBody::Empty)
             .unwrap();
         let target = Target {

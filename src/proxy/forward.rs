@@ -113,8 +113,9 @@ impl Proxy {
         h.insert(HOST, host);
 
         let req = req.map(RequestBody::Incoming);
-        let authority: Arc<str> = authority.into();
-        meta.upstream = Some(authority.clone());
+        meta.upstream = Some(Arc::from(authority.as_str()));
+        let authority = http::uri::Authority::try_from(authority)
+            .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
         let target = Target {
             scheme,
             authority: &authority,

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use http::header::{HOST, HeaderValue};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
 
@@ -31,7 +31,7 @@ pub struct Route {
     upstreams: Vec<UpstreamUrl>,
     /// Each upstream's authority as a ready `Host` value, and as a pool key part.
     host_values: Vec<HeaderValue>,
-    authorities: Vec<Arc<str>>,
+    authorities: Vec<Authority>,
     balancer: Balancer,
     profile: Arc<Profile>,
     preserve_host: bool,
@@ -85,8 +85,11 @@ impl Route {
                 .upstream
                 .0
                 .iter()
-                .map(|u| Arc::from(u.authority.as_str()))
-                .collect(),
+                .map(|u| {
+                    Authority::from_maybe_shared(bytes::Bytes::from(u.authority.clone()))
+                        .map_err(|_| format!("invalid upstream host {}", u.authority))
+                })
+                .collect::<Result<_, _>>()?,
             balancer: Balancer::new(cfg.upstream.0.len()),
             profile,
             preserve_host: cfg.preserve_host,

@@ -70,7 +70,7 @@ pub struct ProfileSettings {
 pub struct Target<'a> {
     pub scheme: Scheme,
     /// `host[:port]`, exactly as it should appear in the URI.
-    pub authority: &'a Arc<str>,
+    pub authority: &'a Authority,
     pub profile: &'a Arc<Profile>,
 }
 
@@ -309,7 +309,7 @@ impl Upstream {
 /// Opens a connection for a pool key: resolve, check, connect, TLS with ALPN.
 async fn open(key: PoolKey, timeout: Duration) -> Result<(connect::Stream, bool), ConnectError> {
     let profile = &key.profile;
-    let (host, port) = split_authority(&key.authority, key.scheme);
+    let (host, port) = split_authority(key.authority.as_str(), key.scheme);
     let tcp = connect::connect_tcp(host, port, &profile.deny, timeout).await?;
     match key.scheme {
         Scheme::Http => Ok((connect::Stream::Plain(tcp), profile.version == Version::H2)),
@@ -429,18 +429,12 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
         // The Host the proxy chose becomes :authority; the key's own authority is
         // parsed once per request only when they differ.
         let authority = match req.headers_mut().remove(HOST) {
-            Some(v) if v.as_bytes() != key.authority.as_bytes() => {
+            Some(v) if v.as_bytes() != key.authority.as_str().as_bytes() => {
                 Authority::try_from(v.as_bytes()).ok()
             }
             _ => None,
         };
-        let authority = match authority {
-            Some(a) => a,
-            None => Authority::from_maybe_shared(Bytes::copy_from_slice(key.authority.as_bytes()))
-                .map_err(|_| {
-                    UpstreamError::BadTarget(format!("invalid authority {}", key.authority))
-                })?,
-        };
+        let authority = authority.unwrap_or_else(|| key.authority.clone());
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(match key.scheme {
             Scheme::Http => UriScheme::HTTP,
@@ -456,7 +450,7 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
                 .uri()
                 .authority()
                 .map(|a| a.as_str())
-                .unwrap_or(&key.authority);
+                .unwrap_or(key.authority.as_str());
             if let Ok(v) = HeaderValue::from_str(authority) {
                 req.headers_mut().insert(HOST, v);
             }

@@ -58,8 +58,9 @@ pub struct PoolKey {
     /// address policy. Compared by identity.
     pub profile: Arc<Profile>,
     pub scheme: Scheme,
-    /// `host[:port]`; names the peer and, unless the profile overrides it, SNI.
-    pub authority: Arc<str>,
+    /// `host[:port]`; names the peer and, unless the profile overrides it, SNI. Parsed
+    /// once (by the route or the forward path), so HTTP/2's `:authority` costs nothing.
+    pub authority: http::uri::Authority,
 }
 
 impl PartialEq for PoolKey {
@@ -1208,7 +1209,7 @@ mod tests {
                 deny: Vec::new().into(),
             }),
             scheme: Scheme::Http,
-            authority: authority.into(),
+            authority: authority.parse().unwrap(),
         }
     }
 
