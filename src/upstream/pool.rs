@@ -67,7 +67,9 @@ impl PartialEq for PoolKey {
     fn eq(&self, other: &Self) -> bool {
         self.profile.id == other.profile.id
             && self.scheme == other.scheme
-            && self.authority == other.authority
+            // As written (case-sensitive): `Authority`'s own comparison and hash fold
+            // case byte by byte, which costs more than the whole key lookup otherwise.
+            && self.authority.as_str() == other.authority.as_str()
     }
 }
 
@@ -77,7 +79,7 @@ impl std::hash::Hash for PoolKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.profile.id.hash(state);
         self.scheme.hash(state);
-        self.authority.hash(state);
+        self.authority.as_str().hash(state);
     }
 }
 
