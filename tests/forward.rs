@@ -307,14 +307,7 @@ async fn hop_by_hop_headers_never_cross_the_forward_proxy() {
 async fn connect_works_over_an_h2_client_connection() {
     let echo = echo_server().await;
     let strait = Strait::start(OPEN, &[]);
-    let stream = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(strait.addr()).await;
     let req = http::Request::connect(echo.to_string())
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -351,14 +344,7 @@ async fn proxy_connection_close_closes_the_client_connection() {
 async fn extended_connect_tunnels_over_h2() {
     let echo = echo_server().await;
     let strait = Strait::start(OPEN, &[]);
-    let stream = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(strait.addr()).await;
     // RFC 8441: CONNECT with :protocol, :scheme and :path; the authority is the target.
     let mut req = http::Request::connect(format!("http://{echo}/"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())

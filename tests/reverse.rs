@@ -203,14 +203,7 @@ async fn an_h2_body_without_length_reaches_an_h1_upstream_chunked_and_exact() {
     );
     let strait = Strait::start(&config, &[]);
 
-    let stream = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(strait.addr()).await;
     // Frames of odd sizes, including every byte value, with no length announced.
     let chunks: Vec<Bytes> = (0..40u32)
         .map(|i| {

@@ -569,6 +569,24 @@ pub async fn curl(args: &[&str]) -> CurlOut {
     }
 }
 
+// ---- HTTP/2 by hand ----
+
+/// An h2c (prior knowledge) client connection to `addr`, its driver spawned.
+pub async fn h2_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 // ---- raw HTTP -----------------------------------------------------------------------
 
 /// Sends raw bytes on a new connection and returns everything read until the peer
