@@ -1404,6 +1404,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_wait_queue_is_bounded() {
+        let mut l = limits();
+        l.max_conns_per_host = 1;
+        l.wait_timeout = Duration::from_secs(60);
+        let (pool, _) = pool_with(l, false);
+        let k = key("a");
+        let _held = pool.checkout(&k, false).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..MAX_WAITERS {
+            let (pool, k) = (pool.clone(), k.clone());
+            waiting.push(tokio::spawn(async move { pool.checkout(&k, false).await }));
+        }
+        while pool.stats().waiting.load(Ordering::SeqCst) < MAX_WAITERS {
+            tokio::task::yield_now().await;
+        }
+        let started = Instant::now();
+        let err = pool.checkout(&k, false).await.unwrap_err();
+        assert!(matches!(err, CheckoutError::Exhausted));
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "refused at once, not after waiting"
+        );
+        for w in waiting {
+            w.abort();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_waiter_gives_up_after_wait_timeout() {
         let mut l = limits();
         l.max_conns_per_host = 1;
