@@ -32,9 +32,15 @@ fn main() -> ExitCode {
     }
 
     init_logging(cli.log.as_deref());
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime, which skips the work-stealing machinery
+    // (queues, wake-ups across threads) that one thread has no use for.
+    let mut runtime = if config.runtime.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     runtime.enable_all();
-    if config.runtime.workers > 0 {
+    if config.runtime.workers > 1 {
         runtime.worker_threads(config.runtime.workers);
     }
     let runtime = match runtime.build() {
