@@ -31,12 +31,6 @@ impl Body {
     }
 }
 
-impl From<String> for Body {
-    fn from(s: String) -> Body {
-        Body::Full(Some(Bytes::from(s)))
-    }
-}
-
 impl http_body::Body for Body {
     type Data = Bytes;
     type Error = hyper::Error;

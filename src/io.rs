@@ -41,10 +41,6 @@ impl<T> IdleTimeoutIo<T> {
             last_active: now,
         }
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 /// Polls the idle timer after the inner stream returned `Pending`.

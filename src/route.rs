@@ -57,10 +57,6 @@ impl<T> RouteTable<T> {
         table
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-    }
-
     /// The route for a request. `host` is the request's host without port, any case.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&T> {
         let in_list = |list: &[usize]| {
