@@ -143,11 +143,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
 
     let signal = shutdown::wait_for_signal(&hup).await;
+    shutdown.trigger();
     tracing::info!(
         "{signal}: draining, up to {} for in-flight requests",
         humantime::format_duration(config.timeouts.shutdown_grace)
     );
-    shutdown.trigger();
     tasks.close();
     if tokio::time::timeout(config.timeouts.shutdown_grace, tasks.wait())
         .await
