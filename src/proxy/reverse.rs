@@ -163,13 +163,16 @@ impl Proxy {
             RequestBody::Incoming(body)
         };
         let mut last_err = None;
-        for i in route.balancer.order() {
+        let candidates = route.upstreams.len();
+        for (attempt, i) in route.balancer.order().enumerate() {
+            // The headers are copied only while another upstream may still need them.
+            let last = attempt + 1 == candidates;
             let up = &route.upstreams[i];
             let path = route.upstream_path(up, &parts.uri)?;
             let mut req = Request::new(std::mem::take(&mut body));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = Uri::from(path);
-            *req.headers_mut() = if replayable {
+            *req.headers_mut() = if replayable && !last {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)
