@@ -27,45 +27,101 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Removes every hop-by-hop field: the fixed set and each field named in `Connection`
 /// (RFC 9110 §7.6.1), so none crosses the proxy in either direction.
+///
+/// One pass over the names finds what is there; most messages carry none of these or
+/// only `Connection: keep-alive`, so a removal by name (a hash each) happens only for
+/// fields present, and nothing is allocated unless `Connection` names an unusual field.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in Connection go first, before Connection itself is removed.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    // Names listed in Connection go first, before Connection itself is removed. The
+    // usual tokens are `close` and `keep-alive` (already in the fixed set).
+    if present[0] {
+        let named: Vec<String> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("keep-alive")
+            })
+            .map(str::to_owned)
             .collect();
         for name in named {
-            headers.remove(name);
+            // By `&str`: looked up without allocating; a token that is no valid field
+            // name finds nothing.
+            headers.remove(name.as_str());
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(*name);
     }
 }
 
 /// Appends the client's address to `X-Forwarded-For`, folding earlier values into one
 /// comma-separated field.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let client = client.to_canonical().to_string();
+    let mut buf = [0u8; 15];
+    let client = client.to_canonical();
+    let owned;
+    let client: &[u8] = match client {
+        // The common case, written without the formatting machinery.
+        IpAddr::V4(v4) => write_ipv4(v4, &mut buf),
+        IpAddr::V6(v6) => {
+            owned = v6.to_string();
+            owned.as_bytes()
+        }
+    };
     let value = if headers.contains_key(&X_FORWARDED_FOR) {
-        let mut joined = String::new();
+        let mut joined = Vec::new();
         for v in headers.get_all(&X_FORWARDED_FOR) {
             if let Ok(v) = v.to_str() {
-                joined.push_str(v.trim());
-                joined.push_str(", ");
+                joined.extend_from_slice(v.trim().as_bytes());
+                joined.extend_from_slice(b", ");
             }
         }
-        joined.push_str(&client);
-        joined
+        joined.extend_from_slice(client);
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
     } else {
-        client
+        HeaderValue::from_bytes(client)
     };
-    if let Ok(v) = HeaderValue::try_from(value) {
+    if let Ok(v) = value {
         headers.insert(&X_FORWARDED_FOR, v);
     }
+}
+
+/// `a.b.c.d` into `buf`; the same text `Ipv4Addr`'s `Display` writes.
+fn write_ipv4(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &[u8] {
+    let mut n = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    &buf[..n]
 }
 
 #[cfg(test)]
@@ -93,5 +149,36 @@ mod tests {
         h.append("x-forwarded-for", "2.2.2.2".parse().unwrap());
         append_forwarded_for(&mut h, "::ffff:10.0.0.1".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.1");
+    }
+
+    #[test]
+    fn ipv4_addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.100.9.99",
+        ] {
+            let mut buf = [0u8; 15];
+            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+            assert_eq!(write_ipv4(ip, &mut buf), ip.to_string().as_bytes());
+        }
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "2001:db8::1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_fields_keep_everything() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "a.test".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        h.insert("connection", "keep-alive".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
     }
 }

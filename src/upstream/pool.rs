@@ -252,8 +252,12 @@ impl Default for Host {
     }
 }
 
+/// SipHash, std's default, cost more than the rest of a key lookup; foldhash keeps a
+/// per-process random seed (forward-proxy targets are chosen by clients).
+type Hasher = foldhash::quality::RandomState;
+
 struct State {
-    hosts: HashMap<PoolKey, Host>,
+    hosts: HashMap<PoolKey, Host, Hasher>,
     /// Pool-wide order of idle connections, oldest first: (sequence number, key).
     /// Entries of connections taken back out are left in place and skipped when met
     /// (checking a sequence number against its key's short idle list); the queue is
@@ -447,7 +451,7 @@ impl Pool {
         Pool {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
-                    hosts: HashMap::new(),
+                    hosts: HashMap::default(),
                     lru: VecDeque::new(),
                     next_seq: 0,
                     idle_total: 0,
@@ -778,7 +782,7 @@ impl Inner {
         lru.push_back((seq, key.clone()));
         *idle_total += 1;
         self.stats.idle.fetch_add(1, Ordering::Relaxed);
-        let is_live = |hosts: &HashMap<PoolKey, Host>, seq: u64, key: &PoolKey| {
+        let is_live = |hosts: &HashMap<PoolKey, Host, Hasher>, seq: u64, key: &PoolKey| {
             hosts
                 .get(key)
                 .is_some_and(|h| h.idle.iter().any(|c| c.lru_seq == seq))
