@@ -41,6 +41,16 @@ impl<T> IdleTimeoutIo<T> {
             last_active: now,
         }
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// Ready once nothing has moved for the timeout: for a caller that waits on the
+    /// stream's readiness itself rather than reading through this wrapper.
+    pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        check_idle(self.sleep.as_mut(), self.last_active, self.timeout, cx).map(|_| ())
+    }
 }
 
 /// Polls the idle timer after the inner stream returned `Pending`.
@@ -203,6 +213,10 @@ pin_project! {
 impl<T, O> CountingIo<T, O> {
     pub fn new(inner: T, bytes: std::sync::Arc<ConnBytes<O>>) -> Self {
         CountingIo { inner, bytes }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 }
 

@@ -8,7 +8,8 @@
 //! client ─▶ server ─▶ proxy ─▶ upstream ─▶ origin
 //! ```
 //!
-//! - [`server`]: listeners, TLS, serving HTTP/1.1 and HTTP/2 connections, shutdown.
+//! - [`server`]: listeners, TLS, serving HTTP/1.1 and HTTP/2 connections (idle HTTP/1.1
+//!   ones parked without hyper's buffers), shutdown.
 //! - [`proxy`]: what a request is (forward, CONNECT, reverse) and where it goes; the one
 //!   place that turns a refusal into a status code.
 //! - [`route`]: the reverse route table (host and path prefix).

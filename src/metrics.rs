@@ -124,6 +124,7 @@ pub struct Metrics {
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub bytes: Family<BytesLabels, Counter>,
     pub client_connections: Family<ListenerLabels, Gauge>,
+    pub client_connections_parked: Gauge,
     pub connect_duration: Histogram,
     pub tunnels_active: Gauge,
     pub tls_handshake_failures: Counter,
@@ -155,6 +156,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         let bytes = Family::<BytesLabels, Counter>::default();
         let client_connections = Family::<ListenerLabels, Gauge>::default();
+        let client_connections_parked = Gauge::default();
         let connect_duration = latency_histogram();
         let tunnels_active = Gauge::default();
         let tls_handshake_failures = Counter::default();
@@ -183,6 +185,11 @@ impl Metrics {
             "strait_client_connections",
             "Open client connections, by listener",
             client_connections.clone(),
+        );
+        r.register(
+            "strait_client_connections_parked",
+            "Plain HTTP/1.1 client connections parked between requests, without hyper's buffers",
+            client_connections_parked.clone(),
         );
         r.register(
             "strait_pool_events",
@@ -236,6 +243,7 @@ impl Metrics {
             duration,
             bytes,
             client_connections,
+            client_connections_parked,
             connect_duration,
             tunnels_active,
             tls_handshake_failures,

@@ -2,10 +2,12 @@
 //!
 //! Each accepted connection is served by hyper (HTTP/1.1, or HTTP/2 by prior knowledge
 //! or ALPN) with the header-read timeout armed and an [`IdleTimeoutIo`] underneath.
-//! Requests go to the shared [`Proxy`]. This module knows nothing of routes or
-//! upstreams.
+//! A plain HTTP/1.1 connection lends its socket to hyper only while it is busy and
+//! parks between requests ([`park`]). Requests go to the shared [`Proxy`]. This module
+//! knows nothing of routes or upstreams.
 
 mod admin;
+pub mod park;
 mod shutdown;
 pub mod tls;
 
@@ -14,22 +16,27 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
 use crate::config::Config;
 use crate::io::{CountingIo, IdleTimeoutIo};
 use crate::metrics::{Label, ListenerLabels, Metrics};
-use crate::proxy::{ConnBytes, ConnInfo, Proxy, Tracked};
+use crate::proxy::{ConnBytes, ConnInfo, Proxy};
 use crate::upstream::Upstream;
+use park::{Lent, PARK_AFTER, Parking, ServerBody, Sessions};
 use prometheus_client::metrics::gauge::Gauge;
 pub use shutdown::Shutdown;
 
@@ -69,7 +76,12 @@ impl std::error::Error for RunError {}
 /// Everything a connection task needs, shared by all of them.
 struct Shared {
     proxy: Proxy,
+    /// TLS connections and plain ones that open with the HTTP/2 preface.
     http: auto::Builder<TokioExecutor>,
+    /// Plain HTTP/1.1 connections, which park between requests.
+    h1: http1::Builder,
+    /// Plain HTTP/1.1 connections that hyper serves right now.
+    sessions: Sessions,
     idle: Duration,
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -115,6 +127,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let shared = Arc::new(Shared {
         proxy,
         http: http_builder(&config),
+        h1: h1_builder(&config),
+        sessions: Sessions::default(),
         idle: config.timeouts.idle,
         handshake_timeout: config.timeouts.header_read,
         metrics: metrics.clone(),
@@ -177,6 +191,15 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+fn h1_builder(config: &Config) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.header_read)
+        .keep_alive(true);
+    builder
+}
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<tls::Acceptor>,
@@ -218,7 +241,7 @@ async fn accept_loop(
                         local,
                         tls: false,
                     };
-                    serve(stream, info, shared, shutdown).await
+                    serve_plain(stream, info, shared, shutdown).await
                 }
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
@@ -229,7 +252,7 @@ async fn accept_loop(
                                 local,
                                 tls: true,
                             };
-                            serve(tls, info, shared, shutdown).await
+                            Box::pin(serve(tls, info, shared, shutdown)).await
                         }
                         Ok(Err(e)) => {
                             shared.metrics.tls_handshake_failures.inc();
@@ -247,6 +270,180 @@ async fn accept_loop(
     tracing::debug!(listener = ?local, "stopped accepting");
 }
 
+/// RFC 9113 §3.4: what an HTTP/2 client with prior knowledge sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves a plain-TCP client connection: HTTP/2 with prior knowledge through hyper's
+/// auto builder, HTTP/1.1 through [`serve_h1`]. Until the first bytes arrive (at most
+/// `header_read`), the connection holds nothing but its socket.
+async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown) {
+    let deadline = Instant::now() + shared.handshake_timeout;
+    let mut head = [0u8; H2_PREFACE.len()];
+    // `peek` waits for bytes (readiness alone can be a false positive) and leaves
+    // them for whoever serves the connection.
+    let n = tokio::select! {
+        r = stream.peek(&mut head) => match r {
+            Ok(n) if n > 0 => n,
+            _ => return,
+        },
+        () = tokio::time::sleep_until(deadline) => return,
+        () = shutdown.triggered() => return,
+    };
+    if H2_PREFACE.starts_with(&head[..n]) {
+        // HTTP/2, or too few bytes to tell: hyper's auto builder reads on and decides.
+        // Boxed, as its state is large and every plain connection's task would
+        // otherwise reserve room for it.
+        Box::pin(serve(stream, info, shared, shutdown)).await
+    } else {
+        serve_h1(stream, info, shared, shutdown).await
+    }
+}
+
+/// The socket under a plain HTTP/1.1 connection, as hyper sees it.
+type PlainIo = IdleTimeoutIo<CountingIo<TcpStream, crate::proxy::BytesOwner>>;
+
+/// How one hyper connection over a lent socket ended.
+enum Served {
+    /// Parked between requests: the socket and bytes read but not yet parsed.
+    Parked(PlainIo, Bytes),
+    /// hyper closed the connection, or it was upgraded (a tunnel owns it now).
+    Ended(Result<(), hyper::Error>),
+}
+
+/// Serves a plain HTTP/1.1 connection, parking it whenever it waits for its next
+/// request ([`park`]). A parked connection is closed after `timeouts.idle` or at
+/// shutdown.
+async fn serve_h1(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown) {
+    let bytes = Arc::new(ConnBytes::default());
+    let parking = Arc::new(Parking::default());
+    let service = ConnService {
+        shared: shared.clone(),
+        info,
+        bytes: bytes.clone(),
+        parking: Some(parking.clone()),
+    };
+    let mut io = IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), shared.idle);
+    let mut unread = Bytes::new();
+    loop {
+        parking.set_keep_open(false);
+        let lent = TokioIo::new(Lent::new(io, unread, parking.clone()));
+        // Boxed: while parked, this task holds only the socket, not hyper's state.
+        let conn = Box::pin(
+            shared
+                .h1
+                .serve_connection(lent, service.clone())
+                .with_upgrades(),
+        );
+        // Boxed too: its timer and select state are not needed while parked.
+        match Box::pin(drive_h1(conn, &parking, &shared.sessions, &shutdown)).await {
+            Served::Parked(back, rest) => (io, unread) = (back, rest),
+            Served::Ended(result) => {
+                if let Err(e) = result {
+                    tracing::debug!(client = %info.peer, "connection ended: {e}");
+                }
+                break;
+            }
+        }
+        if unread.is_empty() {
+            // Parked: the socket, its idle deadline and nothing else.
+            let parked = &shared.metrics.client_connections_parked;
+            parked.inc();
+            // True when the client sent something, false when the idle time ran out.
+            let wake = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = io.get_ref().get_ref().poll_read_ready(cx) {
+                    return Poll::Ready(r.is_ok());
+                }
+                io.poll_idle(cx).map(|()| false)
+            });
+            let resume = tokio::select! {
+                resume = wake => resume,
+                () = shutdown.triggered() => false,
+            };
+            parked.dec();
+            if !resume {
+                break;
+            }
+        }
+    }
+    account_connection_end(&bytes);
+}
+
+type H1Conn =
+    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Lent<PlainIo>>, ConnService>;
+
+/// Runs one hyper connection until it ends, or until it has waited [`PARK_AFTER`]
+/// with nothing in flight after a reusable exchange (in eager mode: until such an
+/// exchange ends); then takes the socket back.
+async fn drive_h1(
+    mut conn: Pin<Box<H1Conn>>,
+    parking: &Parking,
+    sessions: &Sessions,
+    shutdown: &Shutdown,
+) -> Served {
+    let (_session, eager) = sessions.enter();
+    parking.set_eager(eager);
+    let mut tick = tokio::time::interval_at(Instant::now() + PARK_AFTER, PARK_AFTER);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = parking.started();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return Served::Ended(r),
+            () = shutdown.triggered(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = parking.response_ended(), if !draining => {
+                if parking.may_park() {
+                    break;
+                }
+            }
+            _ = tick.tick(), if !draining => {
+                let started = parking.started();
+                if started == seen && parking.may_park() {
+                    break;
+                }
+                seen = started;
+                parking.set_eager(sessions.crowded());
+            }
+        }
+    }
+    // hyper sits between requests: finishing now sends nothing more and cuts nothing
+    // short; the socket stays open for the loop.
+    parking.set_keep_open(true);
+    conn.as_mut().graceful_shutdown();
+    if let Err(e) = conn.as_mut().await {
+        return Served::Ended(Err(e));
+    }
+    let Some(parts) = Pin::into_inner(conn).into_parts() else {
+        return Served::Ended(Ok(()));
+    };
+    let (io, prefix) = parts.io.into_inner().into_inner();
+    // Copied: the `Bytes` hyper hands back keeps its whole read buffer alive, even
+    // when empty. Pipelined bytes are rare and short.
+    let unread = match (parts.read_buf.is_empty(), prefix.is_empty()) {
+        (true, _) => prefix,
+        (false, true) => Bytes::copy_from_slice(&parts.read_buf),
+        (false, false) => {
+            // hyper read from the prefix only: what it holds comes first.
+            let mut all = Vec::with_capacity(parts.read_buf.len() + prefix.len());
+            all.extend_from_slice(&parts.read_buf);
+            all.extend_from_slice(&prefix);
+            Bytes::from(all)
+        }
+    };
+    Served::Parked(io, unread)
+}
+
+/// The tail of the last response was written after its request was accounted: it goes
+/// to the connection's last owner.
+fn account_connection_end(bytes: &ConnBytes) {
+    let (rx, tx) = bytes.take();
+    if let Some(owner) = bytes.take_owner() {
+        owner.count(rx, tx);
+    }
+}
+
 /// Serves one client connection until it closes, or until shutdown asks it to finish.
 async fn serve<S>(stream: S, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown)
 where
@@ -259,6 +456,7 @@ where
         shared: shared.clone(),
         info,
         bytes: bytes.clone(),
+        parking: None,
     };
     let conn = shared.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -272,11 +470,7 @@ where
     if let Err(e) = result {
         tracing::debug!(client = %info.peer, "connection ended: {e}");
     }
-    // The tail of the last response was written after its request was accounted.
-    let (rx, tx) = bytes.take();
-    if let Some(owner) = bytes.take_owner() {
-        owner.count(rx, tx);
-    }
+    account_connection_end(&bytes);
 }
 
 /// The hyper service for one connection: hands each request to the proxy.
@@ -285,18 +479,27 @@ struct ConnService {
     shared: Arc<Shared>,
     info: ConnInfo,
     bytes: Arc<ConnBytes>,
+    /// Present on connections that park between requests.
+    parking: Option<Arc<Parking>>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<Tracked>;
+    type Response = Response<ServerBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ServerBody>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
         let info = self.info;
         let bytes = self.bytes.clone();
-        Box::pin(async move { Ok(shared.proxy.handle(req, info, &bytes).await) })
+        let mut exchange = self.parking.as_ref().map(|p| p.begin(&req));
+        Box::pin(async move {
+            let resp = shared.proxy.handle(req, info, &bytes).await;
+            if let Some(e) = &mut exchange {
+                e.response(&resp);
+            }
+            Ok(resp.map(|body| ServerBody::new(body, exchange)))
+        })
     }
 }
 
