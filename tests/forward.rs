@@ -31,6 +31,26 @@ async fn absolute_form_goes_upstream_in_origin_form_with_the_targets_host() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_from_many_clients_share_one_upstream_connection() {
+    let origin = Origin::start().await;
+    let strait = Strait::start(OPEN, &[]);
+    let url = format!("{}/again", origin.url());
+    // One after another, each from a new client connection: the upstream connection
+    // goes back to the pool each time and is taken again.
+    for _ in 0..10 {
+        let out = curl(&["-x", &strait.url(), &url]).await;
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    // A body too: the connection stays reusable once the body was sent whole.
+    let out = curl(&["-x", &strait.url(), &url, "--data-binary", "abc"]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let out = curl(&["-x", &strait.url(), &url]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(origin.seen().len(), 12);
+    assert_eq!(origin.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_method_and_its_body_is_forwarded() {
     let origin = Origin::start().await;
     let strait = Strait::start(OPEN, &[]);

@@ -232,6 +232,12 @@ impl Upstream {
         // A streamed body is watched: if the response ends before the body was sent
         // whole, the connection is not reused (hyper would still be writing it).
         let sent_whole = match std::mem::take(req.body_mut()) {
+            // An empty stream is sent by the head alone; hyper never polls it, so a
+            // watcher would never see its end and the connection would not be reused.
+            Body::Incoming(b) if http_body::Body::is_end_stream(&b) => {
+                *req.body_mut() = Body::Empty;
+                None
+            }
             Body::Incoming(b) => {
                 let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 *req.body_mut() = Body::Watched(b, flag.clone());
