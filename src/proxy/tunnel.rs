@@ -99,7 +99,14 @@ impl Proxy {
             };
             let mut client = client;
             let mut upstream = IdleTimeoutIo::new(upstream, idle);
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            match tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut upstream,
+                TUNNEL_BUFFER,
+                TUNNEL_BUFFER,
+            )
+            .await
+            {
                 Ok((rx, tx)) => {
                     tracing::debug!(client = %account.client, target = %account.target, rx, tx, "tunnel closed")
                 }
@@ -114,6 +121,12 @@ impl Proxy {
         Ok(resp)
     }
 }
+
+/// Each direction of a tunnel copies through a buffer this large (64 KiB per tunnel).
+/// Measured on a loopback bulk download against a direct connection (bench/compare,
+/// scenario 5): tokio's default 8 KiB ran at 0.57 of direct, 32 KiB at about 0.77;
+/// 64 and 128 KiB, and splice(2) through a pipe, did no better there.
+const TUNNEL_BUFFER: usize = 32 * 1024;
 
 /// A tunnel's accounting, done when it closes (or its task ends any other way): the
 /// connection's bytes since the CONNECT request, one access log line, the gauge.
