@@ -190,6 +190,11 @@ impl<O> ConnBytes<O> {
         f(&mut self.owner.lock().expect("owner lock"))
     }
 
+    /// Every byte read so far.
+    pub fn read_total(&self) -> u64 {
+        self.rx.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Bytes read and written since the last call: (rx, tx).
     pub fn take(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;

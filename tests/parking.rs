@@ -80,7 +80,7 @@ async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_head_split_across_a_park_arrives_whole() {
+async fn a_later_request_head_sent_slowly_arrives_whole() {
     let origin = Origin::start().await;
     let strait = Strait::start(&config(&origin), &[]);
     let mut s = TcpStream::connect(strait.addr()).await.unwrap();
@@ -88,8 +88,8 @@ async fn a_request_head_split_across_a_park_arrives_whole() {
         .await
         .unwrap();
     read_response(&mut s, "origin says hi").await;
-    // Half a head while hyper still serves the connection; it parks holding those
-    // bytes, and the rest completes the request.
+    // Half a head, a pause longer than the parking delay, then the rest: the partial
+    // head keeps the connection with hyper, and nothing is lost.
     s.write_all(b"GET /sec").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     s.write_all(b"ond?q=1 HTTP/1.1\r\nHost: x\r\nX-Tail: yes\r\n\r\n")
@@ -100,6 +100,90 @@ async fn a_request_head_split_across_a_park_arrives_whole() {
     let last = origin.last();
     assert_eq!(last.uri, "/second?q=1");
     assert_eq!(last.header("x-tail"), Some("yes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_request_head_that_never_completes_is_cut_off_after_header_read() {
+    let origin = Origin::start().await;
+    let strait = Strait::start(
+        &route_to(&origin.url(), "[timeouts]\nheader_read = \"2s\""),
+        &[],
+    );
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut s, "origin says hi").await;
+    // A byte every half second: always something, never a whole head.
+    let started = Instant::now();
+    let mut closed = false;
+    for b in b"GET /drip HTTP/1.1\r\nX-Drip: ".iter().cycle().take(40) {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let waited = started.elapsed();
+    assert!(closed, "still open after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    assert_eq!(origin.seen().len(), 1);
+}
+
+/// More than 256 connections busy at once: each parks as soon as its response ends,
+/// holding the part of its next head that came with the first request; the rest
+/// completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_parks_at_once_and_keeps_the_heads_it_has_begun() {
+    const N: usize = 300;
+    let origin = Origin::start().await;
+    let strait = Strait::start(&config(&origin), &[]);
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+        s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b?n=")
+            .await
+            .unwrap();
+        conns.push(s);
+    }
+    for s in &mut conns {
+        read_response(s, "origin says hi").await;
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    for s in &mut conns {
+        read_response(s, "origin says hi").await;
+    }
+    let mut seen: Vec<String> = origin
+        .seen()
+        .iter()
+        .map(|r| r.uri.clone())
+        .filter(|u| u.starts_with("/b"))
+        .collect();
+    seen.sort();
+    let mut want: Vec<String> = (0..N).map(|i| format!("/b?n={i}")).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    assert!(
+        strait
+            .logs()
+            .iter()
+            .any(|l| l.contains("parked holding part of the next request head")),
+        "no connection parked with a head begun"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,7 +127,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let shared = Arc::new(Shared {
         proxy,
         http: http_builder(&config),
-        h1: h1_builder(&config),
+        h1: h1_builder(),
         sessions: Sessions::default(),
         idle: config.timeouts.idle,
         handshake_timeout: config.timeouts.header_read,
@@ -191,11 +191,13 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-fn h1_builder(config: &Config) -> http1::Builder {
+/// hyper's own header-read timer is off here: it costs a boxed timer per request.
+/// `drive_h1` enforces `header_read` from its periodic check instead.
+fn h1_builder() -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(config.timeouts.header_read)
+        .header_read_timeout(None)
         .keep_alive(true);
     builder
 }
@@ -304,8 +306,9 @@ type PlainIo = IdleTimeoutIo<CountingIo<TcpStream, crate::proxy::BytesOwner>>;
 
 /// How one hyper connection over a lent socket ended.
 enum Served {
-    /// Parked between requests: the socket and bytes read but not yet parsed.
-    Parked(PlainIo, Bytes),
+    /// Parked between requests: the socket, bytes read but not yet parsed, and since
+    /// when those bytes (part of a head) have been waiting for the rest.
+    Parked(PlainIo, Bytes, Option<Instant>),
     /// hyper closed the connection, or it was upgraded (a tunnel owns it now).
     Ended(Result<(), hyper::Error>),
 }
@@ -324,6 +327,7 @@ async fn serve_h1(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdo
     };
     let mut io = IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), shared.idle);
     let mut unread = Bytes::new();
+    let mut head_since = None;
     loop {
         parking.set_keep_open(false);
         let lent = TokioIo::new(Lent::new(io, unread, parking.clone()));
@@ -335,8 +339,9 @@ async fn serve_h1(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdo
                 .with_upgrades(),
         );
         // Boxed too: its timer and select state are not needed while parked.
-        match Box::pin(drive_h1(conn, &parking, &shared.sessions, &shutdown)).await {
-            Served::Parked(back, rest) => (io, unread) = (back, rest),
+        let driving = drive_h1(conn, &parking, &bytes, &shared, &shutdown, head_since);
+        match Box::pin(driving).await {
+            Served::Parked(back, rest, since) => (io, unread, head_since) = (back, rest, since),
             Served::Ended(result) => {
                 if let Err(e) = result {
                     tracing::debug!(client = %info.peer, "connection ended: {e}");
@@ -374,17 +379,33 @@ type H1Conn =
 /// Runs one hyper connection until it ends, or until it has waited [`PARK_AFTER`]
 /// with nothing in flight after a reusable exchange (in eager mode: until such an
 /// exchange ends); then takes the socket back.
+///
+/// It also enforces `timeouts.header_read`, lazily: every check it looks whether bytes
+/// arrived while no request began and none was in flight. That is a request head on
+/// its way; once one has been arriving for `header_read`, the connection is closed.
+/// A connection with part of a head in hand parks only when a response ends (eager
+/// mode), and then carries the head's start into its next session (`head_since`), so
+/// parking never restarts that clock.
 async fn drive_h1(
     mut conn: Pin<Box<H1Conn>>,
     parking: &Parking,
-    sessions: &Sessions,
+    bytes: &ConnBytes,
+    shared: &Shared,
     shutdown: &Shutdown,
+    mut head_since: Option<Instant>,
 ) -> Served {
-    let (_session, eager) = sessions.enter();
+    let (_session, eager) = shared.sessions.enter();
     parking.set_eager(eager);
-    let mut tick = tokio::time::interval_at(Instant::now() + PARK_AFTER, PARK_AFTER);
+    let header_read = shared.handshake_timeout;
+    let every = PARK_AFTER
+        .min(header_read / 2)
+        .max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = parking.started();
+    let mut read_seen = bytes.read_total();
+    // For how long nothing happened.
+    let mut quiet = Duration::ZERO;
     let mut draining = false;
     loop {
         tokio::select! {
@@ -398,13 +419,27 @@ async fn drive_h1(
                     break;
                 }
             }
-            _ = tick.tick(), if !draining => {
-                let started = parking.started();
-                if started == seen && parking.may_park() {
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let (started, read) = (parking.started(), bytes.read_total());
+                if started != seen || parking.busy() {
+                    head_since = None;
+                    quiet = Duration::ZERO;
+                } else if read != read_seen {
+                    head_since.get_or_insert(now);
+                    quiet = Duration::ZERO;
+                } else {
+                    quiet += every;
+                }
+                (seen, read_seen) = (started, read);
+                if head_since.is_some_and(|since| now - since >= header_read) {
+                    tracing::debug!("request head not complete within header_read: closing");
+                    return Served::Ended(Ok(()));
+                }
+                if !draining && head_since.is_none() && quiet >= PARK_AFTER && parking.may_park() {
                     break;
                 }
-                seen = started;
-                parking.set_eager(sessions.crowded());
+                parking.set_eager(shared.sessions.crowded());
             }
         }
     }
@@ -432,7 +467,15 @@ async fn drive_h1(
             Bytes::from(all)
         }
     };
-    Served::Parked(io, unread)
+    // Bytes in hand are part of a head (a whole one would have been served).
+    if !unread.is_empty() {
+        tracing::debug!(
+            bytes = unread.len(),
+            "parked holding part of the next request head"
+        );
+    }
+    let since = (!unread.is_empty()).then(|| head_since.unwrap_or_else(Instant::now));
+    Served::Parked(io, unread, since)
 }
 
 /// The tail of the last response was written after its request was accounted: it goes

@@ -108,6 +108,11 @@ impl Parking {
         self.started.load(Ordering::Relaxed)
     }
 
+    /// True while a request's response has not finished.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
     /// True when the connection may park now: nothing in flight, and the last exchange
     /// left it reusable.
     pub fn may_park(&self) -> bool {
