@@ -407,19 +407,24 @@ async fn drive_h1(
     // For how long nothing happened.
     let mut quiet = Duration::ZERO;
     let mut draining = false;
+    // Only the connection and the tick are polled on every wake of this task (several
+    // per request); the end-of-response signal only in eager mode, and shutdown is
+    // noticed at the next tick: a busy connection finishes within `every` of a drain.
     loop {
+        let eager = parking.eager() && !draining;
         tokio::select! {
+            biased;
             r = conn.as_mut() => return Served::Ended(r),
-            () = shutdown.triggered(), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = parking.response_ended(), if !draining => {
+            () = parking.response_ended(), if eager => {
                 if parking.may_park() {
                     break;
                 }
             }
             _ = tick.tick() => {
+                if !draining && shutdown.is_triggered() {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
                 let now = Instant::now();
                 let (started, read) = (parking.started(), bytes.read_total());
                 if started != seen || parking.busy() {

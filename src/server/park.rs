@@ -127,6 +127,10 @@ impl Parking {
         self.eager.store(eager, Ordering::Relaxed);
     }
 
+    pub fn eager(&self) -> bool {
+        self.eager.load(Ordering::Relaxed)
+    }
+
     /// Completes after a response ended in eager mode.
     pub async fn response_ended(&self) {
         self.ended.notified().await
