@@ -224,10 +224,14 @@ impl Upstream {
         mut req: Request<Body>,
         key: PoolKey,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let idempotent = is_idempotent(req.method());
+        // Only HTTP/2 replays a non-idempotent request (a stream the peer refused); to
+        // an upstream that is surely HTTP/1.1, its body is streamed, never read whole.
+        let may_replay = idempotent || !key.surely_h1();
         let replayable = match replay_plan(req.body()) {
             Replay::Ready => true,
-            Replay::Never => false,
-            Replay::Buffer => Box::pin(buffer_body(&mut req)).await?,
+            Replay::Buffer if may_replay => Box::pin(buffer_body(&mut req)).await?,
+            Replay::Buffer | Replay::Never => false,
         };
         // A streamed body is watched: if the response ends before the body was sent
         // whole, the connection is not reused (hyper would still be writing it).
@@ -248,7 +252,6 @@ impl Upstream {
                 None
             }
         };
-        let idempotent = is_idempotent(req.method());
         let closing = wants_close(req.headers());
         // `upstream_response` runs from here to the response head, retries included.
         let deadline = tokio::time::Instant::now() + self.response_timeout;
@@ -267,9 +270,11 @@ impl Upstream {
                 None => Box::pin(self.pool.checkout(&key, fresh)).await?,
             };
             set_uri(&mut req, &key, conn.is_h2())?;
-            // A copy is needed only where a retry after writing is allowed: a reused
-            // connection or HTTP/2. Failures on fresh HTTP/1.1 connections are final.
-            let copy = (replayable && (conn.is_h2() || (conn.reused && replays_left > 0)))
+            // A copy is needed only where a retry after writing is allowed: HTTP/2, or an
+            // idempotent request on a reused connection. Failures on fresh HTTP/1.1
+            // connections are final.
+            let copy = (replayable
+                && (conn.is_h2() || (conn.reused && idempotent && replays_left > 0)))
                 .then(|| copy_request(&req));
             match conn.send(req, deadline).await {
                 Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, closing, sent_whole)),
@@ -504,11 +509,17 @@ fn h2_unprocessed(e: &hyper::Error) -> bool {
     false
 }
 
+static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+
 /// The origin's `Keep-Alive: timeout=N`, if it sent one.
+#[cfg(test)]
 fn keep_alive_hint(headers: &http::HeaderMap) -> Option<Duration> {
-    static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
-    let v = headers.get(&KEEP_ALIVE)?.to_str().ok()?;
-    v.split(',').find_map(|part| {
+    keep_alive_timeout(headers.get(&KEEP_ALIVE)?)
+}
+
+/// `timeout=N` in one `Keep-Alive` value.
+fn keep_alive_timeout(v: &HeaderValue) -> Option<Duration> {
+    v.to_str().ok()?.split(',').find_map(|part| {
         let (k, n) = part.split_once('=')?;
         if k.trim().eq_ignore_ascii_case("timeout") {
             n.trim().parse::<u64>().ok().map(Duration::from_secs)
@@ -543,19 +554,23 @@ impl ResponseBody {
         request_closes: bool,
         request_sent: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Response<ResponseBody> {
-        let h = resp.headers();
-        // One pass over Connection: `close` forbids reuse; HTTP/1.0 needs `keep-alive`.
-        let (mut closes, mut keeps) = (false, false);
-        for v in h.get_all(CONNECTION) {
-            closes |= has_token(v, "close");
-            keeps |= has_token(v, "keep-alive");
+        // One pass over the fields (a handful; cheaper than two lookups by name):
+        // `Connection: close` forbids reuse, HTTP/1.0 needs `keep-alive`, and
+        // `Keep-Alive: timeout=N` is the origin's idle hint.
+        let (mut closes, mut keeps, mut hint) = (false, false, None);
+        for (name, v) in resp.headers() {
+            if name == CONNECTION {
+                closes |= has_token(v, "close");
+                keeps |= has_token(v, "keep-alive");
+            } else if name == KEEP_ALIVE && hint.is_none() {
+                hint = keep_alive_timeout(v);
+            }
         }
         let http10_without_keep_alive = resp.version() == http::Version::HTTP_10 && !keeps;
         let reusable = !request_closes
             && !closes
             && !http10_without_keep_alive
             && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
-        let hint = keep_alive_hint(h);
         let (parts, inner) = resp.into_parts();
         let mut body = ResponseBody {
             inner,

@@ -83,6 +83,18 @@ impl std::hash::Hash for PoolKey {
     }
 }
 
+impl PoolKey {
+    /// True when every connection for this key speaks HTTP/1.1: `version = "h1"`, or
+    /// `auto` over plain http (h2c only when asked for).
+    pub fn surely_h1(&self) -> bool {
+        match self.profile.version {
+            crate::config::Version::H1 => true,
+            crate::config::Version::H2 => false,
+            crate::config::Version::Auto => self.scheme == Scheme::Http,
+        }
+    }
+}
+
 impl fmt::Display for PoolKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}", self.scheme.as_str(), self.authority)
