@@ -14,8 +14,13 @@
 //! - **Order.** Idle HTTP/1.1 connections are reused last-in first-out, so the warmest
 //!   is used and the coldest ages out. On checkout a connection is verified open and
 //!   ready.
-//! - **Bounds.** `max_idle_per_host` and `max_idle` (least recently used first) cap idle
-//!   connections; `idle_timeout` and an origin's `Keep-Alive: timeout` hint retire them,
+//! - **Bounds.** `max_idle` (pool-wide, least recently used first) caps idle connections
+//!   at once. `max_idle_per_host` caps them within [`SURPLUS_GRACE`]: a check-in beyond it
+//!   marks the key's coldest idle connections surplus, and each is retired by its own
+//!   timer unless a request takes it first. A burst that returns more connections than
+//!   the bound at once (closed-loop clients, responses handled in one batch) thus keeps
+//!   the connections its next round needs instead of closing and reopening them.
+//!   `idle_timeout` and an origin's `Keep-Alive: timeout` hint retire connections too,
 //!   each enforced by the timer of the connection's own driver task, never by a scan.
 //!   `max_conns_per_host` caps open connections; requests beyond it wait in a FIFO queue
 //!   of at most [`MAX_WAITERS`], for at most `wait_timeout`.
@@ -47,6 +52,9 @@ use crate::config::Scheme;
 pub const MAX_WAITERS: usize = 1024;
 /// Stream slots used per HTTP/2 connection before the peer's own limit is known.
 const H2_DEFAULT_STREAMS: usize = 100;
+/// How long a connection beyond `max_idle_per_host` may stay idle (see the Bounds
+/// invariant).
+pub const SURPLUS_GRACE: Duration = Duration::from_secs(1);
 /// Retire a connection this long before an origin's `Keep-Alive: timeout` runs out
 /// (at most half the hint), so no request races the origin's close.
 const HINT_MARGIN: Duration = Duration::from_secs(1);
@@ -159,6 +167,18 @@ pub struct Stats {
     pub on_connect: std::sync::OnceLock<ConnectObserver>,
 }
 
+impl Stats {
+    /// The counter for a connection retired at its `hint_deadline`: the origin's
+    /// keep-alive hint, or the end of its time as surplus (a bound, like LRU).
+    fn retired_by_deadline(&self, shared: &ConnShared) -> &AtomicU64 {
+        if shared.surplus.load(Ordering::Relaxed) {
+            &self.evict_lru
+        } else {
+            &self.evict_hint
+        }
+    }
+}
+
 /// A callback for connect durations (the metrics module installs one).
 pub struct ConnectObserver(pub Box<dyn Fn(Duration) + Send + Sync>);
 
@@ -198,6 +218,9 @@ struct ConnShared {
     head_deadline: AtomicU64,
     /// Set by the timer when it ended the connection for a late response head.
     timed_out: std::sync::atomic::AtomicBool,
+    /// Idle beyond `max_idle_per_host`: `hint_deadline` is its retirement; cleared when
+    /// it is checked in again.
+    surplus: std::sync::atomic::AtomicBool,
 }
 
 /// An idle HTTP/1.1 connection.
@@ -641,7 +664,7 @@ impl Inner {
             self.forget_idle(idle_total);
             let hint = c.shared.hint_deadline.load(Ordering::Relaxed);
             if hint != 0 && hint <= now {
-                Stats::bump(&self.stats.evict_hint);
+                Stats::bump(self.stats.retired_by_deadline(&c.shared));
                 continue;
             }
             if c.sender.is_closed() {
@@ -780,11 +803,20 @@ impl Inner {
             Some(h) => h,
             None => hosts.entry(key.clone()).or_default(),
         };
-        if host.idle.len() >= limits.max_idle_per_host {
-            // The key's coldest connection makes room.
-            host.idle.remove(0);
-            self.forget_idle(idle_total);
-            Stats::bump(&self.stats.evict_lru);
+        // Beyond the key's bound, its coldest connections become surplus: each one's
+        // timer retires it after SURPLUS_GRACE unless a request takes it first.
+        let excess = (host.idle.len() + 1).saturating_sub(limits.max_idle_per_host);
+        if excess > 0 {
+            let retire_at = self.now_ms() + SURPLUS_GRACE.as_millis() as u64;
+            for c in host.idle.iter().take(excess) {
+                if !c.shared.surplus.swap(true, Ordering::Relaxed) {
+                    let hint = c.shared.hint_deadline.load(Ordering::Relaxed);
+                    if hint == 0 || hint > retire_at {
+                        c.shared.hint_deadline.store(retire_at, Ordering::Relaxed);
+                    }
+                    c.shared.rearm.notify_one();
+                }
+            }
         }
         host.idle.push(IdleConn {
             sender,
@@ -825,6 +857,7 @@ impl Inner {
         shared: Arc<ConnShared>,
         hint: Option<Duration>,
     ) {
+        shared.surplus.store(false, Ordering::Relaxed);
         if let Some(hint) = hint {
             let margin = HINT_MARGIN.min(hint / 2);
             let retire_in = hint.saturating_sub(margin);
@@ -914,12 +947,12 @@ impl Inner {
         let Some(host) = hosts.get_mut(key) else {
             return false;
         };
-        let counter = if hinted {
-            &self.stats.evict_hint
-        } else {
-            &self.stats.evict_idle
-        };
         if let Some(pos) = host.idle.iter().position(|c| c.shared.id == id) {
+            let counter = if hinted {
+                self.stats.retired_by_deadline(&host.idle[pos].shared)
+            } else {
+                &self.stats.evict_idle
+            };
             host.idle.remove(pos);
             self.forget_idle(idle_total);
             Stats::bump(counter);
@@ -929,7 +962,11 @@ impl Inner {
             && host.h2[pos].shared.streams.load(Ordering::Relaxed) == 0
         {
             host.h2.remove(pos);
-            Stats::bump(counter);
+            Stats::bump(if hinted {
+                &self.stats.evict_hint
+            } else {
+                &self.stats.evict_idle
+            });
             return true;
         }
         false
@@ -954,6 +991,7 @@ impl Inner {
             rearm: tokio::sync::Notify::new(),
             head_deadline: AtomicU64::new(0),
             timed_out: std::sync::atomic::AtomicBool::new(false),
+            surplus: std::sync::atomic::AtomicBool::new(false),
         });
         let pool = Arc::downgrade(self);
         if h2 {
@@ -1373,8 +1411,12 @@ mod tests {
             get(&mut c, "/").await;
             c.release(true, None);
         }
+        // The coldest is surplus: its timer retires it after the grace.
+        assert_eq!(pool.idle_count(), 3);
+        tokio::time::sleep(SURPLUS_GRACE + Duration::from_millis(100)).await;
         assert_eq!(pool.idle_count(), 2);
-        // Two to "b": the pool-wide bound of three drops the oldest of "a".
+        assert_eq!(pool.stats().evict_lru.load(Ordering::Relaxed), 1);
+        // Two to "b": the pool-wide bound of three drops the oldest of "a" at once.
         for _ in 0..2 {
             conns.push(pool.checkout(&key("b"), false).await.unwrap());
         }
@@ -1387,6 +1429,33 @@ mod tests {
         let state = pool.inner.state.lock().unwrap();
         assert_eq!(state.hosts[&key("a")].idle.len(), 1);
         assert_eq!(state.hosts[&key("b")].idle.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_beyond_max_idle_per_host_keeps_its_connections_for_the_next_round() {
+        let mut l = limits();
+        l.max_idle_per_host = 2;
+        let (pool, connects) = pool_with(l, false);
+        let k = key("a");
+        // Five requests at once return five connections at once, then five more come
+        // a moment later: they reuse all five, nothing is opened again.
+        for round in 0..3 {
+            let mut conns = Vec::new();
+            for _ in 0..5 {
+                conns.push(pool.checkout(&k, false).await.unwrap());
+            }
+            for mut c in conns.drain(..) {
+                get(&mut c, "/").await;
+                c.release(true, None);
+            }
+            assert_eq!(connects.load(Ordering::Relaxed), 5, "round {round}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(pool.stats().evict_lru.load(Ordering::Relaxed), 0);
+        // Quiet for the grace: back within the bound.
+        tokio::time::sleep(SURPLUS_GRACE + Duration::from_millis(100)).await;
+        assert_eq!(pool.idle_count(), 2);
+        assert_eq!(pool.stats().evict_lru.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test(start_paused = true)]
