@@ -11,7 +11,8 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The fixed hop-by-hop fields (RFC 9110 §7.6.1), plus the proxy-auth pair, which only
-/// ever concern the hop between a client and its proxy.
+/// ever concern the hop between a client and its proxy. `Connection` comes first
+/// ([`CONNECTION_AT`]): the fields it names are removed before it.
 const HOP_BY_HOP: [&HeaderName; 9] = [
     &header::CONNECTION,
     &PROXY_CONNECTION,
@@ -24,6 +25,8 @@ const HOP_BY_HOP: [&HeaderName; 9] = [
     &KEEP_ALIVE,
 ];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Where `Connection` stands in [`HOP_BY_HOP`].
+const CONNECTION_AT: usize = 0;
 
 /// Removes every hop-by-hop field: the fixed set and each field named in `Connection`
 /// (RFC 9110 §7.6.1), so none crosses the proxy in either direction.
@@ -45,7 +48,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Names listed in Connection go first, before Connection itself is removed. The
     // usual tokens are `close` and `keep-alive` (already in the fixed set).
-    if present[0] {
+    if present[CONNECTION_AT] {
         let named: Vec<String> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -167,6 +170,11 @@ mod tests {
         let mut h = HeaderMap::new();
         append_forwarded_for(&mut h, "2001:db8::1".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+    }
+
+    #[test]
+    fn connection_stands_where_the_strip_looks_for_it() {
+        assert_eq!(*HOP_BY_HOP[CONNECTION_AT], header::CONNECTION);
     }
 
     #[test]

@@ -327,7 +327,8 @@ async fn serve_h1(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdo
     };
     let mut io = IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), shared.idle);
     let mut unread = Bytes::new();
-    let mut head_since = None;
+    // `serve_plain` saw the first bytes arrive: the first head's clock runs from now.
+    let mut head_since = Some(Instant::now());
     loop {
         parking.set_keep_open(false);
         let lent = TokioIo::new(Lent::new(io, unread, parking.clone()));

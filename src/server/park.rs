@@ -28,12 +28,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version, header};
+use http::{Method, Request, Response, StatusCode, Version, header};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::proxy::Tracked;
+use crate::upstream::connection_has;
 
 /// How long a connection stays with hyper after its last response before it parks.
 /// Long enough that a busy keep-alive client never parks between two requests (each
@@ -147,8 +148,8 @@ pub struct Exchange {
 impl Exchange {
     /// Takes the response into account: a closing or switching response forbids parking.
     pub fn response(&mut self, resp: &Response<Tracked>) {
-        self.reusable &=
-            resp.status() != StatusCode::SWITCHING_PROTOCOLS && !has_token(resp.headers(), "close");
+        self.reusable &= resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            && !connection_has(resp.headers(), "close");
     }
 }
 
@@ -173,17 +174,10 @@ fn request_allows_parking(req: &Request<Incoming>) -> bool {
         return false;
     }
     match req.version() {
-        Version::HTTP_11 => !has_token(req.headers(), "close"),
-        Version::HTTP_10 => has_token(req.headers(), "keep-alive"),
+        Version::HTTP_11 => !connection_has(req.headers(), "close"),
+        Version::HTTP_10 => connection_has(req.headers(), "keep-alive"),
         _ => false,
     }
-}
-
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 /// A response body that carries its [`Exchange`] until hyper is done with it.

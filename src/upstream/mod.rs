@@ -252,7 +252,7 @@ impl Upstream {
                 None
             }
         };
-        let closing = wants_close(req.headers());
+        let closing = connection_has(req.headers(), "close");
         // `upstream_response` runs from here to the response head, retries included.
         let deadline = tokio::time::Instant::now() + self.response_timeout;
         let mut fresh = false;
@@ -359,12 +359,13 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// True when the request asks to close the connection after it.
-fn wants_close(headers: &http::HeaderMap) -> bool {
+/// True when a `Connection` field of `headers` lists `token` (RFC 9110 §7.6.1), such
+/// as `close` or `keep-alive`.
+pub fn connection_has(headers: &http::HeaderMap, token: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()
-        .any(|v| has_token(v, "close"))
+        .any(|v| has_token(v, token))
 }
 
 fn has_token(v: &HeaderValue, token: &str) -> bool {
