@@ -14,6 +14,8 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::upstream::BoxError;
+
 /// A response body on its way to a client.
 #[derive(Debug, Default)]
 pub enum Body {
@@ -33,12 +35,12 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Body::Upstream(b) => Pin::new(b).poll_frame(cx),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),

@@ -197,12 +197,12 @@ impl ServerBody {
 
 impl http_body::Body for ServerBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::upstream::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::upstream::BoxError>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

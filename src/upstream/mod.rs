@@ -8,6 +8,7 @@
 
 pub mod balance;
 pub mod connect;
+pub mod h1;
 pub mod pool;
 
 use std::fmt;
@@ -24,12 +25,12 @@ use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::body::RequestBody as Body;
 use crate::config::{self, Cidr, Scheme, Version};
 pub use connect::{ConnectError, TlsSettings};
-use pool::{Checkout, CheckoutError, Pool, PoolKey, SendError};
+pub use pool::BoxError;
+use pool::{Checkout, CheckoutError, Pool, PoolKey, Reply, SendError};
 
 /// A request body up to this size is read before sending so it can be replayed.
 pub const REPLAY_BUFFER: u64 = 64 * 1024;
@@ -85,7 +86,7 @@ pub enum UpstreamError {
     Timeout(Duration),
     /// The connection failed while the request was under way, or the response was
     /// malformed.
-    Exchange(hyper::Error),
+    Exchange(BoxError),
     /// The target cannot be expressed as a URI, or the handshake failed.
     BadTarget(String),
 }
@@ -117,7 +118,7 @@ impl fmt::Display for UpstreamError {
             }
             UpstreamError::Exchange(e) => {
                 write!(f, "{e}")?;
-                let mut source = std::error::Error::source(e);
+                let mut source = e.source();
                 while let Some(s) = source {
                     write!(f, ": {s}")?;
                     source = s.source();
@@ -161,7 +162,6 @@ impl Upstream {
             max_idle: pool.max_idle,
             max_conns_per_host: pool.max_conns_per_host,
             wait_timeout: pool.wait_timeout,
-            deadline_check: (timeouts.upstream_response / 4).max(Duration::from_millis(10)),
         };
         Upstream {
             pool: Pool::new(limits, connector),
@@ -288,14 +288,19 @@ impl Upstream {
                     }
                     req = *back;
                 }
-                Err(SendError::Failed(e)) => {
+                Err(SendError::Failed {
+                    error: e,
+                    unprocessed,
+                }) => {
                     let retry = match copy {
                         // Not processed by the peer: safe to replay whatever the method.
-                        Some(copy) if conn.is_h2() && h2_unprocessed(&e) => {
+                        Some(copy) if conn.is_h2() && unprocessed => {
                             conn.retire_h2();
                             Some(copy)
                         }
-                        Some(copy) if !conn.is_h2() && idempotent && no_response(&e) => {
+                        // No response byte on a reused connection: the upstream closed it
+                        // as the request went out. An idempotent request goes once more.
+                        Some(copy) if !conn.is_h2() && idempotent && unprocessed => {
                             replays_left -= 1;
                             Some(copy)
                         }
@@ -472,44 +477,6 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
     Ok(())
 }
 
-/// True when the error means no response byte arrived (the peer closed or reset).
-fn no_response(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() || e.is_canceled() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            return matches!(
-                io.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            );
-        }
-        source = s.source();
-    }
-    false
-}
-
-/// True when an HTTP/2 peer did not process the stream (RFC 9113 §8.7): it refused it,
-/// or it was above the GOAWAY's last stream id, or it never left hyper's queue because
-/// the connection's task ended first ("dispatch task is gone": hyper has no predicate
-/// for that one, so its message is matched).
-fn h2_unprocessed(e: &hyper::Error) -> bool {
-    if e.is_user() && e.to_string().contains("dispatch task is gone") {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2e.is_go_away() && h2e.is_remote());
-        }
-        source = s.source();
-    }
-    false
-}
-
 static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
 
 /// The origin's `Keep-Alive: timeout=N`, if it sent one.
@@ -532,7 +499,7 @@ fn keep_alive_timeout(v: &HeaderValue) -> Option<Duration> {
 
 /// A response body that returns its connection to the pool once read to the end.
 pub struct ResponseBody {
-    inner: Incoming,
+    reply: Reply,
     /// Present until the body ends (then released) or is dropped (then closed).
     conn: Option<Checkout>,
     reusable: bool,
@@ -548,10 +515,11 @@ impl fmt::Debug for ResponseBody {
 }
 
 impl ResponseBody {
-    /// Decides reuse from the response head, then releases at once if there is no body.
+    /// Decides reuse from the response head, then releases at once if the body is
+    /// already complete: empty, or (HTTP/1.1) read whole with the head.
     fn wrap(
-        resp: Response<Incoming>,
-        conn: Checkout,
+        resp: Response<Reply>,
+        mut conn: Checkout,
         request_closes: bool,
         request_sent: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Response<ResponseBody> {
@@ -572,15 +540,16 @@ impl ResponseBody {
             && !closes
             && !http10_without_keep_alive
             && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
-        let (parts, inner) = resp.into_parts();
+        let (parts, mut reply) = resp.into_parts();
+        conn.take_buffered(&mut reply);
         let mut body = ResponseBody {
-            inner,
+            reply,
             conn: Some(conn),
             reusable,
             hint,
             request_sent,
         };
-        if http_body::Body::is_end_stream(&body.inner) {
+        if matches!(body.reply, Reply::Buffered(_)) || body.reply.is_end_stream() {
             body.finish();
         }
         Response::from_parts(parts, body)
@@ -599,14 +568,21 @@ impl ResponseBody {
 
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = match (&mut this.reply, &mut this.conn) {
+            (reply, Some(conn)) => conn.poll_reply(reply, cx),
+            (Reply::H1(_), None) => Poll::Ready(None),
+            // HTTP/2 and buffered bodies outlive their checkout.
+            (Reply::H2(body), None) => http_body::Body::poll_frame(Pin::new(body), cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            (Reply::Buffered(data), None) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        };
         match &polled {
             Poll::Ready(None) => this.finish(),
             // HTTP/1.1: the last byte is in; release now, as the reader may stop
@@ -614,7 +590,7 @@ impl http_body::Body for ResponseBody {
             // connection). Not for HTTP/2, whose end flag can arrive while earlier
             // frames are still buffered: there the slot frees on None or drop.
             Poll::Ready(Some(Ok(_)))
-                if this.inner.is_end_stream() && this.conn.as_ref().is_some_and(|c| !c.is_h2()) =>
+                if matches!(this.reply, Reply::H1(_)) && this.reply.is_end_stream() =>
             {
                 this.finish()
             }
@@ -629,11 +605,11 @@ impl http_body::Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.reply.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.reply.size_hint()
     }
 }
 
