@@ -170,3 +170,44 @@ async fn a_request_body_keeps_flowing_while_its_echo_comes_back() {
     assert_eq!(out.body.len(), data.len());
     assert!(out.body == data);
 }
+
+/// Answers the first request on each connection, then reads the second and closes
+/// without a word: the race of a request with an origin's idle close.
+async fn answer_once_origin() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if read_head(&mut s).await.is_some() {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                        .await;
+                }
+                let _ = read_head(&mut s).await;
+                // Closed with the second request unanswered.
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_get_on_a_reused_connection_goes_again_and_a_post_does_not() {
+    let (origin, conns) = answer_once_origin().await;
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    let first = curl(&[&format!("{}/a", strait.url())]).await;
+    assert_eq!(first.text(), "first");
+    // Reused connection, no answer: the GET is written again on a new connection.
+    let again = curl(&[&format!("{}/b", strait.url())]).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.text(), "first");
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    // A POST is not idempotent: the same race is a 502.
+    let post = curl(&["-d", "order=1", &format!("{}/c", strait.url())]).await;
+    assert_eq!(post.status, 502);
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+}

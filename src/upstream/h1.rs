@@ -105,6 +105,18 @@ impl From<io::Error> for Error {
 pub struct Failure {
     pub error: Error,
     pub no_response: bool,
+    /// The request as written, when it had no body or one in memory and got no
+    /// response byte: it can go again, byte for byte, on another HTTP/1.1 connection.
+    pub replay: Option<Written>,
+}
+
+/// A request as it went on the wire (head, and a body that was in memory). Sending it
+/// again costs no copy of its fields.
+#[derive(Debug, Clone)]
+pub struct Written {
+    head: Bytes,
+    body: Option<Bytes>,
+    head_only: bool,
 }
 
 /// How the rest of a response body is delimited (RFC 9112 §6.3).
@@ -255,6 +267,8 @@ pub struct H1Conn {
     broken: bool,
     /// A response byte arrived for the current request.
     answered: bool,
+    /// The current request as written, while it could be sent again.
+    written: Option<Written>,
 }
 
 impl H1Conn {
@@ -265,6 +279,7 @@ impl H1Conn {
             upload: None,
             broken: false,
             answered: false,
+            written: None,
         }
     }
 
@@ -309,6 +324,25 @@ impl H1Conn {
     pub async fn send(&mut self, req: Request<RequestBody>) -> Result<Response<Framing>, Failure> {
         let head_only = req.method() == Method::HEAD;
         self.start(req);
+        std::future::poll_fn(|cx| self.poll_exchange(cx, head_only)).await
+    }
+
+    /// Sends a request written before (on a connection that failed it) once more.
+    pub async fn resend(&mut self, w: Written) -> Result<Response<Framing>, Failure> {
+        let head_only = w.head_only;
+        let mut queue = WriteQueue::default();
+        queue.push(w.head.clone());
+        if let Some(body) = &w.body {
+            queue.push(body.clone());
+        }
+        self.upload = Some(Upload {
+            queue,
+            body: RequestBody::Empty,
+            encoder: Encoder::Length(0),
+            ended: true,
+        });
+        self.answered = false;
+        self.written = Some(w);
         std::future::poll_fn(|cx| self.poll_exchange(cx, head_only)).await
     }
 
@@ -368,10 +402,16 @@ impl H1Conn {
             },
         };
         head.extend_from_slice(b"\r\n");
-        queue.push(Bytes::from(head));
-        if let Some(data) = full {
-            queue.push(data);
+        let head = Bytes::from(head);
+        queue.push(head.clone());
+        if let Some(data) = &full {
+            queue.push(data.clone());
         }
+        self.written = ended.then(|| Written {
+            head,
+            body: full,
+            head_only: parts.method == Method::HEAD,
+        });
         self.upload = Some(Upload {
             queue,
             body: if ended { RequestBody::Empty } else { body },
@@ -449,7 +489,10 @@ impl H1Conn {
         let upload_error = self.poll_upload(cx).err();
         let polled = self.poll_head(cx, head_only);
         match polled {
-            Poll::Ready(Ok(resp)) => Poll::Ready(Ok(resp)),
+            Poll::Ready(Ok(resp)) => {
+                self.written = None;
+                Poll::Ready(Ok(resp))
+            }
             Poll::Ready(Err(e)) => {
                 self.broken = true;
                 let no_response = !self.answered
@@ -461,7 +504,16 @@ impl H1Conn {
                     (Some(u @ (Error::RequestBody(_) | Error::ShortRequestBody)), _) => u,
                     (_, e) => e,
                 };
-                Poll::Ready(Err(Failure { error, no_response }))
+                let replay = if no_response {
+                    self.written.take()
+                } else {
+                    None
+                };
+                Poll::Ready(Err(Failure {
+                    error,
+                    no_response,
+                    replay,
+                }))
             }
             Poll::Pending => {
                 if let Some(e @ (Error::RequestBody(_) | Error::ShortRequestBody)) = upload_error {
@@ -470,6 +522,7 @@ impl H1Conn {
                     return Poll::Ready(Err(Failure {
                         error: e,
                         no_response: false,
+                        replay: None,
                     }));
                 }
                 Poll::Pending

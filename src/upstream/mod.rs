@@ -257,6 +257,10 @@ impl Upstream {
         let deadline = tokio::time::Instant::now() + self.response_timeout;
         let mut fresh = false;
         let mut replays_left = 1;
+        // To an upstream that is surely HTTP/1.1, a replay resends the bytes written the
+        // first time: no copy of the request is made in advance.
+        let h1_only = key.surely_h1();
+        let mut out = Outgoing::Request(req);
         for attempt in 1..=MAX_ATTEMPTS {
             // The common case takes an idle connection without awaiting; the waiting
             // and connecting path is boxed so this future stays small.
@@ -269,14 +273,21 @@ impl Upstream {
                 Some(c) => c,
                 None => Box::pin(self.pool.checkout(&key, fresh)).await?,
             };
-            set_uri(&mut req, &key, conn.is_h2())?;
-            // A copy is needed only where a retry after writing is allowed: HTTP/2, or an
-            // idempotent request on a reused connection. Failures on fresh HTTP/1.1
-            // connections are final.
-            let copy = (replayable
-                && (conn.is_h2() || (conn.reused && idempotent && replays_left > 0)))
-                .then(|| copy_request(&req));
-            match conn.send(req, deadline).await {
+            let (result, copy) = match out {
+                Outgoing::Request(mut req) => {
+                    set_uri(&mut req, &key, conn.is_h2())?;
+                    // A copy is needed only where a retry after writing is allowed:
+                    // HTTP/2, or an idempotent request on a reused connection. Failures
+                    // on fresh HTTP/1.1 connections are final.
+                    let copy = (replayable
+                        && !h1_only
+                        && (conn.is_h2() || (conn.reused && idempotent && replays_left > 0)))
+                        .then(|| copy_request(&req));
+                    (conn.send(req, deadline).await, copy)
+                }
+                Outgoing::Written(w) => (conn.resend(w, deadline).await, None),
+            };
+            match result {
                 Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, closing, sent_whole)),
                 Err(SendError::TimedOut) => {
                     return Err(UpstreamError::Timeout(self.response_timeout));
@@ -286,31 +297,39 @@ impl Upstream {
                     if conn.is_h2() {
                         conn.retire_h2();
                     }
-                    req = *back;
+                    out = Outgoing::Request(*back);
                 }
                 Err(SendError::Failed {
                     error: e,
                     unprocessed,
+                    replay,
                 }) => {
-                    let retry = match copy {
+                    let h1_replay = !conn.is_h2()
+                        && conn.reused
+                        && idempotent
+                        && replayable
+                        && replays_left > 0
+                        && unprocessed;
+                    let retry = match (copy, replay) {
                         // Not processed by the peer: safe to replay whatever the method.
-                        Some(copy) if conn.is_h2() && unprocessed => {
+                        (Some(copy), _) if conn.is_h2() && unprocessed => {
                             conn.retire_h2();
-                            Some(copy)
+                            Some(Outgoing::Request(copy))
                         }
                         // No response byte on a reused connection: the upstream closed it
                         // as the request went out. An idempotent request goes once more.
-                        Some(copy) if !conn.is_h2() && idempotent && unprocessed => {
-                            replays_left -= 1;
-                            Some(copy)
-                        }
+                        (Some(copy), _) if h1_replay => Some(Outgoing::Request(copy)),
+                        (None, Some(w)) if h1_replay && h1_only => Some(Outgoing::Written(w)),
                         _ => None,
                     };
-                    let Some(copy) = retry else {
+                    let Some(next) = retry else {
                         return Err(UpstreamError::Exchange(e));
                     };
+                    if !conn.is_h2() {
+                        replays_left -= 1;
+                    }
                     tracing::debug!(upstream = %key, attempt, "request not processed ({e}); replaying on a fresh connection");
-                    req = copy;
+                    out = next;
                 }
             }
             self.pool.count_retry();
@@ -373,10 +392,19 @@ pub fn connection_has(headers: &http::HeaderMap, token: &str) -> bool {
         .any(|v| has_token(v, token))
 }
 
+/// Compared as bytes: a `str` split and trim cost more than the rest of a response's
+/// reuse decision.
 fn has_token(v: &HeaderValue, token: &str) -> bool {
-    v.to_str()
-        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
+    v.as_bytes()
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// What an attempt sends: the request, or (a replay to an HTTP/1.1 upstream) the
+/// bytes written for it the first time.
+enum Outgoing {
+    Request(Request<Body>),
+    Written(h1::Written),
 }
 
 /// Whether a request body can be replayed, and what it takes.

@@ -359,7 +359,12 @@ pub enum SendError {
     /// The request (or part of it) may have been written. `unprocessed` is true when the
     /// peer surely did not act on it: an HTTP/2 stream it refused or never took, or an
     /// HTTP/1.1 connection that closed or reset before any response byte.
-    Failed { error: BoxError, unprocessed: bool },
+    Failed {
+        error: BoxError,
+        unprocessed: bool,
+        /// HTTP/1.1, unprocessed, body empty or in memory: the request as written.
+        replay: Option<h1::Written>,
+    },
     /// No response head by the deadline.
     TimedOut,
 }
@@ -421,15 +426,7 @@ impl Checkout {
             .as_mut()
             .expect("a checkout has its sender until released");
         match sender {
-            Sender::H1(conn) => match tokio::time::timeout_at(deadline, conn.send(req)).await {
-                Ok(Ok(resp)) => Ok(resp.map(Reply::H1)),
-                Ok(Err(f)) => Err(SendError::Failed {
-                    error: Box::new(f.error),
-                    unprocessed: f.no_response,
-                }),
-                // The checkout is dropped, not released: the connection closes.
-                Err(_) => Err(SendError::TimedOut),
-            },
+            Sender::H1(conn) => h1_result(tokio::time::timeout_at(deadline, conn.send(req)).await),
             Sender::H2(sender) => {
                 let exchange = async {
                     if let Err(e) = sender.ready().await {
@@ -446,6 +443,7 @@ impl Checkout {
                                 SendError::Failed {
                                     unprocessed: h2_unprocessed(&e),
                                     error: Box::new(e),
+                                    replay: None,
                                 }
                             }
                         })
@@ -454,6 +452,25 @@ impl Checkout {
                     .await
                     .unwrap_or(Err(SendError::TimedOut))
             }
+        }
+    }
+
+    /// Sends an HTTP/1.1 request exactly as it was written on a connection that failed
+    /// it ([`SendError::Failed`]'s `replay`).
+    pub async fn resend(
+        &mut self,
+        written: h1::Written,
+        deadline: Instant,
+    ) -> Result<http::Response<Reply>, SendError> {
+        match self.sender.as_mut() {
+            Some(Sender::H1(conn)) => {
+                h1_result(tokio::time::timeout_at(deadline, conn.resend(written)).await)
+            }
+            _ => Err(SendError::Failed {
+                error: "a written HTTP/1.1 request cannot go on an HTTP/2 connection".into(),
+                unprocessed: false,
+                replay: None,
+            }),
         }
     }
 
@@ -551,6 +568,22 @@ impl Drop for Checkout {
             }
             None => {}
         }
+    }
+}
+
+/// An HTTP/1.1 exchange's outcome as `send` reports it.
+fn h1_result(
+    r: Result<Result<http::Response<h1::Framing>, h1::Failure>, tokio::time::error::Elapsed>,
+) -> Result<http::Response<Reply>, SendError> {
+    match r {
+        Ok(Ok(resp)) => Ok(resp.map(Reply::H1)),
+        Ok(Err(f)) => Err(SendError::Failed {
+            error: Box::new(f.error),
+            unprocessed: f.no_response,
+            replay: f.replay,
+        }),
+        // The checkout is dropped, not released: the connection closes.
+        Err(_) => Err(SendError::TimedOut),
     }
 }
 
