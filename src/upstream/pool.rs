@@ -25,7 +25,7 @@
 //!   the connections its next round needs instead of closing and reopening them.
 //!   `idle_timeout` and an origin's `Keep-Alive: timeout` hint retire connections too:
 //!   a checkout never takes a connection past either, and one sweeper task per pool
-//!   closes idle HTTP/1.1 connections whose time is up (every [`sweep_every`]). An
+//!   closes idle HTTP/1.1 connections whose time is up (`sweep_every`). An
 //!   HTTP/2 connection's own driver task keeps its idle timer.
 //!   `max_conns_per_host` caps open connections; requests beyond it wait in a FIFO queue
 //!   of at most [`MAX_WAITERS`], for at most `wait_timeout`.
