@@ -763,8 +763,10 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Response<Fra
             http::Version::HTTP_11
         };
         if coded && length.is_some() {
-            // Both framings: Transfer-Encoding wins, and the connection is not trusted
-            // with another request (RFC 9112 §6.3, item 3).
+            // Both framings: Transfer-Encoding wins, the length is dropped (the client
+            // must not frame by it), and the connection is not trusted with another
+            // request (RFC 9112 §6.3, item 3).
+            headers.remove(CONTENT_LENGTH);
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         *resp.headers_mut() = headers;
@@ -956,6 +958,7 @@ mod tests {
                 .unwrap();
         assert_eq!(*r.body(), Framing::Chunked(Chunk::Size));
         assert_eq!(r.headers()["connection"], "close");
+        assert!(r.headers().get("content-length").is_none());
     }
 
     fn decode_all(raw: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), Error> {
