@@ -318,17 +318,19 @@ impl H1Conn {
         )
     }
 
-    /// Sends a request (origin form, `Host` set) and waits for the response head.
-    /// The request body, if it streams, goes on being sent while the response body is
-    /// read ([`H1Conn::poll_body`]).
-    pub async fn send(&mut self, req: Request<RequestBody>) -> Result<Response<Framing>, Failure> {
+    /// Queues a request (origin form, `Host` set); [`H1Conn::poll_exchange`] then sends
+    /// it and reads the response head. A streamed request body goes on being sent while
+    /// the response body is read ([`H1Conn::poll_body`]). Returns whether the response
+    /// has a head only (a `HEAD` request).
+    pub fn begin(&mut self, req: Request<RequestBody>) -> bool {
         let head_only = req.method() == Method::HEAD;
         self.start(req);
-        std::future::poll_fn(|cx| self.poll_exchange(cx, head_only)).await
+        head_only
     }
 
-    /// Sends a request written before (on a connection that failed it) once more.
-    pub async fn resend(&mut self, w: Written) -> Result<Response<Framing>, Failure> {
+    /// Queues a request written before (on a connection that failed it) to go once
+    /// more, as [`H1Conn::begin`] does.
+    pub fn begin_written(&mut self, w: Written) -> bool {
         let head_only = w.head_only;
         let mut queue = WriteQueue::default();
         queue.push(w.head.clone());
@@ -343,7 +345,7 @@ impl H1Conn {
         });
         self.answered = false;
         self.written = Some(w);
-        std::future::poll_fn(|cx| self.poll_exchange(cx, head_only)).await
+        head_only
     }
 
     /// Queues the request head (with a body already in memory).
@@ -480,7 +482,8 @@ impl H1Conn {
         result
     }
 
-    fn poll_exchange(
+    /// Moves a begun exchange along: the request out, the response head in.
+    pub fn poll_exchange(
         &mut self,
         cx: &mut Context<'_>,
         head_only: bool,

@@ -162,6 +162,7 @@ impl Upstream {
             max_idle: pool.max_idle,
             max_conns_per_host: pool.max_conns_per_host,
             wait_timeout: pool.wait_timeout,
+            deadline_check: (timeouts.upstream_response / 4).max(Duration::from_millis(10)),
         };
         Upstream {
             pool: Pool::new(limits, connector),

@@ -126,6 +126,10 @@ pub struct Limits {
     /// 0 = unlimited.
     pub max_conns_per_host: usize,
     pub wait_timeout: Duration,
+    /// How often the sweep looks at the response deadlines of HTTP/1.1 requests under
+    /// way (a quarter of `upstream_response`): a late head is cut off that much late at
+    /// most, and no request arms a timer of its own.
+    pub deadline_check: Duration,
 }
 
 /// Errors of any kind, as a response body reports them.
@@ -223,6 +227,13 @@ struct ConnShared {
     /// Idle beyond `max_idle_per_host`: `hint_deadline` is its retirement; cleared when
     /// it is checked in again.
     surplus: std::sync::atomic::AtomicBool,
+    /// HTTP/1.1: pool-clock millisecond by which the response head must arrive; 0 when
+    /// no request waits for one. The sweep enforces it.
+    head_deadline: AtomicU64,
+    /// Set by the sweep when `head_deadline` passed.
+    timed_out: std::sync::atomic::AtomicBool,
+    /// The task waiting for the response head, woken by the sweep on a timeout.
+    waiter: Mutex<Option<std::task::Waker>>,
 }
 
 /// An idle HTTP/1.1 connection.
@@ -302,6 +313,9 @@ struct State {
     lru: VecDeque<(u64, PoolKey)>,
     next_seq: u64,
     idle_total: usize,
+    /// Every open HTTP/1.1 connection, for the sweep's look at response deadlines;
+    /// closed ones are dropped from it as the sweep meets them.
+    h1_conns: Vec<Weak<ConnShared>>,
 }
 
 struct Inner {
@@ -426,7 +440,10 @@ impl Checkout {
             .as_mut()
             .expect("a checkout has its sender until released");
         match sender {
-            Sender::H1(conn) => h1_result(tokio::time::timeout_at(deadline, conn.send(req)).await),
+            Sender::H1(conn) => {
+                let head_only = conn.begin(req);
+                h1_exchange(&self.pool, &self.shared, conn, head_only, deadline).await
+            }
             Sender::H2(sender) => {
                 let exchange = async {
                     if let Err(e) = sender.ready().await {
@@ -464,7 +481,8 @@ impl Checkout {
     ) -> Result<http::Response<Reply>, SendError> {
         match self.sender.as_mut() {
             Some(Sender::H1(conn)) => {
-                h1_result(tokio::time::timeout_at(deadline, conn.resend(written)).await)
+                let head_only = conn.begin_written(written);
+                h1_exchange(&self.pool, &self.shared, conn, head_only, deadline).await
             }
             _ => Err(SendError::Failed {
                 error: "a written HTTP/1.1 request cannot go on an HTTP/2 connection".into(),
@@ -571,20 +589,46 @@ impl Drop for Checkout {
     }
 }
 
-/// An HTTP/1.1 exchange's outcome as `send` reports it.
-fn h1_result(
-    r: Result<Result<http::Response<h1::Framing>, h1::Failure>, tokio::time::error::Elapsed>,
+/// Drives a begun HTTP/1.1 exchange to its response head, or to `deadline`: the sweep
+/// marks the connection timed out and wakes this task (no timer per request).
+async fn h1_exchange(
+    pool: &Weak<Inner>,
+    shared: &ConnShared,
+    conn: &mut H1Conn,
+    head_only: bool,
+    deadline: Instant,
 ) -> Result<http::Response<Reply>, SendError> {
-    match r {
-        Ok(Ok(resp)) => Ok(resp.map(Reply::H1)),
-        Ok(Err(f)) => Err(SendError::Failed {
-            error: Box::new(f.error),
-            unprocessed: f.no_response,
-            replay: f.replay,
-        }),
-        // The checkout is dropped, not released: the connection closes.
-        Err(_) => Err(SendError::TimedOut),
-    }
+    let Some(inner) = pool.upgrade() else {
+        return Err(SendError::TimedOut);
+    };
+    let deadline_ms = inner.ms_at(deadline);
+    drop(inner);
+    shared.timed_out.store(false, Ordering::Relaxed);
+    shared.head_deadline.store(deadline_ms, Ordering::Relaxed);
+    let result = std::future::poll_fn(|cx| {
+        if shared.timed_out.load(Ordering::Relaxed) {
+            // The checkout is dropped, not released: the connection closes.
+            return std::task::Poll::Ready(Err(SendError::TimedOut));
+        }
+        let polled = conn.poll_exchange(cx, head_only);
+        if polled.is_pending() {
+            let mut waiter = shared.waiter.lock().expect("waiter lock");
+            if !waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waiter = Some(cx.waker().clone());
+            }
+        }
+        polled.map(|r| match r {
+            Ok(resp) => Ok(resp.map(Reply::H1)),
+            Err(f) => Err(SendError::Failed {
+                error: Box::new(f.error),
+                unprocessed: f.no_response,
+                replay: f.replay,
+            }),
+        })
+    })
+    .await;
+    shared.head_deadline.store(0, Ordering::Relaxed);
+    result
 }
 
 /// True when an HTTP/2 peer did not process the stream (RFC 9113 §8.7): it refused it,
@@ -615,6 +659,7 @@ impl Pool {
                     lru: VecDeque::new(),
                     next_seq: 0,
                     idle_total: 0,
+                    h1_conns: Vec::new(),
                 }),
                 limits,
                 connector,
@@ -734,6 +779,11 @@ impl Inner {
         }
     }
 
+    /// The pool-clock millisecond of an instant (see `now_ms`).
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
     fn now_ms(&self) -> u64 {
         // +1 keeps 0 free to mean "in use" / "no hint".
         self.epoch.elapsed().as_millis() as u64 + 1
@@ -834,7 +884,26 @@ impl Inner {
             }
         }
         hosts.retain(|_, h| h.open > 0 || !h.waiters.is_empty());
+        // Requests under way whose response head is late are woken to end.
+        let mut late = Vec::new();
+        state.h1_conns.retain(|c| {
+            let Some(c) = c.upgrade() else {
+                return false;
+            };
+            let head = c.head_deadline.load(Ordering::Relaxed);
+            if head != 0 && head <= now {
+                c.timed_out.store(true, Ordering::Relaxed);
+                late.push(c);
+            }
+            true
+        });
         drop(state);
+        for c in late {
+            let waker = c.waiter.lock().expect("waiter lock").take();
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
         // The sockets close here, outside the lock.
         drop(gone);
     }
@@ -1165,10 +1234,18 @@ impl Inner {
             streams: AtomicUsize::new(0),
             max_streams: AtomicUsize::new(H2_DEFAULT_STREAMS),
             surplus: std::sync::atomic::AtomicBool::new(false),
+            head_deadline: AtomicU64::new(0),
+            timed_out: std::sync::atomic::AtomicBool::new(false),
+            waiter: Mutex::new(None),
         });
         if !h2 {
             Stats::bump(&self.stats.opened);
             self.observe_connect(started);
+            self.state
+                .lock()
+                .expect("pool lock")
+                .h1_conns
+                .push(Arc::downgrade(&shared));
             self.start_sweeper();
             return Ok(Opened::H1(Box::new(H1Conn::new(stream)), shared));
         }
@@ -1202,12 +1279,18 @@ impl Inner {
     }
 }
 
-/// How often the sweeper looks for idle HTTP/1.1 connections whose time is up: often
-/// enough to hold `idle_timeout`, a surplus connection's grace and a hint's margin to
-/// within half of the shortest (checkouts check deadlines themselves, so a late sweep
-/// only holds a socket a little longer).
+/// How often the sweeper looks for idle HTTP/1.1 connections whose time is up and for
+/// late response heads: often enough to hold `idle_timeout`, a surplus connection's
+/// grace and a hint's margin to within half of the shortest (checkouts check idle
+/// deadlines themselves, so a late sweep only holds a socket a little longer), and
+/// response deadlines to within `deadline_check`.
 fn sweep_every(limits: &Limits) -> Duration {
-    (limits.idle_timeout.min(SURPLUS_GRACE).min(HINT_MARGIN) / 2).max(Duration::from_millis(10))
+    let shortest = limits
+        .idle_timeout
+        .min(SURPLUS_GRACE)
+        .min(HINT_MARGIN)
+        .min(limits.deadline_check * 2);
+    (shortest / 2).max(Duration::from_millis(10))
 }
 
 enum Opened {
@@ -1390,6 +1473,7 @@ mod tests {
             max_idle: 1024,
             max_conns_per_host: 0,
             wait_timeout: Duration::from_secs(5),
+            deadline_check: Duration::from_secs(15),
         }
     }
 
@@ -1712,8 +1796,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_late_http1_response_head_times_out() {
-        let (pool, _) = pool_with(limits(), false);
+    async fn the_sweep_ends_a_late_http1_response_head() {
+        let mut l = limits();
+        l.deadline_check = Duration::from_millis(250);
+        let (pool, _) = pool_with(l, false);
         let k = key("a");
         let mut c = pool.checkout(&k, false).await.unwrap();
         let mut req = http::Request::new(Body::Empty);
@@ -1724,7 +1810,7 @@ mod tests {
         assert!(matches!(result, Err(SendError::TimedOut)));
         let waited = started.elapsed();
         assert!(
-            waited >= Duration::from_secs(1) && waited <= Duration::from_millis(1010),
+            waited >= Duration::from_secs(1) && waited <= Duration::from_millis(1250),
             "{waited:?}"
         );
     }
