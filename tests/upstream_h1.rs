@@ -211,3 +211,62 @@ async fn an_unanswered_get_on_a_reused_connection_goes_again_and_a_post_does_not
     assert_eq!(post.status, 502);
     assert_eq!(conns.load(Ordering::SeqCst), 2);
 }
+
+/// Answers each request with `reply` in pieces of `piece` bytes, 1 ms apart; with
+/// `close_after`, closes after that many bytes instead.
+async fn dripping_origin(
+    reply: &'static [u8],
+    piece: usize,
+    close_after: Option<usize>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            s.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                while read_head(&mut s).await.is_some() {
+                    let end = close_after.unwrap_or(reply.len());
+                    for part in reply[..end].chunks(piece) {
+                        if s.write_all(part).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                    if close_after.is_some() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+const DRIP: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n4;x=y\r\n0123\r\n0\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_arriving_a_few_bytes_at_a_time_is_whole() {
+    let (origin, conns) = dripping_origin(DRIP, 3, None).await;
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    for _ in 0..2 {
+        let out = curl(&[&format!("{}/drip", strait.url())]).await;
+        assert_eq!(out.status, 200);
+        assert_eq!(out.text(), "abcdefghijklmnopqrstuvwxyz0123");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_cut_mid_chunk_never_looks_complete() {
+    let cut = DRIP.len() - 12; // inside the second chunk's data
+    let (origin, _) = dripping_origin(DRIP, 64, Some(cut)).await;
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    let out = curl(&[&format!("{}/cut", strait.url())]).await;
+    assert_eq!(out.status, 200, "the head was whole");
+    assert_ne!(out.exit, 0, "curl must see the body cut short: {out:?}");
+    assert!(!out.text().contains("0123"));
+}

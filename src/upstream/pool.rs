@@ -605,6 +605,7 @@ async fn h1_exchange(
     drop(inner);
     shared.timed_out.store(false, Ordering::Relaxed);
     shared.head_deadline.store(deadline_ms, Ordering::Relaxed);
+    let mut registered = false;
     let result = std::future::poll_fn(|cx| {
         if shared.timed_out.load(Ordering::Relaxed) {
             // The checkout is dropped, not released: the connection closes.
@@ -616,6 +617,7 @@ async fn h1_exchange(
             if !waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *waiter = Some(cx.waker().clone());
             }
+            registered = true;
         }
         polled.map(|r| match r {
             Ok(resp) => Ok(resp.map(Reply::H1)),
@@ -628,6 +630,10 @@ async fn h1_exchange(
     })
     .await;
     shared.head_deadline.store(0, Ordering::Relaxed);
+    if registered {
+        // A waker keeps its task's memory alive: an idle connection holds none.
+        shared.waiter.lock().expect("waiter lock").take();
+    }
     result
 }
 
