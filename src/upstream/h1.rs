@@ -21,9 +21,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::connect::Stream;
@@ -117,6 +120,34 @@ pub struct Written {
     head: Bytes,
     body: Option<Bytes>,
     head_only: bool,
+}
+
+/// What a response head says about its connection. These hop-by-hop fields
+/// (`Connection`, `Keep-Alive`) are read while parsing and not kept in the header map,
+/// where the proxy would only remove them again; a `Connection` naming other fields is
+/// kept, so those are removed with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hop {
+    /// `Connection: close`.
+    pub close: bool,
+    /// `Connection: keep-alive` (what an HTTP/1.0 response needs to be reused).
+    pub keep_alive: bool,
+    /// The origin's `Keep-Alive: timeout=N`.
+    pub hint: Option<Duration>,
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// `timeout=N` in one `Keep-Alive` value.
+pub fn keep_alive_timeout(v: &[u8]) -> Option<Duration> {
+    v.split(|b| *b == b',').find_map(|part| {
+        let (k, n) = std::str::from_utf8(part).ok()?.split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("timeout") {
+            n.trim().parse::<u64>().ok().map(Duration::from_secs)
+        } else {
+            None
+        }
+    })
 }
 
 /// How the rest of a response body is delimited (RFC 9112 §6.3).
@@ -269,6 +300,8 @@ pub struct H1Conn {
     answered: bool,
     /// The current request as written, while it could be sent again.
     written: Option<Written>,
+    /// What the last response head said about the connection.
+    hop: Hop,
 }
 
 impl H1Conn {
@@ -280,7 +313,13 @@ impl H1Conn {
             broken: false,
             answered: false,
             written: None,
+            hop: Hop::default(),
         }
+    }
+
+    /// What the last response head said about the connection.
+    pub fn hop(&self) -> Hop {
+        self.hop
     }
 
     /// True when the connection may carry another request: the last request and
@@ -541,7 +580,8 @@ impl H1Conn {
     ) -> Poll<Result<Response<Framing>, Error>> {
         loop {
             if !self.buf.is_empty() {
-                if let Some(resp) = parse_head(&mut self.buf, head_only)? {
+                if let Some((resp, hop)) = parse_head(&mut self.buf, head_only)? {
+                    self.hop = hop;
                     return Poll::Ready(Ok(resp));
                 }
                 if self.buf.len() >= MAX_HEAD {
@@ -667,7 +707,10 @@ fn write_length(head: &mut Vec<u8>, n: u64) {
 
 /// Parses a response head at the front of `buf`: `None` while incomplete. A 1xx head
 /// (other than 101) is consumed and the next one parsed.
-fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Response<Framing>>, Error> {
+fn parse_head(
+    buf: &mut BytesMut,
+    head_only: bool,
+) -> Result<Option<(Response<Framing>, Hop)>, Error> {
     loop {
         // Field positions, kept while the parser borrows the buffer.
         let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_FIELDS];
@@ -712,6 +755,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Response<Fra
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut coded = false;
+        let mut hop = Hop::default();
         for &(n, nl, v, vl) in &at[..count] {
             let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
                 .map_err(|_| Error::Malformed("invalid field name"))?;
@@ -732,6 +776,30 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Response<Fra
                     .rsplit(|b| *b == b',')
                     .next()
                     .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                continue;
+            } else if name == CONNECTION {
+                let mut names_others = false;
+                for token in raw.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        hop.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        hop.keep_alive = true;
+                    } else if !token.is_empty() {
+                        names_others = true;
+                    }
+                }
+                if !names_others {
+                    continue;
+                }
+            } else if name == KEEP_ALIVE {
+                if hop.hint.is_none() {
+                    hop.hint = keep_alive_timeout(&raw);
+                }
+                continue;
+            } else if name == TE || name == TRAILER || name == UPGRADE || name == PROXY_AUTHENTICATE
+            {
+                // Hop-by-hop: the proxy would remove them.
+                continue;
             }
             // The value shares the head's memory; httparse accepted only bytes a
             // `HeaderValue` allows, so the check here does not fail.
@@ -770,10 +838,10 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Response<Fra
             // must not frame by it), and the connection is not trusted with another
             // request (RFC 9112 §6.3, item 3).
             headers.remove(CONTENT_LENGTH);
-            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            hop.close = true;
         }
         *resp.headers_mut() = headers;
-        return Ok(Some(resp));
+        return Ok(Some((resp, hop)));
     }
 }
 
@@ -889,7 +957,12 @@ mod tests {
 
     fn parse(raw: &[u8]) -> Result<Option<Response<Framing>>, Error> {
         let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, false)
+        Ok(parse_head(&mut buf, false)?.map(|(r, _)| r))
+    }
+
+    fn hop(raw: &[u8]) -> Hop {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, false).unwrap().unwrap().1
     }
 
     #[test]
@@ -960,8 +1033,30 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert_eq!(*r.body(), Framing::Chunked(Chunk::Size));
-        assert_eq!(r.headers()["connection"], "close");
         assert!(r.headers().get("content-length").is_none());
+        assert!(
+            hop(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .close
+        );
+    }
+
+    #[test]
+    fn connection_fields_are_read_not_kept() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nKeep-Alive: timeout=5, max=100\r\nContent-Length: 0\r\n\r\n";
+        let h = hop(raw);
+        assert!(h.keep_alive && !h.close);
+        assert_eq!(h.hint, Some(Duration::from_secs(5)));
+        let r = parse(raw).unwrap().unwrap();
+        assert!(r.headers().get("connection").is_none());
+        assert!(r.headers().get("keep-alive").is_none());
+        // A Connection naming another field stays, so the proxy removes that one too.
+        let raw =
+            b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n";
+        assert!(hop(raw).close);
+        assert_eq!(
+            parse(raw).unwrap().unwrap().headers()["connection"],
+            "close, X-Hop"
+        );
     }
 
     fn decode_all(raw: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), Error> {

@@ -253,7 +253,6 @@ impl Upstream {
                 None
             }
         };
-        let closing = connection_has(req.headers(), "close");
         // `upstream_response` runs from here to the response head, retries included.
         let deadline = tokio::time::Instant::now() + self.response_timeout;
         let mut fresh = false;
@@ -289,7 +288,7 @@ impl Upstream {
                 Outgoing::Written(w) => (conn.resend(w, deadline).await, None),
             };
             match result {
-                Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, closing, sent_whole)),
+                Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, sent_whole)),
                 Err(SendError::TimedOut) => {
                     return Err(UpstreamError::Timeout(self.response_timeout));
                 }
@@ -511,19 +510,7 @@ static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive"
 /// The origin's `Keep-Alive: timeout=N`, if it sent one.
 #[cfg(test)]
 fn keep_alive_hint(headers: &http::HeaderMap) -> Option<Duration> {
-    keep_alive_timeout(headers.get(&KEEP_ALIVE)?)
-}
-
-/// `timeout=N` in one `Keep-Alive` value.
-fn keep_alive_timeout(v: &HeaderValue) -> Option<Duration> {
-    v.to_str().ok()?.split(',').find_map(|part| {
-        let (k, n) = part.split_once('=')?;
-        if k.trim().eq_ignore_ascii_case("timeout") {
-            n.trim().parse::<u64>().ok().map(Duration::from_secs)
-        } else {
-            None
-        }
-    })
+    h1::keep_alive_timeout(headers.get(&KEEP_ALIVE)?.as_bytes())
 }
 
 /// A response body that returns its connection to the pool once read to the end.
@@ -549,24 +536,26 @@ impl ResponseBody {
     fn wrap(
         resp: Response<Reply>,
         mut conn: Checkout,
-        request_closes: bool,
         request_sent: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Response<ResponseBody> {
-        // One pass over the fields (a handful; cheaper than two lookups by name):
         // `Connection: close` forbids reuse, HTTP/1.0 needs `keep-alive`, and
-        // `Keep-Alive: timeout=N` is the origin's idle hint.
-        let (mut closes, mut keeps, mut hint) = (false, false, None);
-        for (name, v) in resp.headers() {
-            if name == CONNECTION {
-                closes |= has_token(v, "close");
-                keeps |= has_token(v, "keep-alive");
-            } else if name == KEEP_ALIVE && hint.is_none() {
-                hint = keep_alive_timeout(v);
+        // `Keep-Alive: timeout=N` is the origin's idle hint. Strait's HTTP/1.1 client
+        // read them while parsing; otherwise one pass over the fields finds them.
+        let hop = conn.h1_hop().unwrap_or_else(|| {
+            let mut hop = h1::Hop::default();
+            for (name, v) in resp.headers() {
+                if name == CONNECTION {
+                    hop.close |= has_token(v, "close");
+                    hop.keep_alive |= has_token(v, "keep-alive");
+                } else if name == KEEP_ALIVE && hop.hint.is_none() {
+                    hop.hint = h1::keep_alive_timeout(v.as_bytes());
+                }
             }
-        }
+            hop
+        });
+        let (closes, keeps, hint) = (hop.close, hop.keep_alive, hop.hint);
         let http10_without_keep_alive = resp.version() == http::Version::HTTP_10 && !keeps;
-        let reusable = !request_closes
-            && !closes
+        let reusable = !closes
             && !http10_without_keep_alive
             && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
         let (parts, mut reply) = resp.into_parts();

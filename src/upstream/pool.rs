@@ -513,6 +513,14 @@ impl Checkout {
         }
     }
 
+    /// What the HTTP/1.1 response head just read said about its connection.
+    pub fn h1_hop(&self) -> Option<h1::Hop> {
+        match &self.sender {
+            Some(Sender::H1(conn)) => Some(conn.hop()),
+            _ => None,
+        }
+    }
+
     /// Takes the whole body of an HTTP/1.1 response when it is already buffered, so
     /// the connection can go back before the client has it.
     pub fn take_buffered(&mut self, reply: &mut Reply) {
