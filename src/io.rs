@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -23,9 +23,7 @@ pin_project! {
     pub struct IdleTimeoutIo<T> {
         #[pin]
         inner: T,
-        // Boxed so the wrapper stays `Unpin` (hyper and copy_bidirectional want that);
-        // one allocation per connection, none per IO call.
-        sleep: Pin<Box<Sleep>>,
+        sleep: LazySleep,
         timeout: Duration,
         last_active: Instant,
     }
@@ -36,7 +34,7 @@ impl<T> IdleTimeoutIo<T> {
         let now = Instant::now();
         IdleTimeoutIo {
             inner,
-            sleep: Box::pin(tokio::time::sleep_until(now + timeout)),
+            sleep: LazySleep::new(now + timeout),
             timeout,
             last_active: now,
         }
@@ -49,20 +47,78 @@ impl<T> IdleTimeoutIo<T> {
     /// Ready once nothing has moved for the timeout: for a caller that waits on the
     /// stream's readiness itself rather than reading through this wrapper.
     pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        check_idle(self.sleep.as_mut(), self.last_active, self.timeout, cx).map(|_| ())
+        check_idle(&mut self.sleep, self.last_active, self.timeout, cx).map(|_| ())
+    }
+}
+
+/// A timer polled only when it may have fired or another task asks: a busy
+/// connection's IO and loop wake several times per request, and polling the timer on
+/// each wake (registering the same waker again) cost more than everything else these
+/// checks do. Boxed so its owner stays `Unpin` (hyper and copy_bidirectional want that):
+/// one allocation per connection, none per wake.
+pub struct LazySleep {
+    sleep: Pin<Box<Sleep>>,
+    /// The waker the timer holds, while it has not fired.
+    polled_with: Option<Waker>,
+}
+
+impl LazySleep {
+    pub fn new(deadline: Instant) -> LazySleep {
+        LazySleep {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            polled_with: None,
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.sleep.deadline()
+    }
+
+    pub fn reset(&mut self, deadline: Instant) {
+        self.sleep.as_mut().reset(deadline);
+        self.polled_with = None;
+    }
+
+    /// Ready once the deadline passed.
+    pub fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.sleep.is_elapsed()
+            && self
+                .polled_with
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.polled_with = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => {
+                self.polled_with = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for LazySleep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazySleep")
+            .field("deadline", &self.deadline())
+            .finish()
     }
 }
 
 /// Polls the idle timer after the inner stream returned `Pending`.
 fn check_idle(
-    sleep: Pin<&mut Sleep>,
+    sleep: &mut LazySleep,
     last_active: Instant,
     timeout: Duration,
     cx: &mut Context<'_>,
 ) -> Poll<io::Error> {
-    let mut sleep = sleep;
     loop {
-        if sleep.as_mut().poll(cx).is_pending() {
+        if sleep.poll_elapsed(cx).is_pending() {
             return Poll::Pending;
         }
         let deadline = last_active + timeout;
@@ -74,7 +130,7 @@ fn check_idle(
         }
         // Activity since the timer was armed: re-arm for the real deadline and poll again
         // so the new deadline is registered with this task.
-        sleep.as_mut().reset(deadline);
+        sleep.reset(deadline);
     }
 }
 
@@ -93,9 +149,7 @@ impl<T: AsyncRead> AsyncRead for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => {
-                check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err)
-            }
+            Poll::Pending => check_idle(this.sleep, *this.last_active, *this.timeout, cx).map(Err),
         }
     }
 }
@@ -114,9 +168,7 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => {
-                check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err)
-            }
+            Poll::Pending => check_idle(this.sleep, *this.last_active, *this.timeout, cx).map(Err),
         }
     }
 
@@ -133,9 +185,7 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => {
-                check_idle(this.sleep.as_mut(), *this.last_active, *this.timeout, cx).map(Err)
-            }
+            Poll::Pending => check_idle(this.sleep, *this.last_active, *this.timeout, cx).map(Err),
         }
     }
 

@@ -401,8 +401,8 @@ async fn drive_h1(
     let every = PARK_AFTER
         .min(header_read / 2)
         .max(Duration::from_millis(10));
-    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Polled on every wake of the task, so a timer that is polled only when due.
+    let mut tick = crate::io::LazySleep::new(Instant::now() + every);
     let mut seen = parking.started();
     let mut read_seen = bytes.read_total();
     // For how long nothing happened.
@@ -421,12 +421,13 @@ async fn drive_h1(
                     break;
                 }
             }
-            _ = tick.tick() => {
+            () = std::future::poll_fn(|cx| tick.poll_elapsed(cx)) => {
                 if !draining && shutdown.is_triggered() {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
                 let now = Instant::now();
+                tick.reset(now + every);
                 let (started, read) = (parking.started(), bytes.read_total());
                 if started != seen || parking.busy() {
                     head_since = None;
