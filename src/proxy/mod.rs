@@ -215,20 +215,22 @@ impl Proxy {
         let tunnel = meta.kind == Kind::Connect && status == 200;
         let access = if tunnel { None } else { self.access.clone() };
         let metrics = self.metrics_on.then(|| self.metrics.clone());
-        let done = (metrics.is_some() || access.is_some()).then(|| Done {
-            metrics,
-            access,
-            bytes: (!tunnel).then(|| bytes.clone()),
-            start,
-            meta,
-            status,
-            method,
-            uri,
-            version,
-            client: conn.peer,
-            referer,
-            user_agent,
-            body_sent: 0,
+        let done = (metrics.is_some() || access.is_some()).then(|| {
+            Box::new(Done {
+                metrics,
+                access,
+                bytes: (!tunnel).then(|| bytes.clone()),
+                start,
+                meta,
+                status,
+                method,
+                uri,
+                version,
+                client: conn.peer,
+                referer,
+                user_agent,
+                body_sent: 0,
+            })
         });
         resp.map(|body| Tracked { body, done })
     }
@@ -381,7 +383,9 @@ fn relay_response(resp: Response<ResponseBody>) -> Response<Body> {
 /// previous request, and the access log line.
 pub struct Tracked {
     body: Body,
-    done: Option<Done>,
+    /// Boxed: a response moves several times on its way to hyper, and this is most of
+    /// its size; without metrics or a log there is none.
+    done: Option<Box<Done>>,
 }
 
 struct Done {
