@@ -180,12 +180,16 @@ impl Proxy {
 
     /// Handles one request; never fails: refusals become short plain-text responses.
     /// The response body carries the request's accounting, done when it ends.
+    ///
+    /// Owns what it uses, so the server boxes this future itself rather than a future
+    /// around it: a request's future is a few KiB, and each nesting level copied it.
     pub async fn handle(
-        &self,
+        self: Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
-        bytes: &Arc<ConnBytes>,
+        bytes: Arc<ConnBytes>,
     ) -> Response<Tracked> {
+        let bytes = &bytes;
         let start = Instant::now();
         // Kept for the log line and metrics; the clones are reference-count bumps.
         let method = req.method().clone();

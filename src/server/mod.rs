@@ -16,7 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -75,7 +75,7 @@ impl std::error::Error for RunError {}
 
 /// Everything a connection task needs, shared by all of them.
 struct Shared {
-    proxy: Proxy,
+    proxy: Arc<Proxy>,
     /// TLS connections and plain ones that open with the HTTP/2 preface.
     http: auto::Builder<TokioExecutor>,
     /// Plain HTTP/1.1 connections, which park between requests.
@@ -125,7 +125,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let proxy = Proxy::new(&config, tasks.clone(), upstream, metrics.clone(), access)
         .map_err(RunError::Config)?;
     let shared = Arc::new(Shared {
-        proxy,
+        proxy: Arc::new(proxy),
         http: http_builder(&config),
         h1: h1_builder(),
         sessions: Sessions::default(),
@@ -536,20 +536,34 @@ struct ConnService {
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<ServerBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ServerBody>, Infallible>> + Send>>;
+    type Future = Serve;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let shared = self.shared.clone();
-        let info = self.info;
-        let bytes = self.bytes.clone();
-        let mut exchange = self.parking.as_ref().map(|p| p.begin(&req));
-        Box::pin(async move {
-            let resp = shared.proxy.handle(req, info, &bytes).await;
-            if let Some(e) = &mut exchange {
-                e.response(&resp);
-            }
-            Ok(resp.map(|body| ServerBody::new(body, exchange)))
-        })
+    fn call(&self, req: Request<Incoming>) -> Serve {
+        let exchange = self.parking.as_ref().map(|p| p.begin(&req));
+        let proxy = self.shared.proxy.clone();
+        Serve {
+            handling: Box::pin(proxy.handle(req, self.info, self.bytes.clone())),
+            exchange,
+        }
+    }
+}
+
+/// One request being handled, and its place in the connection's parking bookkeeping.
+struct Serve {
+    handling: Pin<Box<dyn Future<Output = Response<crate::proxy::Tracked>> + Send>>,
+    exchange: Option<park::Exchange>,
+}
+
+impl Future for Serve {
+    type Output = Result<Response<ServerBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let resp = std::task::ready!(self.handling.as_mut().poll(cx));
+        let mut exchange = self.exchange.take();
+        if let Some(e) = &mut exchange {
+            e.response(&resp);
+        }
+        Poll::Ready(Ok(resp.map(|body| ServerBody::new(body, exchange))))
     }
 }
 
