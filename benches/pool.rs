@@ -72,12 +72,8 @@ impl StraitSide {
             .header("host", self.authority.as_str())
             .body(RequestBody::Empty)
             .unwrap();
-        let target = Target {
-            scheme: Scheme::Http,
-            authority: &self.authority,
-            profile: &self.profile,
-        };
-        let resp = self.upstream.send(req, target).await.unwrap();
+        let target = Target::new(self.profile.clone(), Scheme::Http, self.authority.clone());
+        let resp = self.upstream.send(req, &target).await.unwrap();
         assert_eq!(
             resp.into_body().collect().await.unwrap().to_bytes().len(),
             12

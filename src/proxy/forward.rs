@@ -116,12 +116,8 @@ impl Proxy {
         meta.upstream = Some(Arc::from(authority.as_str()));
         let authority = http::uri::Authority::try_from(authority)
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
-        let target = Target {
-            scheme,
-            authority: &authority,
-            profile: &policy.profile,
-        };
-        let resp = self.upstream.send(req, target).await?;
+        let target = Target::new(policy.profile.clone(), scheme, authority);
+        let resp = self.upstream.send(req, &target).await?;
         let mut resp = relay_response(resp);
         if client_closes {
             resp.headers_mut()

@@ -19,7 +19,7 @@ use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
 use crate::metrics::{Kind, Label};
 use crate::upstream::balance::Balancer;
-use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
+use crate::upstream::{ProfileSettings, Target, TlsSettings, Upstream};
 
 /// A route, ready to serve: its upstreams, their balancer and connection profile.
 pub struct Route {
@@ -29,11 +29,10 @@ pub struct Route {
     names: Vec<Arc<str>>,
     prefix_len: usize,
     upstreams: Vec<UpstreamUrl>,
-    /// Each upstream's authority as a ready `Host` value, and as a pool key part.
+    /// Each upstream's authority as a ready `Host` value, and its pool key.
     host_values: Vec<HeaderValue>,
-    authorities: Vec<Authority>,
+    targets: Vec<Target>,
     balancer: Balancer,
-    profile: Arc<Profile>,
     preserve_host: bool,
 }
 
@@ -81,17 +80,17 @@ impl Route {
                         .map_err(|_| format!("invalid upstream host {}", u.authority))
                 })
                 .collect::<Result<_, _>>()?,
-            authorities: cfg
+            targets: cfg
                 .upstream
                 .0
                 .iter()
                 .map(|u| {
                     Authority::from_maybe_shared(bytes::Bytes::from(u.authority.clone()))
+                        .map(|a| Target::new(profile.clone(), u.scheme, a))
                         .map_err(|_| format!("invalid upstream host {}", u.authority))
                 })
                 .collect::<Result<_, _>>()?,
             balancer: Balancer::new(cfg.upstream.0.len()),
-            profile,
             preserve_host: cfg.preserve_host,
         })
     }
@@ -181,12 +180,7 @@ impl Proxy {
                 req.headers_mut().insert(HOST, route.host_values[i].clone());
             }
             meta.upstream = Some(route.names[i].clone());
-            let target = Target {
-                scheme: up.scheme,
-                authority: &route.authorities[i],
-                profile: &route.profile,
-            };
-            match self.upstream.send(req, target).await {
+            match self.upstream.send(req, &route.targets[i]).await {
                 Ok(resp) => {
                     route.balancer.mark_ok(i);
                     return Ok(relay_response(resp));

@@ -30,7 +30,8 @@ use crate::body::RequestBody as Body;
 use crate::config::{self, Cidr, Scheme, Version};
 pub use connect::{ConnectError, TlsSettings};
 pub use pool::BoxError;
-use pool::{Checkout, CheckoutError, Pool, PoolKey, Reply, SendError};
+pub use pool::PoolKey;
+use pool::{Checkout, CheckoutError, Pool, Reply, SendError};
 
 /// A request body up to this size is read before sending so it can be replayed.
 pub const REPLAY_BUFFER: u64 = 64 * 1024;
@@ -66,14 +67,9 @@ pub struct ProfileSettings {
     pub deny: Arc<[Cidr]>,
 }
 
-/// Where one request goes.
-#[derive(Debug, Clone, Copy)]
-pub struct Target<'a> {
-    pub scheme: Scheme,
-    /// `host[:port]`, exactly as it should appear in the URI.
-    pub authority: &'a Authority,
-    pub profile: &'a Arc<Profile>,
-}
+/// Where one request goes: scheme, authority (`host[:port]`, exactly as it should
+/// appear in the URI) and the [`Profile`] of connection settings, as a pool key.
+pub type Target = PoolKey;
 
 /// Why an upstream exchange failed.
 #[derive(Debug)]
@@ -194,19 +190,14 @@ impl Upstream {
 
     /// Sends `req` (whose URI is in origin form, with `Host` set) to `target` and waits
     /// for the response head, at most `timeouts.upstream_response`.
-    pub fn send(
-        &self,
+    pub fn send<'a>(
+        &'a self,
         req: Request<Body>,
-        target: Target<'_>,
-    ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + '_ {
-        let key = PoolKey {
-            profile: target.profile.clone(),
-            scheme: target.scheme,
-            authority: target.authority.clone(),
-        };
+        target: &'a Target,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + 'a {
         // One box for the whole exchange: its state is large, and callers move (and
         // spawn) their futures; a pointer moves cheaply.
-        Box::pin(self.exchange(req, key))
+        Box::pin(self.exchange(req, target))
     }
 
     /// The exchange with its retry rules:
@@ -223,7 +214,7 @@ impl Upstream {
     async fn exchange(
         &self,
         mut req: Request<Body>,
-        key: PoolKey,
+        key: &PoolKey,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let idempotent = is_idempotent(req.method());
         // Only HTTP/2 replays a non-idempotent request (a stream the peer refused); to
@@ -267,15 +258,15 @@ impl Upstream {
             let found = if fresh {
                 None
             } else {
-                self.pool.try_checkout(&key)
+                self.pool.try_checkout(key)
             };
             let mut conn = match found {
                 Some(c) => c,
-                None => Box::pin(self.pool.checkout(&key, fresh)).await?,
+                None => Box::pin(self.pool.checkout(key, fresh)).await?,
             };
             let (result, copy) = match out {
                 Outgoing::Request(mut req) => {
-                    set_uri(&mut req, &key, conn.is_h2())?;
+                    set_uri(&mut req, key, conn.is_h2())?;
                     // A copy is needed only where a retry after writing is allowed:
                     // HTTP/2, or an idempotent request on a reused connection. Failures
                     // on fresh HTTP/1.1 connections are final.

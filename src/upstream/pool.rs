@@ -67,7 +67,8 @@ pub const SURPLUS_GRACE: Duration = Duration::from_secs(1);
 /// (at most half the hint), so no request races the origin's close.
 const HINT_MARGIN: Duration = Duration::from_secs(1);
 
-/// Everything that makes two connections interchangeable.
+/// Everything that makes two connections interchangeable. Made with [`PoolKey::new`]:
+/// a route makes its keys once, the forward path one per request.
 #[derive(Debug, Clone)]
 pub struct PoolKey {
     /// The connection profile: TLS roots, verification, server name, protocol and
@@ -77,7 +78,14 @@ pub struct PoolKey {
     /// `host[:port]`; names the peer and, unless the profile overrides it, SNI. Parsed
     /// once (by the route or the forward path), so HTTP/2's `:authority` costs nothing.
     pub authority: http::uri::Authority,
+    /// The key's digest, computed once: a request looks its key up twice (checkout and
+    /// check-in), and hashing the authority cost more than the rest of a lookup.
+    digest: u64,
 }
+
+/// The seed of key digests: random per process (forward-proxy targets are chosen by
+/// clients, who must not be able to aim collisions).
+static KEY_SEED: std::sync::OnceLock<foldhash::quality::RandomState> = std::sync::OnceLock::new();
 
 impl PartialEq for PoolKey {
     fn eq(&self, other: &Self) -> bool {
@@ -93,13 +101,26 @@ impl Eq for PoolKey {}
 
 impl std::hash::Hash for PoolKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.profile.id.hash(state);
-        self.scheme.hash(state);
-        self.authority.as_str().hash(state);
+        state.write_u64(self.digest);
     }
 }
 
 impl PoolKey {
+    pub fn new(profile: Arc<Profile>, scheme: Scheme, authority: http::uri::Authority) -> PoolKey {
+        use std::hash::BuildHasher;
+        let digest = KEY_SEED.get_or_init(Default::default).hash_one((
+            profile.id,
+            scheme,
+            authority.as_str(),
+        ));
+        PoolKey {
+            profile,
+            scheme,
+            authority,
+            digest,
+        }
+    }
+
     /// True when every connection for this key speaks HTTP/1.1: `version = "h1"`, or
     /// `auto` over plain http (h2c only when asked for).
     pub fn surely_h1(&self) -> bool {
@@ -1492,16 +1513,16 @@ mod tests {
     }
 
     fn key(authority: &str) -> PoolKey {
-        PoolKey {
-            profile: Arc::new(Profile {
+        PoolKey::new(
+            Arc::new(Profile {
                 id: 0,
                 version: Version::Auto,
                 tls: None,
                 deny: Vec::new().into(),
             }),
-            scheme: Scheme::Http,
-            authority: authority.parse().unwrap(),
-        }
+            Scheme::Http,
+            authority.parse().unwrap(),
+        )
     }
 
     /// Sends `path` on a checked-out connection and reads the whole response.
