@@ -87,21 +87,26 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
             owned.as_bytes()
         }
     };
-    let value = if headers.contains_key(&X_FORWARDED_FOR) {
-        let mut joined = Vec::new();
-        for v in headers.get_all(&X_FORWARDED_FOR) {
-            if let Ok(v) = v.to_str() {
-                joined.extend_from_slice(v.trim().as_bytes());
-                joined.extend_from_slice(b", ");
+    // One lookup: the usual request has no X-Forwarded-For yet.
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(slot) => {
+            if let Ok(v) = HeaderValue::from_bytes(client) {
+                slot.insert(v);
             }
         }
-        joined.extend_from_slice(client);
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
-    } else {
-        HeaderValue::from_bytes(client)
-    };
-    if let Ok(v) = value {
-        headers.insert(&X_FORWARDED_FOR, v);
+        header::Entry::Occupied(mut field) => {
+            let mut joined = Vec::new();
+            for v in field.iter() {
+                if let Ok(v) = v.to_str() {
+                    joined.extend_from_slice(v.trim().as_bytes());
+                    joined.extend_from_slice(b", ");
+                }
+            }
+            joined.extend_from_slice(client);
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+                field.insert(v);
+            }
+        }
     }
 }
 
