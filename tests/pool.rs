@@ -50,39 +50,27 @@ enum Close {
 
 /// Answers one request per connection as if keeping it alive, then closes it.
 async fn closing_origin(how: Close) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let counter = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if read_request(&mut s, Duration::from_secs(10)).await {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                }
-                match how {
-                    Close::Fin => {
-                        let _ = s.shutdown().await;
-                    }
-                    Close::Rst => {
-                        // Give the response a moment to leave (a reset discards what is
-                        // still unsent), then reset the kept-alive connection.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        // SO_LINGER 0: close() sends RST instead of FIN.
-                        let std = s.into_std().unwrap();
-                        let _ = socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO));
-                        drop(std);
-                        return;
-                    }
-                }
-                drop(s);
-            });
+    counting_origin(move |mut s| async move {
+        if read_request(&mut s, Duration::from_secs(10)).await {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
         }
-    });
-    (addr, conns)
+        match how {
+            Close::Fin => {
+                let _ = s.shutdown().await;
+            }
+            Close::Rst => {
+                // Give the response a moment to leave (a reset discards what is still
+                // unsent), then reset the kept-alive connection.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                // SO_LINGER 0: close() sends RST instead of FIN.
+                let std = s.into_std().unwrap();
+                let _ = socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO));
+            }
+        }
+    })
+    .await
 }
 
 /// One keep-alive client connection to strait, sending `n` GETs in a row.
@@ -155,25 +143,15 @@ async fn an_origin_that_resets_each_kept_alive_connection_loses_no_get() {
 
 /// Advertises `Keep-Alive: timeout=2` and closes connections idle for 2 s.
 async fn hinting_origin() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let counter = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                while read_request(&mut s, Duration::from_secs(2)).await {
-                    let reply =
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=2\r\n\r\nok";
-                    if s.write_all(reply).await.is_err() {
-                        break;
-                    }
-                }
-            });
+    counting_origin(|mut s| async move {
+        while read_request(&mut s, Duration::from_secs(2)).await {
+            let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=2\r\n\r\nok";
+            if s.write_all(reply).await.is_err() {
+                break;
+            }
         }
-    });
-    (addr, conns)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

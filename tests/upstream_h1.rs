@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Reads one request head (no body); false at EOF.
 async fn read_head(s: &mut TcpStream) -> Option<String> {
@@ -28,25 +28,16 @@ async fn read_head(s: &mut TcpStream) -> Option<String> {
 /// An origin that keeps its connections and answers the n-th request on each with
 /// `replies[n % len]`; counts connections.
 async fn scripted_origin(replies: &'static [&'static [u8]]) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let counter = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut n = 0;
-                while read_head(&mut s).await.is_some() {
-                    if s.write_all(replies[n % replies.len()]).await.is_err() {
-                        return;
-                    }
-                    n += 1;
-                }
-            });
+    counting_origin(move |mut s| async move {
+        let mut n = 0;
+        while read_head(&mut s).await.is_some() {
+            if s.write_all(replies[n % replies.len()]).await.is_err() {
+                return;
+            }
+            n += 1;
         }
-    });
-    (addr, conns)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,22 +130,16 @@ async fn bad_response_heads_are_502() {
 /// request body must keep flowing while the response body is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_keeps_flowing_while_its_echo_comes_back() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), service)
-                    .await;
+    let (origin, _) = counting_origin(|s| async move {
+        let service =
+            hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
             });
-        }
-    });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+            .await;
+    })
+    .await;
     let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("up");
@@ -174,25 +159,16 @@ async fn a_request_body_keeps_flowing_while_its_echo_comes_back() {
 /// Answers the first request on each connection, then reads the second and closes
 /// without a word: the race of a request with an origin's idle close.
 async fn answer_once_origin() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let counter = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if read_head(&mut s).await.is_some() {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
-                        .await;
-                }
-                let _ = read_head(&mut s).await;
-                // Closed with the second request unanswered.
-            });
+    counting_origin(|mut s| async move {
+        if read_head(&mut s).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                .await;
         }
-    });
-    (addr, conns)
+        let _ = read_head(&mut s).await;
+        // Closed with the second request unanswered.
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,31 +195,22 @@ async fn dripping_origin(
     piece: usize,
     close_after: Option<usize>,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let counter = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            s.set_nodelay(true).unwrap();
-            tokio::spawn(async move {
-                while read_head(&mut s).await.is_some() {
-                    let end = close_after.unwrap_or(reply.len());
-                    for part in reply[..end].chunks(piece) {
-                        if s.write_all(part).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                    }
-                    if close_after.is_some() {
-                        return;
-                    }
+    counting_origin(move |mut s| async move {
+        s.set_nodelay(true).unwrap();
+        while read_head(&mut s).await.is_some() {
+            let end = close_after.unwrap_or(reply.len());
+            for part in reply[..end].chunks(piece) {
+                if s.write_all(part).await.is_err() {
+                    return;
                 }
-            });
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            if close_after.is_some() {
+                return;
+            }
         }
-    });
-    (addr, conns)
+    })
+    .await
 }
 
 const DRIP: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n4;x=y\r\n0123\r\n0\r\n\r\n";

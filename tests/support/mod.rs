@@ -462,6 +462,25 @@ impl Origin {
     }
 }
 
+/// A raw TCP origin that runs `serve` on every connection it accepts, and counts them.
+pub async fn counting_origin<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(s));
+        }
+    });
+    (addr, conns)
+}
+
 /// A raw TCP origin: every connection gets `reply` written after the first read, then
 /// the connection is closed. For malformed responses.
 pub async fn raw_origin(reply: &'static [u8]) -> SocketAddr {
