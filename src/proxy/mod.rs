@@ -203,10 +203,12 @@ impl Proxy {
             None => (None, None),
         };
         let mut meta = Meta::default();
+        // The forward and CONNECT futures are boxed: the request's future is built and
+        // moved whole, and theirs are the largest states it would otherwise hold.
         let result = if method == Method::CONNECT {
-            self.connect(req, conn, &mut meta, bytes).await
+            Box::pin(self.connect(req, conn, &mut meta, bytes)).await
         } else if self.is_forward_form(&req, conn) {
-            self.forward(req, conn, &mut meta).await
+            Box::pin(self.forward(req, conn, &mut meta)).await
         } else {
             self.reverse(req, conn, &mut meta).await
         };
