@@ -202,8 +202,8 @@ impl Upstream {
 
     /// The exchange with its retry rules:
     ///
-    /// - a request hyper hands back unsent is sent again on a fresh connection, whatever
-    ///   its method;
+    /// - a request hyper hands back unsent (HTTP/2) is sent again on a fresh
+    ///   connection, whatever its method;
     /// - a request written to a *reused* HTTP/1.1 connection that got no response byte
     ///   is sent once more on a fresh connection if its method is idempotent (RFC 9110
     ///   §9.2.2) and its body is empty or buffered;
@@ -225,13 +225,18 @@ impl Upstream {
             Replay::Buffer if may_replay => Box::pin(buffer_body(&mut req)).await?,
             Replay::Buffer | Replay::Never => false,
         };
-        // A streamed body is watched: if the response ends before the body was sent
-        // whole, the connection is not reused (hyper would still be writing it).
+        // A streamed body that may go to HTTP/2 is watched: if the response ends before
+        // the body was sent whole, the stream slot is not reused (hyper would still be
+        // writing it). Strait's HTTP/1.1 client knows that itself (`H1Conn::is_clean`).
         let sent_whole = match std::mem::take(req.body_mut()) {
-            // An empty stream is sent by the head alone; hyper never polls it, so a
-            // watcher would never see its end and the connection would not be reused.
+            // An empty stream is sent by the head alone; nothing polls it, so a watcher
+            // would never see its end and the connection would not be reused.
             Body::Incoming(b) if http_body::Body::is_end_stream(&b) => {
                 *req.body_mut() = Body::Empty;
+                None
+            }
+            Body::Incoming(b) if key.surely_h1() => {
+                *req.body_mut() = Body::Incoming(b);
                 None
             }
             Body::Incoming(b) => {
