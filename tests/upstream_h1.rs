@@ -237,3 +237,29 @@ async fn a_chunked_body_cut_mid_chunk_never_looks_complete() {
     assert_ne!(out.exit, 0, "curl must see the body cut short: {out:?}");
     assert!(!out.text().contains("0123"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_origin_closed_while_idle_is_never_handed_a_post() {
+    // Answers one request per connection as if keeping it alive, then closes it.
+    let (origin, conns) = counting_origin(|mut s| async move {
+        if read_head(&mut s).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    for i in 0..3 {
+        let get = curl(&[&format!("{}/g{i}", strait.url())]).await;
+        assert_eq!(get.status, 200);
+        // The close reaches Strait while the connection sits idle.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Not idempotent: sent on the closed connection it would be a 502.
+        let post = curl(&["-d", "n=1", &format!("{}/p{i}", strait.url())]).await;
+        assert_eq!(post.status, 200, "{post:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 6);
+}
