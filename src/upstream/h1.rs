@@ -455,7 +455,9 @@ impl H1Conn {
         if let Some(data) = &full {
             queue.push(data.clone());
         }
-        self.written = ended.then(|| Written {
+        // Kept only where a replay can happen: an idempotent request whose body was in
+        // memory (a non-idempotent one is never sent twice).
+        self.written = (ended && super::is_idempotent(&parts.method)).then(|| Written {
             head,
             body: full,
             head_only: parts.method == Method::HEAD,

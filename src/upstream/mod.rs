@@ -372,7 +372,7 @@ fn split_authority(authority: &str, scheme: Scheme) -> (&str, u16) {
 }
 
 /// RFC 9110 §9.2.2.
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
