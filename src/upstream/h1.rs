@@ -1055,6 +1055,7 @@ mod tests {
         let h = hop(raw);
         assert!(h.keep_alive && !h.close);
         assert_eq!(h.hint, Some(Duration::from_secs(5)));
+        assert_eq!(keep_alive_timeout(b"max=3"), None);
         let r = parse(raw).unwrap().unwrap();
         assert!(r.headers().get("connection").is_none());
         assert!(r.headers().get("keep-alive").is_none());

@@ -503,12 +503,6 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
 
 static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
 
-/// The origin's `Keep-Alive: timeout=N`, if it sent one.
-#[cfg(test)]
-fn keep_alive_hint(headers: &http::HeaderMap) -> Option<Duration> {
-    h1::keep_alive_timeout(headers.get(&KEEP_ALIVE)?.as_bytes())
-}
-
 /// A response body that returns its connection to the pool once read to the end.
 pub struct ResponseBody {
     reply: Reply,
@@ -589,14 +583,7 @@ impl http_body::Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = match (&mut this.reply, &mut this.conn) {
-            (reply, Some(conn)) => conn.poll_reply(reply, cx),
-            (Reply::H1(_), None) => Poll::Ready(None),
-            // HTTP/2 and buffered bodies outlive their checkout.
-            (Reply::H2(body), None) => http_body::Body::poll_frame(Pin::new(body), cx)
-                .map(|f| f.map(|r| r.map_err(BoxError::from))),
-            (Reply::Buffered(data), None) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-        };
+        let polled = this.reply.poll_frame(this.conn.as_mut(), cx);
         match &polled {
             Poll::Ready(None) => this.finish(),
             // HTTP/1.1: the last byte is in; release now, as the reader may stop
@@ -640,15 +627,6 @@ mod tests {
         assert_eq!(split_authority("a.test", Scheme::Https), ("a.test", 443));
         assert_eq!(split_authority("[::1]:9", Scheme::Http), ("::1", 9));
         assert_eq!(split_authority("[::1]", Scheme::Http), ("::1", 80));
-    }
-
-    #[test]
-    fn keep_alive_hints_are_read() {
-        let mut h = http::HeaderMap::new();
-        h.insert("keep-alive", "timeout=5, max=100".parse().unwrap());
-        assert_eq!(keep_alive_hint(&h), Some(Duration::from_secs(5)));
-        h.insert("keep-alive", "max=3".parse().unwrap());
-        assert_eq!(keep_alive_hint(&h), None);
     }
 
     #[test]

@@ -425,6 +425,28 @@ impl Reply {
         }
     }
 
+    /// The next frame of the body. An HTTP/1.1 body is read from `conn`, which also
+    /// moves the rest of its request body along; without one (released at the body's
+    /// end) it has ended. HTTP/2 and buffered bodies need no connection.
+    pub fn poll_frame(
+        &mut self,
+        conn: Option<&mut Checkout>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        match self {
+            Reply::H2(body) => http_body::Body::poll_frame(Pin::new(body), cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Reply::Buffered(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Reply::H1(framing) => match conn.and_then(|c| c.sender.as_mut()) {
+                Some(Sender::H1(conn)) => conn
+                    .poll_body(framing, cx)
+                    .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+                _ => Poll::Ready(None),
+            },
+        }
+    }
+
     pub fn size_hint(&self) -> http_body::SizeHint {
         match self {
             Reply::H2(b) => http_body::Body::size_hint(b),
@@ -449,7 +471,7 @@ impl Checkout {
     /// `deadline`.
     ///
     /// HTTP/1.1 is driven right here, in the caller's task; the response body is read
-    /// through [`Checkout::poll_reply`]. HTTP/2 streams go through hyper's connection
+    /// through [`Reply::poll_frame`]. HTTP/2 streams go through hyper's connection
     /// task.
     pub async fn send(
         &mut self,
@@ -510,27 +532,6 @@ impl Checkout {
                 unprocessed: false,
                 replay: None,
             }),
-        }
-    }
-
-    /// The next frame of a response body from this connection (an HTTP/1.1 one also
-    /// moves the rest of its request body along).
-    pub fn poll_reply(
-        &mut self,
-        reply: &mut Reply,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        use std::task::Poll;
-        match reply {
-            Reply::H2(body) => http_body::Body::poll_frame(Pin::new(body), cx)
-                .map(|f| f.map(|r| r.map_err(BoxError::from))),
-            Reply::Buffered(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Reply::H1(framing) => match &mut self.sender {
-                Some(Sender::H1(conn)) => conn
-                    .poll_body(framing, cx)
-                    .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
-                _ => Poll::Ready(None),
-            },
         }
     }
 
@@ -1539,7 +1540,8 @@ mod tests {
         };
         let (parts, mut reply) = resp.into_parts();
         let mut data = Vec::new();
-        while let Some(frame) = std::future::poll_fn(|cx| c.poll_reply(&mut reply, cx)).await {
+        while let Some(frame) = std::future::poll_fn(|cx| reply.poll_frame(Some(&mut *c), cx)).await
+        {
             if let Ok(d) = frame.unwrap().into_data() {
                 data.extend_from_slice(&d);
             }
