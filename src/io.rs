@@ -44,6 +44,11 @@ impl<T> IdleTimeoutIo<T> {
         &self.inner
     }
 
+    /// The stream underneath, for IO that should not count as activity.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
     /// Ready once nothing has moved for the timeout: for a caller that waits on the
     /// stream's readiness itself rather than reading through this wrapper.
     pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {

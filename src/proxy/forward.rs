@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use http::header::{HOST, HeaderValue};
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use super::auth::Auth;
 use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response};
@@ -71,7 +70,7 @@ impl Proxy {
     /// Forwards an absolute-form request to the server it names.
     pub(super) async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         conn: ConnInfo,
         meta: &mut Meta,
     ) -> Result<Response<Body>, Refusal> {
@@ -112,7 +111,6 @@ impl Proxy {
         headers::strip_hop_by_hop(h);
         h.insert(HOST, host);
 
-        let req = req.map(RequestBody::Incoming);
         meta.upstream = Some(Arc::from(authority.as_str()));
         let authority = http::uri::Authority::try_from(authority)
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;

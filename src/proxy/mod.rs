@@ -20,12 +20,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::access::{AccessLog, Entry};
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::io::ConnBytes as Bytes_;
 use crate::metrics::{BytesLabels, Direction, Kind, Label, Metrics, RequestLabels, RouteLabels};
@@ -185,7 +184,7 @@ impl Proxy {
     /// around it: a request's future is a few KiB, and each nesting level copied it.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         bytes: Arc<ConnBytes>,
     ) -> Response<Tracked> {
@@ -246,7 +245,7 @@ impl Proxy {
     /// HTTP/1 says so with absolute form (RFC 9112 §3.2.2). HTTP/2 always carries an
     /// authority, so there a request is forward proxying only when no route takes it
     /// and it names a server other than this listener.
-    fn is_forward_form(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
+    fn is_forward_form(&self, req: &Request<RequestBody>, conn: ConnInfo) -> bool {
         if self.forward.is_none() || req.uri().scheme().is_none() {
             return false;
         }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use http::header::{HOST, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, Uri};
-use hyper::body::Incoming;
 
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::{ConnInfo, Meta, Proxy, Refusal, relay_response};
@@ -120,7 +119,7 @@ impl Proxy {
     /// Sends an origin-form request to its route's upstreams.
     pub(super) async fn reverse(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         meta: &mut Meta,
     ) -> Result<Response<Body>, Refusal> {
@@ -153,14 +152,11 @@ impl Proxy {
             h.insert(HOST, v);
         }
 
-        // A request without a body can be replayed on the next upstream when one cannot
-        // be reached; one with a body is sent once (its body streams and is gone).
-        let replayable = hyper::body::Body::is_end_stream(&body);
-        let mut body = if replayable {
-            RequestBody::Empty
-        } else {
-            RequestBody::Incoming(body)
-        };
+        // A request without a body, or with one read whole, can be replayed on the next
+        // upstream when one cannot be reached; a streamed body is sent once (it is gone).
+        let empty = http_body::Body::is_end_stream(&body);
+        let replayable = empty || matches!(body, RequestBody::Full(_));
+        let mut body = if empty { RequestBody::Empty } else { body };
         let mut last_err = None;
         let candidates = route.upstreams.len();
         for (attempt, i) in route.balancer.order().enumerate() {
@@ -168,7 +164,10 @@ impl Proxy {
             let last = attempt + 1 == candidates;
             let up = &route.upstreams[i];
             let path = route.upstream_path(up, &parts.uri)?;
-            let mut req = Request::new(std::mem::take(&mut body));
+            let mut req = Request::new(match &body {
+                RequestBody::Full(b) if !last => RequestBody::Full(b.clone()),
+                _ => std::mem::take(&mut body),
+            });
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = Uri::from(path);
             *req.headers_mut() = if replayable && !last {

@@ -2,7 +2,6 @@
 //! `timeouts.idle` passes with no byte moving.
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::forward::Access;
@@ -12,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{ConnBytes, ConnInfo, Meta, Proxy, Refusal, attribute_bytes, protocol_name};
 use crate::access::{AccessLog, Entry};
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::io::IdleTimeoutIo;
 use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::UpstreamError;
@@ -22,7 +21,7 @@ impl Proxy {
     /// Opens a tunnel to the authority a CONNECT request names (RFC 9110 §9.3.6).
     pub(super) async fn connect(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         conn: ConnInfo,
         meta: &mut Meta,
         bytes: &Arc<ConnBytes>,

@@ -7,6 +7,8 @@
 //! knows nothing of routes or upstreams.
 
 mod admin;
+mod date;
+mod h1;
 pub mod park;
 mod shutdown;
 pub mod tls;
@@ -31,6 +33,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
+use crate::body::RequestBody;
 use crate::config::Config;
 use crate::io::{CountingIo, IdleTimeoutIo};
 use crate::metrics::{Label, ListenerLabels, Metrics};
@@ -82,6 +85,8 @@ struct Shared {
     h1: http1::Builder,
     /// Plain HTTP/1.1 connections that hyper serves right now.
     sessions: Sessions,
+    /// Parked plain HTTP/1.1 connections that kept their buffers ([`h1::KEEP_BUFFERS`]).
+    kept_buffers: std::sync::atomic::AtomicUsize,
     idle: Duration,
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -129,6 +134,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         http: http_builder(&config),
         h1: h1_builder(),
         sessions: Sessions::default(),
+        kept_buffers: Default::default(),
         idle: config.timeouts.idle,
         handshake_timeout: config.timeouts.header_read,
         metrics: metrics.clone(),
@@ -276,7 +282,7 @@ async fn accept_loop(
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves a plain-TCP client connection: HTTP/2 with prior knowledge through hyper's
-/// auto builder, HTTP/1.1 through [`serve_h1`]. Until the first bytes arrive (at most
+/// auto builder, HTTP/1.1 through Strait's own server ([`h1`]). Until the first bytes arrive (at most
 /// `header_read`), the connection holds nothing but its socket.
 async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown) {
     let deadline = Instant::now() + shared.handshake_timeout;
@@ -297,7 +303,7 @@ async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shu
         // otherwise reserve room for it.
         Box::pin(serve(stream, info, shared, shutdown)).await
     } else {
-        serve_h1(stream, info, shared, shutdown).await
+        h1::serve(stream, info, shared, shutdown).await
     }
 }
 
@@ -313,65 +319,61 @@ enum Served {
     Ended(Result<(), hyper::Error>),
 }
 
-/// Serves a plain HTTP/1.1 connection, parking it whenever it waits for its next
-/// request ([`park`]). A parked connection is closed after `timeouts.idle` or at
-/// shutdown.
-async fn serve_h1(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown) {
-    let bytes = Arc::new(ConnBytes::default());
-    let parking = Arc::new(Parking::default());
-    let service = ConnService {
-        shared: shared.clone(),
-        info,
-        bytes: bytes.clone(),
-        parking: Some(parking.clone()),
-    };
-    let mut io = IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), shared.idle);
-    let mut unread = Bytes::new();
-    // `serve_plain` saw the first bytes arrive: the first head's clock runs from now.
-    let mut head_since = Some(Instant::now());
-    loop {
+/// The hyper side of a plain HTTP/1.1 connection, made when the connection first
+/// sends something Strait's own server leaves to hyper ([`h1`]).
+struct HyperSide {
+    service: ConnService,
+    parking: Arc<Parking>,
+    bytes: Arc<ConnBytes>,
+}
+
+impl HyperSide {
+    fn new(shared: &Arc<Shared>, info: ConnInfo, bytes: &Arc<ConnBytes>) -> HyperSide {
+        let parking = Arc::new(Parking::default());
+        HyperSide {
+            service: ConnService {
+                shared: shared.clone(),
+                info,
+                bytes: bytes.clone(),
+                parking: Some(parking.clone()),
+            },
+            parking,
+            bytes: bytes.clone(),
+        }
+    }
+
+    /// Serves the connection with hyper, `unread` first, until hyper sits idle
+    /// between requests ([`park`]); then hands back the socket, the bytes hyper read
+    /// but did not use, and since when those (part of a head) have been waiting. None
+    /// once the connection ended.
+    async fn serve(
+        &self,
+        io: PlainIo,
+        unread: Bytes,
+        head_since: Option<Instant>,
+        shared: &Shared,
+        shutdown: &Shutdown,
+    ) -> Option<(PlainIo, Bytes, Option<Instant>)> {
+        let parking = &self.parking;
         parking.set_keep_open(false);
         let lent = TokioIo::new(Lent::new(io, unread, parking.clone()));
-        // Boxed: while parked, this task holds only the socket, not hyper's state.
         let conn = Box::pin(
             shared
                 .h1
-                .serve_connection(lent, service.clone())
+                .serve_connection(lent, self.service.clone())
                 .with_upgrades(),
         );
-        // Boxed too: its timer and select state are not needed while parked.
-        let driving = drive_h1(conn, &parking, &bytes, &shared, &shutdown, head_since);
-        match Box::pin(driving).await {
-            Served::Parked(back, rest, since) => (io, unread, head_since) = (back, rest, since),
+        let driving = drive_h1(conn, parking, &self.bytes, shared, shutdown, head_since);
+        match driving.await {
+            Served::Parked(io, rest, since) => Some((io, rest, since)),
             Served::Ended(result) => {
                 if let Err(e) = result {
-                    tracing::debug!(client = %info.peer, "connection ended: {e}");
+                    tracing::debug!(client = %self.service.info.peer, "connection ended: {e}");
                 }
-                break;
-            }
-        }
-        if unread.is_empty() {
-            // Parked: the socket, its idle deadline and nothing else.
-            let parked = &shared.metrics.client_connections_parked;
-            parked.inc();
-            // True when the client sent something, false when the idle time ran out.
-            let wake = std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = io.get_ref().get_ref().poll_read_ready(cx) {
-                    return Poll::Ready(r.is_ok());
-                }
-                io.poll_idle(cx).map(|()| false)
-            });
-            let resume = tokio::select! {
-                resume = wake => resume,
-                () = shutdown.triggered() => false,
-            };
-            parked.dec();
-            if !resume {
-                break;
+                None
             }
         }
     }
-    account_connection_end(&bytes);
 }
 
 type H1Conn =
@@ -542,7 +544,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let exchange = self.parking.as_ref().map(|p| p.begin(&req));
         let proxy = self.shared.proxy.clone();
         Serve {
-            handling: Box::pin(proxy.handle(req, self.info, self.bytes.clone())),
+            handling: Box::pin(proxy.handle(
+                req.map(RequestBody::Incoming),
+                self.info,
+                self.bytes.clone(),
+            )),
             exchange,
         }
     }

@@ -1,5 +1,7 @@
 //! Graceful shutdown: one signal, observed by every accept loop and connection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -8,6 +10,8 @@ use tokio::sync::watch;
 pub struct Shutdown {
     tx: std::sync::Arc<watch::Sender<bool>>,
     rx: watch::Receiver<bool>,
+    /// The same signal as a plain flag: checked on every park of every connection.
+    flag: std::sync::Arc<AtomicBool>,
 }
 
 impl Default for Shutdown {
@@ -22,17 +26,28 @@ impl Shutdown {
         Shutdown {
             tx: std::sync::Arc::new(tx),
             rx,
+            flag: Default::default(),
         }
     }
 
     /// Starts the drain everywhere.
     pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
         self.tx.send_replace(true);
     }
 
     /// True once the drain has started.
     pub fn is_triggered(&self) -> bool {
-        *self.rx.borrow()
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// [`Shutdown::triggered`] as a future that owns what it needs, for a connection
+    /// to keep across many waits.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.rx.clone();
+        async move {
+            let _ = rx.wait_for(|&stop| stop).await;
+        }
     }
 
     /// Completes once [`Shutdown::trigger`] was called (at once if it already was).

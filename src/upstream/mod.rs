@@ -391,9 +391,13 @@ pub fn connection_has(headers: &http::HeaderMap, token: &str) -> bool {
 /// Compared as bytes: a `str` split and trim cost more than the rest of a response's
 /// reuse decision.
 fn has_token(v: &HeaderValue, token: &str) -> bool {
-    v.as_bytes()
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    list_has(v.as_bytes(), token.as_bytes())
+}
+
+/// True when a comma-separated field value lists `token` (ASCII case-insensitive).
+pub(crate) fn list_has(v: &[u8], token: &[u8]) -> bool {
+    v.split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// What an attempt sends: the request, or (a replay to an HTTP/1.1 upstream) the

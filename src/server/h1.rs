@@ -1,0 +1,706 @@
+//! Strait's own HTTP/1.1 server for plain client connections.
+//!
+//! The common request is served here, in the connection's task, with nothing between
+//! the socket and the proxy: HTTP/1.1, origin or absolute form, no body or a
+//! Content-Length body of at most [`MAX_BODY`] bytes (read whole first, as nginx buffers
+//! request bodies), no `Expect`, no upgrade. Its head is parsed with httparse straight
+//! into the request, with field values sharing the read buffer, and its response head
+//! goes out together with the start of its body in one write. Between requests a
+//! connection holds its socket and nothing else (it is *parked*).
+//!
+//! Everything else is handed, with every byte read so far, to a hyper session
+//! ([`super::HyperSide`]): HTTP/1.0, CONNECT, upgrades, `Expect`, chunked or longer
+//! bodies, repeated lengths, heads that do not parse (hyper answers 400), heads longer
+//! than [`MAX_HEAD`] or with more than [`MAX_FIELDS`] fields (hyper reads on to its own
+//! limits, then answers 431). hyper serves that connection as before and gives the
+//! socket back once it sits idle between requests (park.rs).
+
+use std::future::{Future, poll_fn};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body::Body as _;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end, date};
+use crate::body::RequestBody;
+use crate::io::{CountingIo, IdleTimeoutIo};
+use crate::proxy::{ConnBytes, ConnInfo, Tracked};
+use crate::upstream::list_has;
+
+/// Fields a request head may have here; one with more goes to hyper, whose limit is
+/// the same (it answers 431).
+pub const MAX_FIELDS: usize = 100;
+/// A request head not complete within this many bytes goes to hyper, which reads on
+/// to its own limit (about 400 KiB), then answers 431.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Request bodies of at most this many bytes (by Content-Length) are read whole before
+/// the request is handled; longer ones stream through hyper.
+pub const MAX_BODY: usize = 64 * 1024;
+/// At most this many parked connections keep their buffers (an 8 KiB read buffer, the
+/// response head's buffer and a header map: about 10 KiB each) for their next request;
+/// the others hold their socket alone. Busy keep-alive clients then allocate nothing
+/// per request, and idle ones cost at most about 2.5 MiB in all.
+pub const KEEP_BUFFERS: usize = 256;
+/// What a read asks the socket for at least.
+const READ_SIZE: usize = 8 * 1024;
+
+/// A shutdown signal a connection keeps across its waits.
+type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Serves a plain HTTP/1.1 client connection until it closes, times out or shutdown
+/// asks it to finish.
+///
+/// One loop, and every wait a `poll_fn` over this function's own state: the request's
+/// future is the only one built per request (boxed), so nothing else is moved or
+/// copied from one future into another.
+pub(super) async fn serve(
+    stream: TcpStream,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+) {
+    let bytes = Arc::new(ConnBytes::default());
+    let mut io: PlainIo = IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), shared.idle);
+    let mut buf = BytesMut::new();
+    // The response head's bytes, and a header map for the next request (the last
+    // response's, emptied): kept while the connection is busy.
+    let mut out = Vec::new();
+    let mut spare = HeaderMap::new();
+    // `serve_plain` saw the first bytes arrive: the first head's clock runs from now.
+    let mut head_since = Some(Instant::now());
+    let mut head_timer: Option<Pin<Box<Sleep>>> = None;
+    let mut stop: Option<Stop> = None;
+    let mut hyper: Option<HyperSide> = None;
+    'conn: loop {
+        // A request: one already in hand, or read until one is.
+        let (mut req, body, close) = loop {
+            if !buf.is_empty() {
+                match parse(&mut buf, &mut spare) {
+                    Parsed::Request {
+                        req, body, close, ..
+                    } => break (req, body, close),
+                    Parsed::Partial => {
+                        head_since.get_or_insert_with(Instant::now);
+                    }
+                    Parsed::Hyper => {
+                        let side =
+                            hyper.get_or_insert_with(|| HyperSide::new(&shared, info, &bytes));
+                        let unread = buf.split().freeze();
+                        // Boxed: hyper's connection state is large and rarely needed.
+                        let session = side.serve(io, unread, head_since, &shared, &shutdown);
+                        let Some((back, rest, since)) = Box::pin(session).await else {
+                            break 'conn;
+                        };
+                        io = back;
+                        buf = BytesMut::from(&rest[..]);
+                        head_since = since;
+                        continue;
+                    }
+                }
+            } else if head_since.is_none() {
+                // Nothing in hand: park until the client sends its next bytes.
+                let keep = shared.kept_buffers.fetch_add(1, Ordering::Relaxed) < KEEP_BUFFERS;
+                if !keep {
+                    shared.kept_buffers.fetch_sub(1, Ordering::Relaxed);
+                    buf = BytesMut::new();
+                    out = Vec::new();
+                    spare = HeaderMap::new();
+                }
+                let parked = &shared.metrics.client_connections_parked;
+                parked.inc();
+                // The shutdown signal is polled once per connection: it stays registered
+                // with this task (whose waker never changes), and a drain that began
+                // while the connection was busy is seen by the flag.
+                let mut first = stop.is_none();
+                let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
+                let resume = poll_fn(|cx| {
+                    if let Poll::Ready(r) = io.get_ref().get_ref().poll_read_ready(cx) {
+                        return Poll::Ready(r.is_ok());
+                    }
+                    if std::mem::take(&mut first) && stop.as_mut().poll(cx).is_ready()
+                        || shutdown.is_triggered()
+                    {
+                        return Poll::Ready(false);
+                    }
+                    io.poll_idle(cx).map(|()| false)
+                })
+                .await;
+                parked.dec();
+                if keep {
+                    shared.kept_buffers.fetch_sub(1, Ordering::Relaxed);
+                }
+                if !resume {
+                    break 'conn;
+                }
+            }
+            if buf.capacity() - buf.len() < READ_SIZE / 4 {
+                buf.reserve(READ_SIZE);
+            }
+            let read = poll_fn(|cx| {
+                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
+                    return Poll::Ready(Some(r));
+                }
+                // A head on its way: `header_read` bounds it, and shutdown ends it.
+                let Some(since) = head_since else {
+                    return Poll::Pending;
+                };
+                let deadline = since + shared.handshake_timeout;
+                let timer =
+                    head_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
+                if timer.as_mut().poll(cx).is_ready() || stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            match read {
+                Some(Ok(n)) if n > 0 => {}
+                None if !shutdown.is_triggered() => {
+                    tracing::debug!("request head not complete within header_read: closing");
+                    break 'conn;
+                }
+                _ => break 'conn,
+            }
+        };
+        head_since = None;
+        if body > 0 {
+            while buf.len() < body {
+                buf.reserve(body - buf.len());
+                match poll_fn(|cx| poll_read_buf(Pin::new(&mut io), cx, &mut buf)).await {
+                    Ok(n) if n > 0 => {}
+                    _ => break 'conn,
+                }
+            }
+            *req.body_mut() = RequestBody::Full(Some(buf.split_to(body).freeze()));
+        }
+
+        let head_only = req.method() == Method::HEAD;
+        // Boxed: a request's future is a few KiB, and a parked connection's task would
+        // otherwise keep room for it.
+        let mut handling = Box::pin(shared.proxy.clone().handle(req, info, bytes.clone()));
+        let resp = poll_fn(|cx| {
+            if let Poll::Ready(resp) = handling.as_mut().poll(cx) {
+                return Poll::Ready(Some(resp));
+            }
+            // A client that leaves while its request is in flight cancels it (hyper
+            // does the same); bytes it sends meanwhile are its next request.
+            client_left(&mut io, &mut buf, cx).map(|()| None)
+        })
+        .await;
+        drop(handling);
+        let Some(resp) = resp else { break 'conn };
+
+        let (parts, mut body) = resp.into_parts();
+        out.clear();
+        let close = close || shutdown.is_triggered();
+        let (framing, close) = encode_head(
+            &mut out,
+            parts.status,
+            &parts.headers,
+            &body,
+            head_only,
+            close,
+        );
+        spare = parts.headers;
+        spare.clear();
+        let mut sending = Sending::new(framing);
+        let sent = poll_fn(|cx| sending.poll(&mut io, &out, &mut body, cx)).await;
+        // The body's end (or its drop) does the request's accounting.
+        drop(body);
+        if !sent || close {
+            // FIN rather than a reset: the response's tail may still be on its way.
+            let _ = io.shutdown().await;
+            break;
+        }
+    }
+    account_connection_end(&bytes);
+}
+
+/// Ready when the client closed its side or its connection failed.
+fn client_left(io: &mut PlainIo, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
+    loop {
+        // With a head's worth in hand, stop reading: the rest waits in the socket.
+        if buf.len() >= MAX_HEAD {
+            return Poll::Pending;
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(READ_SIZE);
+        }
+        // Under the idle wrapper: waiting on a slow upstream is no client idleness.
+        match poll_read_buf(Pin::new(io.get_mut()), cx, buf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+/// A response on its way out: the head, then each body frame in its framing, one frame
+/// at a time (the next is polled once the last is written; the first goes out with
+/// the head when it is ready at once).
+struct Sending {
+    framing: Framing,
+    /// How much of the head is written.
+    head_at: usize,
+    /// A chunk's size line, and how much of it is written.
+    line: Vec<u8>,
+    line_at: usize,
+    data: Bytes,
+    tail: &'static [u8],
+    sent: u64,
+    ended: bool,
+}
+
+impl Sending {
+    fn new(framing: Framing) -> Sending {
+        Sending {
+            framing,
+            head_at: 0,
+            line: Vec::new(),
+            line_at: 0,
+            data: Bytes::new(),
+            tail: b"",
+            sent: 0,
+            ended: framing == Framing::None,
+        }
+    }
+
+    /// Ready(true) once the whole response is written; Ready(false) when it cannot be
+    /// (the client is gone, or the body failed or broke its length).
+    fn poll(
+        &mut self,
+        io: &mut PlainIo,
+        head: &[u8],
+        body: &mut Tracked,
+        cx: &mut Context<'_>,
+    ) -> Poll<bool> {
+        loop {
+            let frame_out =
+                self.line_at == self.line.len() && self.data.is_empty() && self.tail.is_empty();
+            let all_out = frame_out && self.head_at == head.len();
+            if frame_out && !self.ended {
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // Trailers are dropped: the client was never told of any
+                        // (`Trailer` is hop-by-hop).
+                        let Ok(d) = frame.into_data() else { continue };
+                        if d.is_empty() {
+                            continue;
+                        }
+                        self.sent += d.len() as u64;
+                        if let Framing::Length(n) = self.framing
+                            && self.sent > n
+                        {
+                            return Poll::Ready(false);
+                        }
+                        self.ended = body.is_end_stream();
+                        if self.framing == Framing::Chunked {
+                            self.line.clear();
+                            self.line_at = 0;
+                            chunk_size_line(&mut self.line, d.len());
+                            self.tail = if self.ended {
+                                b"\r\n0\r\n\r\n"
+                            } else {
+                                b"\r\n"
+                            };
+                        }
+                        self.data = d;
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(_))) => return Poll::Ready(false),
+                    Poll::Ready(None) => {
+                        self.ended = true;
+                        if self.framing == Framing::Chunked {
+                            self.tail = b"0\r\n\r\n";
+                        }
+                        continue;
+                    }
+                    Poll::Pending if all_out => return Poll::Pending,
+                    Poll::Pending => {}
+                }
+            } else if all_out {
+                // Everything is written and the body has ended.
+                let short = matches!(self.framing, Framing::Length(n) if self.sent < n);
+                return Poll::Ready(!short);
+            }
+            let bufs = [
+                std::io::IoSlice::new(&head[self.head_at..]),
+                std::io::IoSlice::new(&self.line[self.line_at..]),
+                std::io::IoSlice::new(&self.data),
+                std::io::IoSlice::new(self.tail),
+            ];
+            let mut n = match Pin::new(&mut *io).poll_write_vectored(cx, &bufs) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Pending => return Poll::Pending,
+            };
+            let h = n.min(head.len() - self.head_at);
+            self.head_at += h;
+            n -= h;
+            let l = n.min(self.line.len() - self.line_at);
+            self.line_at += l;
+            n -= l;
+            let d = n.min(self.data.len());
+            self.data.advance(d);
+            n -= d;
+            self.tail = &self.tail[n..];
+        }
+    }
+}
+
+/// How a response body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The response head, how its body is framed, and whether the connection closes
+/// after it. The same choices as hyper's: a known length is sent as Content-Length,
+/// an unknown one chunked; `Date` is added when missing.
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &Tracked,
+    head_only: bool,
+    mut close: bool,
+) -> (Framing, bool) {
+    out.reserve(128 + headers.len() * 40);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let bodiless = head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let no_length = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let mut length = None;
+    let mut has_date = false;
+    let mut says_close = false;
+    for (name, value) in headers {
+        if *name == CONTENT_LENGTH {
+            if no_length || length.is_some() {
+                continue;
+            }
+            match parse_length(value.as_bytes()) {
+                Some(n) => length = Some(n),
+                None => continue,
+            }
+        } else if *name == TRANSFER_ENCODING {
+            // Strait frames the body itself.
+            continue;
+        } else if *name == DATE {
+            has_date = true;
+        } else if *name == CONNECTION {
+            says_close |= list_has(value.as_bytes(), b"close");
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if bodiless {
+        Framing::None
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa(n, &mut [0; 20]));
+        out.extend_from_slice(b"\r\n");
+        Framing::Length(n)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&date::now());
+        out.extend_from_slice(b"\r\n");
+    }
+    close |= says_close;
+    if close && !says_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let framing = match framing {
+        Framing::Length(0) => Framing::None,
+        f => f,
+    };
+    (framing, close)
+}
+
+fn chunk_size_line(out: &mut Vec<u8>, len: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &digits[i..]
+}
+
+/// A Content-Length value: digits only, no sign, no list.
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+/// What the bytes at the start of the read buffer hold.
+// Only ever returned, never stored: boxing the request would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    /// A whole head Strait serves: the request, the head's length, its body's length
+    /// (still to be read), and whether the client asked to close after it.
+    Request {
+        req: Request<RequestBody>,
+        head: usize,
+        body: usize,
+        close: bool,
+    },
+    /// Not a whole head yet.
+    Partial,
+    /// A head for hyper.
+    Hyper,
+}
+
+/// Takes a whole head off the front of `buf` as a request, its field values sharing
+/// the buffer (`headers` is emptied into it, keeping its room). Leaves `buf` as it was
+/// unless the head is one Strait serves.
+fn parse(buf: &mut BytesMut, headers: &mut HeaderMap) -> Parsed {
+    // Everything in hand is frozen first, so the fields can share it; what follows the
+    // head (a body, a pipelined request), or a head that is not served here, is copied
+    // back: rare, or short.
+    let held = buf.split().freeze();
+    let parsed = parse_frozen(&held, headers);
+    let from = match &parsed {
+        Parsed::Request { head, .. } => *head,
+        Parsed::Partial | Parsed::Hyper => 0,
+    };
+    if from < held.len() {
+        buf.extend_from_slice(&held[from..]);
+    }
+    parsed
+}
+
+/// Parses the head at the start of `b` and decides who serves it.
+fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(b, &mut fields) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if b.len() < MAX_HEAD => return Parsed::Partial,
+        _ => return Parsed::Hyper,
+    };
+    let (Some(1), Some(method), Some(target)) = (parsed.version, parsed.method, parsed.path) else {
+        return Parsed::Hyper;
+    };
+    let method = match Method::from_bytes(method.as_bytes()) {
+        Ok(m) if m != Method::CONNECT => m,
+        _ => return Parsed::Hyper,
+    };
+    let absolute = |scheme: &str| {
+        target
+            .get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+    };
+    if !(target.starts_with('/') || absolute("http://") || absolute("https://")) {
+        return Parsed::Hyper;
+    }
+    let Ok(uri) = Uri::from_maybe_shared(b.slice_ref(target.as_bytes())) else {
+        return Parsed::Hyper;
+    };
+    let mut body = None;
+    let mut close = false;
+    for f in parsed.headers.iter() {
+        let name = f.name.as_bytes();
+        // By length first: most fields are none of these.
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                if body.is_some() {
+                    return Parsed::Hyper;
+                }
+                match parse_length(f.value) {
+                    Some(n) if n <= MAX_BODY as u64 => body = Some(n as usize),
+                    _ => return Parsed::Hyper,
+                }
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => return Parsed::Hyper,
+            6 if name.eq_ignore_ascii_case(b"expect") => return Parsed::Hyper,
+            7 if name.eq_ignore_ascii_case(b"upgrade") => return Parsed::Hyper,
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                if list_has(f.value, b"upgrade") {
+                    return Parsed::Hyper;
+                }
+                close |= list_has(f.value, b"close");
+            }
+            _ => {}
+        }
+    }
+    let mut headers = std::mem::take(spare);
+    // Room for the X-Forwarded-* fields the proxy adds.
+    headers.reserve(parsed.headers.len() + 3);
+    for f in parsed.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(f.name.as_bytes()),
+            HeaderValue::from_maybe_shared(b.slice_ref(f.value)),
+        ) else {
+            headers.clear();
+            *spare = headers;
+            return Parsed::Hyper;
+        };
+        headers.append(name, value);
+    }
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Parsed::Request {
+        req,
+        head: len,
+        body: body.unwrap_or(0),
+        close,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(head: &str) -> (Parsed, BytesMut) {
+        let mut buf = BytesMut::from(head.as_bytes());
+        (parse(&mut buf, &mut HeaderMap::new()), buf)
+    }
+
+    #[test]
+    fn a_simple_head_becomes_a_request_sharing_the_buffer() {
+        let (p, rest) = parsed(
+            "GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nX-Two: 1\r\nx-two: 2\r\n\r\nGET /next",
+        );
+        let Parsed::Request {
+            req, body, close, ..
+        } = p
+        else {
+            panic!("not served here")
+        };
+        assert_eq!((body, close), (0, false));
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()["host"], "example.com");
+        let two: Vec<_> = req.headers().get_all("x-two").iter().collect();
+        assert_eq!(two, ["1", "2"]);
+        assert_eq!(&rest[..], b"GET /next");
+    }
+
+    #[test]
+    fn absolute_form_lengths_and_close_are_read() {
+        let (p, _) = parsed(
+            "POST http://example.com/x HTTP/1.1\r\nContent-Length: 5\r\nConnection: keep-alive, Close\r\n\r\n",
+        );
+        let Parsed::Request {
+            req, body, close, ..
+        } = p
+        else {
+            panic!("not served here")
+        };
+        assert_eq!(req.uri().host(), Some("example.com"));
+        assert_eq!((body, close), (5, true));
+    }
+
+    #[test]
+    fn partial_heads_wait_for_more() {
+        assert!(matches!(
+            parsed("GET / HTTP/1.1\r\nHost: x\r\n").0,
+            Parsed::Partial
+        ));
+        assert!(matches!(parsed("GE").0, Parsed::Partial));
+    }
+
+    #[test]
+    fn unusual_requests_go_to_hyper_with_their_bytes() {
+        for head in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            "POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
+            "GET /\u{1} HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            let (p, rest) = parsed(head);
+            assert!(matches!(p, Parsed::Hyper), "{head:?} served here");
+            assert_eq!(&rest[..], head.as_bytes(), "{head:?} lost bytes");
+        }
+        let many: String = (0..=MAX_FIELDS).map(|i| format!("x-{i}: y\r\n")).collect();
+        let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert!(matches!(parsed(&head).0, Parsed::Hyper));
+        let long = format!("GET / HTTP/1.1\r\nx: {}", "y".repeat(MAX_HEAD));
+        assert!(matches!(parsed(&long).0, Parsed::Hyper));
+    }
+
+    #[test]
+    fn lengths_are_digits_only() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b" 42 "), Some(42));
+        for bad in [&b""[..], b"+1", b"1,1", b"0x10", b"99999999999999999999"] {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        let mut out = Vec::new();
+        chunk_size_line(&mut out, 0x1a2b);
+        chunk_size_line(&mut out, 0);
+        assert_eq!(out, b"1a2b\r\n0\r\n");
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    }
+}
