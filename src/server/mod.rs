@@ -1,10 +1,11 @@
 //! The client side: listeners, TLS, per-connection serving and graceful shutdown.
 //!
-//! Each accepted connection is served by hyper (HTTP/1.1, or HTTP/2 by prior knowledge
-//! or ALPN) with the header-read timeout armed and an [`IdleTimeoutIo`] underneath.
-//! A plain HTTP/1.1 connection lends its socket to hyper only while it is busy and
-//! parks between requests ([`park`]). Requests go to the shared [`Proxy`]. This module
-//! knows nothing of routes or upstreams.
+//! A plain HTTP/1.1 connection is served by Strait's own server ([`h1`]), which hands
+//! requests it leaves to hyper, with the socket, to a hyper session that gives the
+//! socket back once idle ([`park`]). TLS connections and HTTP/2 (by prior knowledge or
+//! ALPN) are served by hyper throughout, with the header-read timeout armed. An
+//! [`IdleTimeoutIo`] is underneath every connection. Requests go to the shared
+//! [`Proxy`]. This module knows nothing of routes or upstreams.
 
 mod admin;
 mod date;
@@ -81,7 +82,7 @@ struct Shared {
     proxy: Arc<Proxy>,
     /// TLS connections and plain ones that open with the HTTP/2 preface.
     http: auto::Builder<TokioExecutor>,
-    /// Plain HTTP/1.1 connections, which park between requests.
+    /// Plain HTTP/1.1 connections' hyper sessions, which give the socket back when idle.
     h1: http1::Builder,
     /// Plain HTTP/1.1 connections that hyper serves right now.
     sessions: Sessions,

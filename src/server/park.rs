@@ -1,5 +1,6 @@
-//! Parking: a kept-alive HTTP/1.1 client connection that waits for its next request
-//! holds its socket and nothing else.
+//! Parking, on the hyper side: a plain HTTP/1.1 connection that Strait's own server
+//! ([`super::h1`]) handed to hyper comes back once hyper sits idle, so that waiting for
+//! its next request it holds its socket and nothing else.
 //!
 //! hyper keeps an 8 KiB write buffer and a read buffer of 8-16 KiB for as long as it
 //! serves a connection, plus its dispatcher state: about 28 KiB per idle client. So a
@@ -9,8 +10,8 @@
 //! nothing is cut short, and no `Connection: close` is sent because no response head is
 //! pending), keeps hyper from shutting the socket down ([`Lent`]), takes the socket and
 //! any bytes hyper had already read back with `into_parts`, and drops the rest. The
-//! next byte from the client starts a new hyper connection, which is handed those bytes
-//! first.
+//! socket and those bytes go back to Strait's own server, which hands the connection to
+//! a new hyper connection only if a later request needs hyper again.
 //!
 //! A connection parks only after an exchange that leaves it reusable exactly as hyper
 //! would: no request body (a body hyper has not read to its end would be taken for the
