@@ -43,7 +43,12 @@ impl Balancer {
         } else {
             0
         };
-        let now = self.now_ms();
+        // No clock read while every upstream is up (the usual case).
+        let any_down = self
+            .down_until
+            .iter()
+            .any(|d| d.load(Ordering::Relaxed) != 0);
+        let now = if any_down { self.now_ms() } else { 0 };
         let healthy = (0..n)
             .map(move |k| (start + k) % n)
             .filter(move |&i| self.down_until[i].load(Ordering::Relaxed) <= now);

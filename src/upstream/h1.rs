@@ -721,8 +721,10 @@ fn parse_head(
     head_only: bool,
 ) -> Result<Option<(Response<Framing>, Hop)>, Error> {
     loop {
-        // Field positions, kept while the parser borrows the buffer.
-        let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_FIELDS];
+        // Field positions, kept while the parser borrows the buffer: on the stack for
+        // the usual few fields (zeroing room for all 128 cost more than the rest).
+        let mut few = [(0u32, 0u32, 0u32, 0u32); 24];
+        let mut many = Vec::new();
         let (len, status, minor, count) = {
             let mut fields =
                 [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
@@ -739,6 +741,12 @@ fn parse_head(
                 Err(_) => return Err(Error::Malformed("unparsable head")),
             };
             let base = buf.as_ptr() as usize;
+            let at = if resp.headers.len() <= few.len() {
+                &mut few[..]
+            } else {
+                many.resize(resp.headers.len(), (0, 0, 0, 0));
+                &mut many[..]
+            };
             for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
                 let n = h.name.as_ptr() as usize - base;
                 let v = h.value.as_ptr() as usize - base;
@@ -765,6 +773,11 @@ fn parse_head(
         let mut chunked = false;
         let mut coded = false;
         let mut hop = Hop::default();
+        let at = if count <= few.len() {
+            &few[..]
+        } else {
+            &many[..]
+        };
         for &(n, nl, v, vl) in &at[..count] {
             let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
                 .map_err(|_| Error::Malformed("invalid field name"))?;

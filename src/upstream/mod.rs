@@ -274,11 +274,12 @@ impl Upstream {
                     set_uri(&mut req, key, conn.is_h2())?;
                     // A copy is needed only where a retry after writing is allowed:
                     // HTTP/2, or an idempotent request on a reused connection. Failures
-                    // on fresh HTTP/1.1 connections are final.
+                    // on fresh HTTP/1.1 connections are final. Boxed: the future would
+                    // otherwise keep room for a second request throughout.
                     let copy = (replayable
                         && !h1_only
                         && (conn.is_h2() || (conn.reused && idempotent && replays_left > 0)))
-                        .then(|| copy_request(&req));
+                        .then(|| Box::new(copy_request(&req)));
                     (conn.send(req, deadline).await, copy)
                 }
                 Outgoing::Written(w) => (conn.resend(w, deadline).await, None),
@@ -310,11 +311,11 @@ impl Upstream {
                         // Not processed by the peer: safe to replay whatever the method.
                         (Some(copy), _) if conn.is_h2() && unprocessed => {
                             conn.retire_h2();
-                            Some(Outgoing::Request(copy))
+                            Some(Outgoing::Request(*copy))
                         }
                         // No response byte on a reused connection: the upstream closed it
                         // as the request went out. An idempotent request goes once more.
-                        (Some(copy), _) if h1_replay => Some(Outgoing::Request(copy)),
+                        (Some(copy), _) if h1_replay => Some(Outgoing::Request(*copy)),
                         (None, Some(w)) if h1_replay && h1_only => Some(Outgoing::Written(w)),
                         _ => None,
                     };

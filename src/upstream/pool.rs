@@ -508,7 +508,9 @@ impl Checkout {
                             }
                         })
                 };
-                tokio::time::timeout_at(deadline, exchange)
+                // Boxed: its state is several times the HTTP/1.1 path's, and every
+                // request's future would otherwise reserve room for it.
+                Box::pin(tokio::time::timeout_at(deadline, exchange))
                     .await
                     .unwrap_or(Err(SendError::TimedOut))
             }
