@@ -123,14 +123,32 @@ pub(super) async fn serve(
                 // while the connection was busy is seen by the flag.
                 let mut first = stop.is_none();
                 let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
+                if keep && buf.capacity() - buf.len() < READ_SIZE / 4 {
+                    buf.reserve(READ_SIZE);
+                }
+                // With its buffer kept, the connection reads as soon as bytes arrive
+                // (the idle wrapper ends the wait after `timeouts.idle`); without, it
+                // waits for readiness and reads after.
                 let resume = poll_fn(|cx| {
-                    if let Poll::Ready(r) = io.get_ref().get_ref().poll_read_ready(cx) {
-                        return Poll::Ready(r.is_ok());
+                    let ready = if keep {
+                        poll_read_buf(Pin::new(&mut io), cx, &mut buf)
+                            .map(|r| matches!(r, Ok(n) if n > 0))
+                    } else {
+                        io.get_ref()
+                            .get_ref()
+                            .poll_read_ready(cx)
+                            .map(|r| r.is_ok())
+                    };
+                    if ready.is_ready() {
+                        return ready;
                     }
                     if std::mem::take(&mut first) && stop.as_mut().poll(cx).is_ready()
                         || shutdown.is_triggered()
                     {
                         return Poll::Ready(false);
+                    }
+                    if keep {
+                        return Poll::Pending;
                     }
                     io.poll_idle(cx).map(|()| false)
                 })
@@ -141,6 +159,9 @@ pub(super) async fn serve(
                 }
                 if !resume {
                     break 'conn;
+                }
+                if keep {
+                    continue;
                 }
             }
             if buf.capacity() - buf.len() < READ_SIZE / 4 {
