@@ -81,16 +81,21 @@ pub(super) async fn serve(
     let mut head_timer: Option<Pin<Box<Sleep>>> = None;
     let mut stop: Option<Stop> = None;
     let mut hyper: Option<HyperSide> = None;
+    // Bytes a whole head with its body needs in hand before it is parsed again.
+    let mut need = 0;
     'conn: loop {
         // A request: one already in hand, or read until one is.
-        let (mut req, body, close) = loop {
-            if !buf.is_empty() {
+        let (req, close) = loop {
+            if !buf.is_empty() && buf.len() >= need {
                 match parse(&mut buf, &mut spare) {
-                    Parsed::Request {
-                        req, body, close, ..
-                    } => break (req, body, close),
+                    Parsed::Request { req, close, .. } => break (req, close),
                     Parsed::Partial => {
                         head_since.get_or_insert_with(Instant::now);
+                    }
+                    Parsed::Body(n) => {
+                        // The head is whole: its body is read under `timeouts.idle`.
+                        head_since = None;
+                        need = n;
                     }
                     Parsed::Hyper => {
                         let side =
@@ -107,7 +112,7 @@ pub(super) async fn serve(
                         continue;
                     }
                 }
-            } else if head_since.is_none() {
+            } else if buf.is_empty() && head_since.is_none() {
                 // Nothing in hand: park until the client sends its next bytes.
                 let keep = shared.kept_buffers.fetch_add(1, Ordering::Relaxed) < KEEP_BUFFERS;
                 if !keep {
@@ -167,6 +172,7 @@ pub(super) async fn serve(
             if buf.capacity() - buf.len() < READ_SIZE / 4 {
                 buf.reserve(READ_SIZE);
             }
+            buf.reserve(need.saturating_sub(buf.len()));
             let read = poll_fn(|cx| {
                 if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
                     return Poll::Ready(Some(r));
@@ -198,16 +204,7 @@ pub(super) async fn serve(
             }
         };
         head_since = None;
-        if body > 0 {
-            while buf.len() < body {
-                buf.reserve(body - buf.len());
-                match poll_fn(|cx| poll_read_buf(Pin::new(&mut io), cx, &mut buf)).await {
-                    Ok(n) if n > 0 => {}
-                    _ => break 'conn,
-                }
-            }
-            *req.body_mut() = RequestBody::Full(Some(buf.split_to(body).freeze()));
-        }
+        need = 0;
 
         let head_only = req.method() == Method::HEAD;
         // Boxed: a request's future is a few KiB, and a parked connection's task would
@@ -225,18 +222,19 @@ pub(super) async fn serve(
         drop(handling);
         let Some(resp) = resp else { break 'conn };
 
-        let (parts, mut body) = resp.into_parts();
+        // Only the body is kept across the writes below; the head is encoded and its
+        // map kept for the next request at once (the connection's future then has no
+        // room for a whole response).
+        let (
+            http::response::Parts {
+                status, headers, ..
+            },
+            mut body,
+        ) = resp.into_parts();
         out.clear();
         let close = close || shutdown.is_triggered();
-        let (framing, close) = encode_head(
-            &mut out,
-            parts.status,
-            &parts.headers,
-            &body,
-            head_only,
-            close,
-        );
-        spare = parts.headers;
+        let (framing, close) = encode_head(&mut out, status, &headers, &body, head_only, close);
+        spare = headers;
         spare.clear();
         let mut sending = Sending::new(framing);
         let sent = poll_fn(|cx| sending.poll(&mut io, &out, &mut body, cx)).await;
@@ -513,16 +511,17 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 // Only ever returned, never stored: boxing the request would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
 enum Parsed {
-    /// A whole head Strait serves: the request, the head's length, its body's length
-    /// (still to be read), and whether the client asked to close after it.
+    /// A whole request Strait serves (its body in hand, sharing the buffer too), its
+    /// length, and whether the client asked to close after it.
     Request {
         req: Request<RequestBody>,
-        head: usize,
-        body: usize,
+        len: usize,
         close: bool,
     },
     /// Not a whole head yet.
     Partial,
+    /// A whole head whose body is not all in hand: the bytes head and body need.
+    Body(usize),
     /// A head for hyper.
     Hyper,
 }
@@ -537,8 +536,8 @@ fn parse(buf: &mut BytesMut, headers: &mut HeaderMap) -> Parsed {
     let held = buf.split().freeze();
     let parsed = parse_frozen(&held, headers);
     let from = match &parsed {
-        Parsed::Request { head, .. } => *head,
-        Parsed::Partial | Parsed::Hyper => 0,
+        Parsed::Request { len, .. } => *len,
+        Parsed::Partial | Parsed::Body(_) | Parsed::Hyper => 0,
     };
     if from < held.len() {
         buf.extend_from_slice(&held[from..]);
@@ -600,6 +599,10 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
             _ => {}
         }
     }
+    let body = body.unwrap_or(0);
+    if b.len() < len + body {
+        return Parsed::Body(len + body);
+    }
     let mut headers = std::mem::take(spare);
     // Room for the X-Forwarded-* fields the proxy adds.
     headers.reserve(parsed.headers.len() + 3);
@@ -614,14 +617,16 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
         };
         headers.append(name, value);
     }
-    let mut req = Request::new(RequestBody::Empty);
+    let mut req = Request::new(match body {
+        0 => RequestBody::Empty,
+        n => RequestBody::Full(Some(b.slice(len..len + n))),
+    });
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     Parsed::Request {
         req,
-        head: len,
-        body: body.unwrap_or(0),
+        len: len + body,
         close,
     }
 }
@@ -640,13 +645,11 @@ mod tests {
         let (p, rest) = parsed(
             "GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nX-Two: 1\r\nx-two: 2\r\n\r\nGET /next",
         );
-        let Parsed::Request {
-            req, body, close, ..
-        } = p
-        else {
+        let Parsed::Request { req, len, close } = p else {
             panic!("not served here")
         };
-        assert_eq!((body, close), (0, false));
+        assert_eq!((len, close), (62, false));
+        assert!(matches!(req.body(), RequestBody::Empty));
         assert_eq!(req.method(), Method::GET);
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.headers()["host"], "example.com");
@@ -657,17 +660,19 @@ mod tests {
 
     #[test]
     fn absolute_form_lengths_and_close_are_read() {
-        let (p, _) = parsed(
-            "POST http://example.com/x HTTP/1.1\r\nContent-Length: 5\r\nConnection: keep-alive, Close\r\n\r\n",
-        );
-        let Parsed::Request {
-            req, body, close, ..
-        } = p
-        else {
+        let head = "POST http://example.com/x HTTP/1.1\r\nContent-Length: 5\r\nConnection: keep-alive, Close\r\n\r\n";
+        // Until the body is in hand: the length head and body need, bytes untouched.
+        let (p, rest) = parsed(&format!("{head}hel"));
+        assert!(matches!(p, Parsed::Body(n) if n == head.len() + 5));
+        assert_eq!(rest.len(), head.len() + 3);
+        let (p, rest) = parsed(&format!("{head}helloGET"));
+        let Parsed::Request { req, len, close } = p else {
             panic!("not served here")
         };
         assert_eq!(req.uri().host(), Some("example.com"));
-        assert_eq!((body, close), (5, true));
+        assert_eq!((len, close), (head.len() + 5, true));
+        assert!(matches!(req.body(), RequestBody::Full(Some(b)) if b == "hello"));
+        assert_eq!(&rest[..], b"GET");
     }
 
     #[test]

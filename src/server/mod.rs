@@ -252,26 +252,31 @@ async fn accept_loop(
                     };
                     serve_plain(stream, info, shared, shutdown).await
                 }
+                // Boxed: the handshake's state is large, and every plain
+                // connection's task would otherwise reserve room for it.
                 Some(acceptor) => {
-                    let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(shared.handshake_timeout, handshake).await {
-                        Ok(Ok(tls)) => {
-                            let info = ConnInfo {
-                                peer,
-                                local,
-                                tls: true,
-                            };
-                            Box::pin(serve(tls, info, shared, shutdown)).await
+                    Box::pin(async move {
+                        let handshake = acceptor.accept(stream);
+                        match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+                            Ok(Ok(tls)) => {
+                                let info = ConnInfo {
+                                    peer,
+                                    local,
+                                    tls: true,
+                                };
+                                Box::pin(serve(tls, info, shared, shutdown)).await
+                            }
+                            Ok(Err(e)) => {
+                                shared.metrics.tls_handshake_failures.inc();
+                                tracing::debug!(client = %peer, "TLS handshake failed: {e}")
+                            }
+                            Err(_) => {
+                                shared.metrics.tls_handshake_failures.inc();
+                                tracing::debug!(client = %peer, "TLS handshake timed out")
+                            }
                         }
-                        Ok(Err(e)) => {
-                            shared.metrics.tls_handshake_failures.inc();
-                            tracing::debug!(client = %peer, "TLS handshake failed: {e}")
-                        }
-                        Err(_) => {
-                            shared.metrics.tls_handshake_failures.inc();
-                            tracing::debug!(client = %peer, "TLS handshake timed out")
-                        }
-                    }
+                    })
+                    .await
                 }
             }
         });
