@@ -85,19 +85,25 @@ pub(super) async fn serve(
     let mut need = 0;
     'conn: loop {
         // A request: one already in hand, or read until one is.
-        let (req, close) = loop {
-            if !buf.is_empty() && buf.len() >= need {
-                match parse(&mut buf, &mut spare) {
-                    Parsed::Request { req, close, .. } => break (req, close),
-                    Parsed::Partial => {
-                        head_since.get_or_insert_with(Instant::now);
-                    }
-                    Parsed::Body(n) => {
-                        // The head is whole: its body is read under `timeouts.idle`.
-                        head_since = None;
-                        need = n;
-                    }
-                    Parsed::Hyper => {
+        let (mut handling, head_only, close) = {
+            let (req, close) = loop {
+                if !buf.is_empty() && buf.len() >= need {
+                    // Decided before any await: a parse result is not kept across one.
+                    let to_hyper = match parse(&mut buf, &mut spare) {
+                        Parsed::Request { req, close, .. } => break (req, close),
+                        Parsed::Partial => {
+                            head_since.get_or_insert_with(Instant::now);
+                            false
+                        }
+                        Parsed::Body(n) => {
+                            // The head is whole: its body is read under `timeouts.idle`.
+                            head_since = None;
+                            need = n;
+                            false
+                        }
+                        Parsed::Hyper => true,
+                    };
+                    if to_hyper {
                         let side =
                             hyper.get_or_insert_with(|| HyperSide::new(&shared, info, &bytes));
                         let unread = buf.split().freeze();
@@ -111,131 +117,136 @@ pub(super) async fn serve(
                         head_since = since;
                         continue;
                     }
-                }
-            } else if buf.is_empty() && head_since.is_none() {
-                // Nothing in hand: park until the client sends its next bytes.
-                let keep = shared.kept_buffers.fetch_add(1, Ordering::Relaxed) < KEEP_BUFFERS;
-                if !keep {
-                    shared.kept_buffers.fetch_sub(1, Ordering::Relaxed);
-                    buf = BytesMut::new();
-                    out = Vec::new();
-                    spare = HeaderMap::new();
-                }
-                let parked = &shared.metrics.client_connections_parked;
-                parked.inc();
-                // The shutdown signal is polled once per connection: it stays registered
-                // with this task (whose waker never changes), and a drain that began
-                // while the connection was busy is seen by the flag.
-                let mut first = stop.is_none();
-                let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
-                if keep && buf.capacity() - buf.len() < READ_SIZE / 4 {
-                    buf.reserve(READ_SIZE);
-                }
-                // With its buffer kept, the connection reads as soon as bytes arrive
-                // (the idle wrapper ends the wait after `timeouts.idle`); without, it
-                // waits for readiness and reads after.
-                let resume = poll_fn(|cx| {
-                    let ready = if keep {
-                        poll_read_buf(Pin::new(&mut io), cx, &mut buf)
-                            .map(|r| matches!(r, Ok(n) if n > 0))
-                    } else {
-                        io.get_ref()
-                            .get_ref()
-                            .poll_read_ready(cx)
-                            .map(|r| r.is_ok())
-                    };
-                    if ready.is_ready() {
-                        return ready;
+                } else if buf.is_empty() && head_since.is_none() {
+                    // Nothing in hand: park until the client sends its next bytes.
+                    let keep = shared.kept_buffers.fetch_add(1, Ordering::Relaxed) < KEEP_BUFFERS;
+                    if !keep {
+                        shared.kept_buffers.fetch_sub(1, Ordering::Relaxed);
+                        buf = BytesMut::new();
+                        out = Vec::new();
+                        spare = HeaderMap::new();
                     }
-                    if std::mem::take(&mut first) && stop.as_mut().poll(cx).is_ready()
-                        || shutdown.is_triggered()
-                    {
-                        return Poll::Ready(false);
+                    let parked = &shared.metrics.client_connections_parked;
+                    parked.inc();
+                    // The shutdown signal is polled once per connection: it stays registered
+                    // with this task (whose waker never changes), and a drain that began
+                    // while the connection was busy is seen by the flag.
+                    let mut first = stop.is_none();
+                    let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
+                    if keep && buf.capacity() - buf.len() < READ_SIZE / 4 {
+                        buf.reserve(READ_SIZE);
+                    }
+                    // With its buffer kept, the connection reads as soon as bytes arrive
+                    // (the idle wrapper ends the wait after `timeouts.idle`); without, it
+                    // waits for readiness and reads after.
+                    let resume = poll_fn(|cx| {
+                        let ready = if keep {
+                            poll_read_buf(Pin::new(&mut io), cx, &mut buf)
+                                .map(|r| matches!(r, Ok(n) if n > 0))
+                        } else {
+                            io.get_ref()
+                                .get_ref()
+                                .poll_read_ready(cx)
+                                .map(|r| r.is_ok())
+                        };
+                        if ready.is_ready() {
+                            return ready;
+                        }
+                        if std::mem::take(&mut first) && stop.as_mut().poll(cx).is_ready()
+                            || shutdown.is_triggered()
+                        {
+                            return Poll::Ready(false);
+                        }
+                        if keep {
+                            return Poll::Pending;
+                        }
+                        io.poll_idle(cx).map(|()| false)
+                    })
+                    .await;
+                    parked.dec();
+                    if keep {
+                        shared.kept_buffers.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    if !resume {
+                        break 'conn;
                     }
                     if keep {
-                        return Poll::Pending;
+                        continue;
                     }
-                    io.poll_idle(cx).map(|()| false)
+                }
+                if buf.capacity() - buf.len() < READ_SIZE / 4 {
+                    buf.reserve(READ_SIZE);
+                }
+                buf.reserve(need.saturating_sub(buf.len()));
+                let read = poll_fn(|cx| {
+                    if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
+                        return Poll::Ready(Some(r));
+                    }
+                    // A head on its way: `header_read` bounds it, and shutdown ends it.
+                    let Some(since) = head_since else {
+                        return Poll::Pending;
+                    };
+                    let deadline = since + shared.handshake_timeout;
+                    let timer = head_timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if timer.deadline() != deadline {
+                        timer.as_mut().reset(deadline);
+                    }
+                    let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
+                    if timer.as_mut().poll(cx).is_ready() || stop.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending
                 })
                 .await;
-                parked.dec();
-                if keep {
-                    shared.kept_buffers.fetch_sub(1, Ordering::Relaxed);
+                match read {
+                    Some(Ok(n)) if n > 0 => {}
+                    None if !shutdown.is_triggered() => {
+                        tracing::debug!("request head not complete within header_read: closing");
+                        break 'conn;
+                    }
+                    _ => break 'conn,
                 }
-                if !resume {
-                    break 'conn;
+            };
+            head_since = None;
+            need = 0;
+            let head_only = req.method() == Method::HEAD;
+            // Boxed: a request's future is a few KiB, and a parked connection's task would
+            // otherwise keep room for it.
+            (
+                Box::pin(shared.proxy.clone().handle(req, info, bytes.clone())),
+                head_only,
+                close,
+            )
+        };
+        // The blocks here and below keep the request and the response out of the
+        // connection's future: what an await does not cross takes no room in it.
+        let (framing, close, mut body) = {
+            let resp = poll_fn(|cx| {
+                if let Poll::Ready(resp) = handling.as_mut().poll(cx) {
+                    return Poll::Ready(Some(resp));
                 }
-                if keep {
-                    continue;
-                }
-            }
-            if buf.capacity() - buf.len() < READ_SIZE / 4 {
-                buf.reserve(READ_SIZE);
-            }
-            buf.reserve(need.saturating_sub(buf.len()));
-            let read = poll_fn(|cx| {
-                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
-                    return Poll::Ready(Some(r));
-                }
-                // A head on its way: `header_read` bounds it, and shutdown ends it.
-                let Some(since) = head_since else {
-                    return Poll::Pending;
-                };
-                let deadline = since + shared.handshake_timeout;
-                let timer =
-                    head_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
-                let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
-                if timer.as_mut().poll(cx).is_ready() || stop.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
-                }
-                Poll::Pending
+                // A client that leaves while its request is in flight cancels it (hyper
+                // does the same); bytes it sends meanwhile are its next request.
+                client_left(&mut io, &mut buf, cx).map(|()| None)
             })
             .await;
-            match read {
-                Some(Ok(n)) if n > 0 => {}
-                None if !shutdown.is_triggered() => {
-                    tracing::debug!("request head not complete within header_read: closing");
-                    break 'conn;
-                }
-                _ => break 'conn,
-            }
+            drop(handling);
+            let Some(resp) = resp else { break 'conn };
+            // The head is encoded and its map kept for the next request at once.
+            let (
+                http::response::Parts {
+                    status, headers, ..
+                },
+                body,
+            ) = resp.into_parts();
+            out.clear();
+            let close = close || shutdown.is_triggered();
+            let (framing, close) = encode_head(&mut out, status, &headers, &body, head_only, close);
+            spare = headers;
+            spare.clear();
+            (framing, close, body)
         };
-        head_since = None;
-        need = 0;
-
-        let head_only = req.method() == Method::HEAD;
-        // Boxed: a request's future is a few KiB, and a parked connection's task would
-        // otherwise keep room for it.
-        let mut handling = Box::pin(shared.proxy.clone().handle(req, info, bytes.clone()));
-        let resp = poll_fn(|cx| {
-            if let Poll::Ready(resp) = handling.as_mut().poll(cx) {
-                return Poll::Ready(Some(resp));
-            }
-            // A client that leaves while its request is in flight cancels it (hyper
-            // does the same); bytes it sends meanwhile are its next request.
-            client_left(&mut io, &mut buf, cx).map(|()| None)
-        })
-        .await;
-        drop(handling);
-        let Some(resp) = resp else { break 'conn };
-
-        // Only the body is kept across the writes below; the head is encoded and its
-        // map kept for the next request at once (the connection's future then has no
-        // room for a whole response).
-        let (
-            http::response::Parts {
-                status, headers, ..
-            },
-            mut body,
-        ) = resp.into_parts();
-        out.clear();
-        let close = close || shutdown.is_triggered();
-        let (framing, close) = encode_head(&mut out, status, &headers, &body, head_only, close);
-        spare = headers;
-        spare.clear();
         let mut sending = Sending::new(framing);
         let sent = poll_fn(|cx| sending.poll(&mut io, &out, &mut body, cx)).await;
         // The body's end (or its drop) does the request's accounting.
