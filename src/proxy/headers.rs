@@ -76,23 +76,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Appends the client's address to `X-Forwarded-For`, folding earlier values into one
 /// comma-separated field.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let mut buf = [0u8; 15];
     let client = client.to_canonical();
-    let owned;
-    let client: &[u8] = match client {
-        // The common case, written without the formatting machinery.
-        IpAddr::V4(v4) => write_ipv4(v4, &mut buf),
-        IpAddr::V6(v6) => {
-            owned = v6.to_string();
-            owned.as_bytes()
-        }
+    let Some(value) = client_value(client) else {
+        return;
     };
     // One lookup: the usual request has no X-Forwarded-For yet.
     match headers.entry(&X_FORWARDED_FOR) {
         header::Entry::Vacant(slot) => {
-            if let Ok(v) = HeaderValue::from_bytes(client) {
-                slot.insert(v);
-            }
+            slot.insert(value);
         }
         header::Entry::Occupied(mut field) => {
             let mut joined = Vec::new();
@@ -102,12 +93,45 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
                     joined.extend_from_slice(b", ");
                 }
             }
-            joined.extend_from_slice(client);
+            joined.extend_from_slice(value.as_bytes());
             if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
                 field.insert(v);
             }
         }
     }
+}
+
+thread_local! {
+    /// The last client address written, as a field value: requests come in runs from
+    /// the same few clients, and a clone is a reference-count bump where a new value
+    /// is an allocation.
+    static LAST_CLIENT: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A client address as a field value.
+fn client_value(client: IpAddr) -> Option<HeaderValue> {
+    LAST_CLIENT.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((ip, v)) = &*last
+            && *ip == client
+        {
+            return Some(v.clone());
+        }
+        let mut buf = [0u8; 15];
+        let owned;
+        let text: &[u8] = match client {
+            // The common case, written without the formatting machinery.
+            IpAddr::V4(v4) => write_ipv4(v4, &mut buf),
+            IpAddr::V6(v6) => {
+                owned = v6.to_string();
+                owned.as_bytes()
+            }
+        };
+        let v = HeaderValue::from_bytes(text).ok()?;
+        *last = Some((client, v.clone()));
+        Some(v)
+    })
 }
 
 /// `a.b.c.d` into `buf`; the same text `Ipv4Addr`'s `Display` writes.

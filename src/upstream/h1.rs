@@ -18,6 +18,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -302,6 +304,23 @@ pub struct H1Conn {
     written: Option<Written>,
     /// What the last response head said about the connection.
     hop: Hop,
+    /// Room kept from one exchange for the next: the written request's header map
+    /// (emptied) takes the response's fields, and the write queue's slots are reused.
+    spare_headers: HeaderMap,
+    spare_queue: VecDeque<Bytes>,
+    /// Set while idle with its read buffer kept.
+    kept: Option<KeptBuffer>,
+    /// A read reserved more than a head's room: the buffer is not worth keeping.
+    big_reads: bool,
+}
+
+/// An idle connection's place in its pool's count of kept read buffers.
+struct KeptBuffer(Arc<AtomicUsize>);
+
+impl Drop for KeptBuffer {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl H1Conn {
@@ -314,6 +333,10 @@ impl H1Conn {
             answered: false,
             written: None,
             hop: Hop::default(),
+            spare_headers: HeaderMap::new(),
+            spare_queue: VecDeque::new(),
+            kept: None,
+            big_reads: false,
         }
     }
 
@@ -328,10 +351,24 @@ impl H1Conn {
         !self.broken && self.upload.is_none() && self.buf.is_empty()
     }
 
-    /// Ready for the idle list: drops the read buffer (an idle connection holds no
-    /// memory beyond its socket).
+    /// Ready for the idle list: keeps the read buffer while fewer than `max`
+    /// connections counted in `kept` do and this one's reads were head-sized; drops it
+    /// otherwise (the connection then holds no memory beyond its socket).
+    pub fn rest(&mut self, kept: &Arc<AtomicUsize>, max: usize) {
+        if !self.big_reads {
+            if kept.fetch_add(1, Ordering::Relaxed) < max {
+                self.kept = Some(KeptBuffer(kept.clone()));
+                return;
+            }
+            kept.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.shed();
+    }
+
+    /// Drops the read buffer.
     pub fn shed(&mut self) {
         self.buf = BytesMut::new();
+        self.big_reads = false;
     }
 
     /// The rest of a body of known length when all of it is already buffered and the
@@ -369,6 +406,7 @@ impl H1Conn {
     /// the response body is read ([`H1Conn::poll_body`]). Returns whether the response
     /// has a head only (a `HEAD` request).
     pub fn begin(&mut self, req: Request<RequestBody>) -> bool {
+        self.kept = None;
         let head_only = req.method() == Method::HEAD;
         self.start(req);
         head_only
@@ -377,6 +415,7 @@ impl H1Conn {
     /// Queues a request written before (on a connection that failed it) to go once
     /// more, as [`H1Conn::begin`] does.
     pub fn begin_written(&mut self, w: Written) -> bool {
+        self.kept = None;
         let head_only = w.head_only;
         let mut queue = WriteQueue::default();
         queue.push(w.head.clone());
@@ -420,7 +459,10 @@ impl H1Conn {
             head.extend_from_slice(value.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
-        let mut queue = WriteQueue::default();
+        let mut queue = WriteQueue {
+            parts: std::mem::take(&mut self.spare_queue),
+            len: 0,
+        };
         let mut full = None;
         let (encoder, ended) = match &mut body {
             RequestBody::Empty => {
@@ -450,6 +492,8 @@ impl H1Conn {
             },
         };
         head.extend_from_slice(b"\r\n");
+        self.spare_headers = parts.headers;
+        self.spare_headers.clear();
         let head = Bytes::from(head);
         queue.push(head.clone());
         if let Some(data) = &full {
@@ -476,7 +520,11 @@ impl H1Conn {
     /// that refuses a body often answers, then closes).
     fn poll_upload(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
         let H1Conn {
-            io, upload, broken, ..
+            io,
+            upload,
+            broken,
+            spare_queue,
+            ..
         } = self;
         let Some(up) = upload else {
             return Ok(());
@@ -523,7 +571,10 @@ impl H1Conn {
                 return Ok(());
             }
         };
-        *upload = None;
+        if let Some(up) = upload.take() {
+            *spare_queue = up.queue.parts;
+            spare_queue.clear();
+        }
         if result.is_err() {
             *broken = true;
         }
@@ -589,7 +640,9 @@ impl H1Conn {
     ) -> Poll<Result<Response<Framing>, Error>> {
         loop {
             if !self.buf.is_empty() {
-                if let Some((resp, hop)) = parse_head(&mut self.buf, head_only)? {
+                if let Some((resp, hop)) =
+                    parse_head(&mut self.buf, head_only, &mut self.spare_headers)?
+                {
                     self.hop = hop;
                     return Poll::Ready(Ok(resp));
                 }
@@ -608,6 +661,7 @@ impl H1Conn {
     /// One read into the buffer, making room for `want` bytes when it has little.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 1024 {
+            self.big_reads |= want > READ_HEAD;
             self.buf.reserve(want.max(1024));
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
@@ -719,6 +773,7 @@ fn write_length(head: &mut Vec<u8>, n: u64) {
 fn parse_head(
     buf: &mut BytesMut,
     head_only: bool,
+    spare: &mut HeaderMap,
 ) -> Result<Option<(Response<Framing>, Hop)>, Error> {
     loop {
         // Field positions, kept while the parser borrows the buffer: on the stack for
@@ -768,7 +823,8 @@ fn parse_head(
             continue;
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = std::mem::take(spare);
+        headers.reserve(count);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut coded = false;
@@ -977,14 +1033,57 @@ fn decode_chunked(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, Erro
 mod tests {
     use super::*;
 
+    async fn conn() -> (H1Conn, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (
+            H1Conn::new(super::super::connect::Stream::Plain(client.unwrap())),
+            accepted.unwrap().0,
+        )
+    }
+
+    /// Idle connections keep their read buffers up to the bound, and give their place
+    /// back when taken for a request or dropped.
+    #[tokio::test]
+    async fn kept_read_buffers_are_bounded() {
+        let kept = Arc::new(AtomicUsize::new(0));
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            let (mut c, peer) = conn().await;
+            c.buf.reserve(READ_HEAD);
+            c.rest(&kept, 2);
+            conns.push((c, peer));
+        }
+        assert_eq!(kept.load(Ordering::Relaxed), 2);
+        let held: Vec<usize> = conns.iter().map(|(c, _)| c.buf.capacity()).collect();
+        assert!(held[0] >= READ_HEAD && held[1] >= READ_HEAD, "{held:?}");
+        assert_eq!(held[2], 0, "the third kept its buffer");
+        // Taken for a request: its place frees.
+        conns[0].0.begin(Request::new(RequestBody::Empty));
+        assert_eq!(kept.load(Ordering::Relaxed), 1);
+        // Dropped while idle: the same.
+        conns.truncate(1);
+        assert_eq!(kept.load(Ordering::Relaxed), 0);
+        // A connection that read a large body does not keep its buffer.
+        let (mut c, _peer) = conn().await;
+        c.big_reads = true;
+        c.buf.reserve(READ_BODY);
+        c.rest(&kept, 2);
+        assert_eq!((kept.load(Ordering::Relaxed), c.buf.capacity()), (0, 0));
+    }
+
     fn parse(raw: &[u8]) -> Result<Option<Response<Framing>>, Error> {
         let mut buf = BytesMut::from(raw);
-        Ok(parse_head(&mut buf, false)?.map(|(r, _)| r))
+        Ok(parse_head(&mut buf, false, &mut HeaderMap::new())?.map(|(r, _)| r))
     }
 
     fn hop(raw: &[u8]) -> Hop {
         let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, false).unwrap().unwrap().1
+        parse_head(&mut buf, false, &mut HeaderMap::new())
+            .unwrap()
+            .unwrap()
+            .1
     }
 
     #[test]
@@ -1022,7 +1121,11 @@ mod tests {
         .unwrap();
         assert_eq!(r.status(), 201);
         let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
-        assert!(parse_head(&mut buf, false).unwrap().is_none());
+        assert!(
+            parse_head(&mut buf, false, &mut HeaderMap::new())
+                .unwrap()
+                .is_none()
+        );
         assert!(buf.is_empty());
     }
 

@@ -348,7 +348,14 @@ struct Inner {
     next_id: AtomicU64,
     /// Set once the sweeper task runs.
     sweeping: std::sync::atomic::AtomicBool,
+    /// Idle HTTP/1.1 connections that kept their read buffer ([`KEEP_IDLE_BUFFERS`]).
+    kept_buffers: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// At most this many idle HTTP/1.1 connections keep their 8 KiB read buffer for their
+/// next exchange (1 MiB in all); the others hold their socket alone. A busy pool then
+/// allocates no read buffer per request.
+pub const KEEP_IDLE_BUFFERS: usize = 128;
 
 /// The pool. Cloning shares it.
 #[derive(Clone)]
@@ -579,7 +586,7 @@ impl Checkout {
         match sender {
             Some(Sender::H2(_)) => pool.release_stream(&self.key, &self.shared),
             Some(Sender::H1(mut conn)) if reusable && conn.is_clean() => {
-                conn.shed();
+                conn.rest(&pool.kept_buffers, KEEP_IDLE_BUFFERS);
                 pool.checkin_h1(&self.key, conn, self.shared.clone(), hint);
             }
             Some(Sender::H1(conn)) => {
@@ -705,6 +712,7 @@ impl Pool {
                 epoch: Instant::now(),
                 next_id: AtomicU64::new(1),
                 sweeping: std::sync::atomic::AtomicBool::new(false),
+                kept_buffers: Default::default(),
             }),
         }
     }
