@@ -308,6 +308,7 @@ pub struct H1Conn {
     /// (emptied) takes the response's fields, and the write queue's slots are reused.
     spare_headers: HeaderMap,
     spare_queue: VecDeque<Bytes>,
+    head_buf: BytesMut,
     /// Set while idle with its read buffer kept.
     kept: Option<KeptBuffer>,
     /// A read reserved more than a head's room: the buffer is not worth keeping.
@@ -335,6 +336,7 @@ impl H1Conn {
             hop: Hop::default(),
             spare_headers: HeaderMap::new(),
             spare_queue: VecDeque::new(),
+            head_buf: BytesMut::new(),
             kept: None,
             big_reads: false,
         }
@@ -368,6 +370,7 @@ impl H1Conn {
     /// Drops the read buffer.
     pub fn shed(&mut self) {
         self.buf = BytesMut::new();
+        self.head_buf = BytesMut::new();
         self.big_reads = false;
     }
 
@@ -436,9 +439,13 @@ impl H1Conn {
     /// Queues the request head (with a body already in memory).
     fn start(&mut self, req: Request<RequestBody>) {
         let (parts, mut body) = req.into_parts();
-        let mut head = Vec::with_capacity(256);
+        // The head is written into room kept from the last one: once the last head's
+        // bytes are gone (written, and no replay copy left), that room is reused.
+        self.written = None;
+        let mut head = std::mem::take(&mut self.head_buf);
+        head.reserve(256);
         head.extend_from_slice(parts.method.as_str().as_bytes());
-        head.push(b' ');
+        head.extend_from_slice(b" ");
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
@@ -494,7 +501,8 @@ impl H1Conn {
         head.extend_from_slice(b"\r\n");
         self.spare_headers = parts.headers;
         self.spare_headers.clear();
-        let head = Bytes::from(head);
+        self.head_buf = head.split_off(head.len());
+        let head = head.freeze();
         queue.push(head.clone());
         if let Some(data) = &full {
             queue.push(data.clone());
@@ -762,9 +770,20 @@ fn method_wants_length(m: &Method) -> bool {
     )
 }
 
-fn write_length(head: &mut Vec<u8>, n: u64) {
+fn write_length(head: &mut BytesMut, n: u64) {
     head.extend_from_slice(b"content-length: ");
-    head.extend_from_slice(n.to_string().as_bytes());
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    head.extend_from_slice(&digits[i..]);
     head.extend_from_slice(b"\r\n");
 }
 
