@@ -182,63 +182,69 @@ impl Proxy {
     ///
     /// Owns what it uses, so the server boxes this future itself rather than a future
     /// around it: a request's future is a few KiB, and each nesting level copied it.
-    pub async fn handle(
+    // Not an `async fn`, on purpose (see the body).
+    #[allow(clippy::manual_async_fn)]
+    pub fn handle(
         self: Arc<Self>,
         req: Request<RequestBody>,
         conn: ConnInfo,
         bytes: Arc<ConnBytes>,
-    ) -> Response<Tracked> {
-        let bytes = &bytes;
-        // The clock is read only when a metric or a log line will use it.
-        let start = (self.metrics_on || self.access.is_some()).then(Instant::now);
-        // Kept for the log line and metrics; the clones are reference-count bumps.
-        let method = req.method().clone();
-        let uri = req.uri().clone();
-        let version = req.version();
-        let (referer, user_agent) = match &self.access {
-            Some(_) => (
-                req.headers().get(header::REFERER).cloned(),
-                req.headers().get(header::USER_AGENT).cloned(),
-            ),
-            None => (None, None),
-        };
-        let mut meta = Meta::default();
-        // The forward and CONNECT futures are boxed: the request's future is built and
-        // moved whole, and theirs are the largest states it would otherwise hold.
-        let result = if method == Method::CONNECT {
-            Box::pin(self.connect(req, conn, &mut meta, bytes)).await
-        } else if self.is_forward_form(&req, conn) {
-            Box::pin(self.forward(req, conn, &mut meta)).await
-        } else {
-            self.reverse(req, conn, &mut meta).await
-        };
-        let resp = result.unwrap_or_else(|refusal| {
-            refusal.log(&method, &uri, conn);
-            refusal.into_response()
-        });
-        let status = resp.status().as_u16();
-        // A tunnel accounts for its bytes and logs its line when it closes.
-        let tunnel = meta.kind == Kind::Connect && status == 200;
-        let access = if tunnel { None } else { self.access.clone() };
-        let metrics = self.metrics_on.then(|| self.metrics.clone());
-        let done = (metrics.is_some() || access.is_some()).then(|| {
-            Box::new(Done {
-                metrics,
-                access,
-                bytes: (!tunnel).then(|| bytes.clone()),
-                start: start.unwrap_or_else(Instant::now),
-                meta,
-                status,
-                method,
-                uri,
-                version,
-                client: conn.peer,
-                referer,
-                user_agent,
-                body_sent: 0,
-            })
-        });
-        resp.map(|body| Tracked { body, done })
+    ) -> impl Future<Output = Response<Tracked>> + Send + 'static {
+        // An `async move` block rather than an `async fn`: the arguments then live in
+        // the future once (an `async fn` keeps each argument and its moved-in copy).
+        async move {
+            let bytes = &bytes;
+            // The clock is read only when a metric or a log line will use it.
+            let start = (self.metrics_on || self.access.is_some()).then(Instant::now);
+            // Kept for the log line and metrics; the clones are reference-count bumps.
+            let method = req.method().clone();
+            let uri = req.uri().clone();
+            let version = req.version();
+            let (referer, user_agent) = match &self.access {
+                Some(_) => (
+                    req.headers().get(header::REFERER).cloned(),
+                    req.headers().get(header::USER_AGENT).cloned(),
+                ),
+                None => (None, None),
+            };
+            let mut meta = Meta::default();
+            // The forward and CONNECT futures are boxed: the request's future is built and
+            // moved whole, and theirs are the largest states it would otherwise hold.
+            let result = if method == Method::CONNECT {
+                Box::pin(self.connect(req, conn, &mut meta, bytes)).await
+            } else if self.is_forward_form(&req, conn) {
+                Box::pin(self.forward(req, conn, &mut meta)).await
+            } else {
+                self.reverse(req, conn, &mut meta).await
+            };
+            let resp = result.unwrap_or_else(|refusal| {
+                refusal.log(&method, &uri, conn);
+                refusal.into_response()
+            });
+            let status = resp.status().as_u16();
+            // A tunnel accounts for its bytes and logs its line when it closes.
+            let tunnel = meta.kind == Kind::Connect && status == 200;
+            let access = if tunnel { None } else { self.access.clone() };
+            let metrics = self.metrics_on.then(|| self.metrics.clone());
+            let done = (metrics.is_some() || access.is_some()).then(|| {
+                Box::new(Done {
+                    metrics,
+                    access,
+                    bytes: (!tunnel).then(|| bytes.clone()),
+                    start: start.unwrap_or_else(Instant::now),
+                    meta,
+                    status,
+                    method,
+                    uri,
+                    version,
+                    client: conn.peer,
+                    referer,
+                    user_agent,
+                    body_sent: 0,
+                })
+            });
+            resp.map(|body| Tracked { body, done })
+        }
     }
 
     /// True for a request addressed to another server through this proxy.

@@ -117,85 +117,90 @@ impl Route {
 
 impl Proxy {
     /// Sends an origin-form request to its route's upstreams.
-    pub(super) async fn reverse(
-        &self,
+    // Not an `async fn`, on purpose (see the body).
+    #[allow(clippy::manual_async_fn)]
+    pub(super) fn reverse<'a>(
+        &'a self,
         req: Request<RequestBody>,
         conn: ConnInfo,
-        meta: &mut Meta,
-    ) -> Result<Response<Body>, Refusal> {
-        meta.kind = Kind::Reverse;
-        let (mut parts, body) = req.into_parts();
-        let host_value = request_host(&parts.uri, &parts.headers);
-        let host = host_value
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .map(strip_port);
-        let route = self
-            .routes
-            .find(host, parts.uri.path())
-            .ok_or(Refusal::NoRoute)?;
-        meta.route = route.label.clone();
+        meta: &'a mut Meta,
+    ) -> impl Future<Output = Result<Response<Body>, Refusal>> + Send + 'a {
+        // An `async move` block: the request lives in the future once (see `handle`).
+        async move {
+            meta.kind = Kind::Reverse;
+            let (mut parts, body) = req.into_parts();
+            let host_value = request_host(&parts.uri, &parts.headers);
+            let host = host_value
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(strip_port);
+            let route = self
+                .routes
+                .find(host, parts.uri.path())
+                .ok_or(Refusal::NoRoute)?;
+            meta.route = route.label.clone();
 
-        let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h);
-        headers::append_forwarded_for(h, conn.peer.ip());
-        h.insert(
-            &X_FORWARDED_PROTO,
-            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-        );
-        if let Some(v) = &host_value {
-            h.insert(&X_FORWARDED_HOST, v.clone());
-        }
-        if route.preserve_host
-            && let Some(v) = host_value
-        {
-            h.insert(HOST, v);
-        }
-
-        // A request without a body, or with one read whole, can be replayed on the next
-        // upstream when one cannot be reached; a streamed body is sent once (it is gone).
-        let empty = http_body::Body::is_end_stream(&body);
-        let replayable = empty || matches!(body, RequestBody::Full(_));
-        let mut body = if empty { RequestBody::Empty } else { body };
-        let mut last_err = None;
-        let candidates = route.upstreams.len();
-        for (attempt, i) in route.balancer.order().enumerate() {
-            // The headers are copied only while another upstream may still need them.
-            let last = attempt + 1 == candidates;
-            let up = &route.upstreams[i];
-            let path = route.upstream_path(up, &parts.uri)?;
-            let mut req = Request::new(match &body {
-                RequestBody::Full(b) if !last => RequestBody::Full(b.clone()),
-                _ => std::mem::take(&mut body),
-            });
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = Uri::from(path);
-            *req.headers_mut() = if replayable && !last {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
-            if !route.preserve_host {
-                req.headers_mut().insert(HOST, route.host_values[i].clone());
+            let h = &mut parts.headers;
+            headers::strip_hop_by_hop(h);
+            headers::append_forwarded_for(h, conn.peer.ip());
+            h.insert(
+                &X_FORWARDED_PROTO,
+                HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+            );
+            if let Some(v) = &host_value {
+                h.insert(&X_FORWARDED_HOST, v.clone());
             }
-            meta.upstream = Some(route.names[i].clone());
-            match self.upstream.send(req, &route.targets[i]).await {
-                Ok(resp) => {
-                    route.balancer.mark_ok(i);
-                    return Ok(relay_response(resp));
+            if route.preserve_host
+                && let Some(v) = host_value
+            {
+                h.insert(HOST, v);
+            }
+
+            // A request without a body, or with one read whole, can be replayed on the next
+            // upstream when one cannot be reached; a streamed body is sent once (it is gone).
+            let empty = http_body::Body::is_end_stream(&body);
+            let replayable = empty || matches!(body, RequestBody::Full(_));
+            let mut body = if empty { RequestBody::Empty } else { body };
+            let mut last_err = None;
+            let candidates = route.upstreams.len();
+            for (attempt, i) in route.balancer.order().enumerate() {
+                // The headers are copied only while another upstream may still need them.
+                let last = attempt + 1 == candidates;
+                let up = &route.upstreams[i];
+                let path = route.upstream_path(up, &parts.uri)?;
+                let mut req = Request::new(match &body {
+                    RequestBody::Full(b) if !last => RequestBody::Full(b.clone()),
+                    _ => std::mem::take(&mut body),
+                });
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = Uri::from(path);
+                *req.headers_mut() = if replayable && !last {
+                    parts.headers.clone()
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
+                if !route.preserve_host {
+                    req.headers_mut().insert(HOST, route.host_values[i].clone());
                 }
-                Err(e) if e.is_unsent() => {
-                    route.balancer.mark_failed(i);
-                    tracing::warn!(route = %route.label.0, upstream = %up, "upstream unreachable: {e}");
-                    last_err = Some(e);
-                    if !replayable {
-                        break;
+                meta.upstream = Some(route.names[i].clone());
+                match self.upstream.send(req, &route.targets[i]).await {
+                    Ok(resp) => {
+                        route.balancer.mark_ok(i);
+                        return Ok(relay_response(resp));
                     }
+                    Err(e) if e.is_unsent() => {
+                        route.balancer.mark_failed(i);
+                        tracing::warn!(route = %route.label.0, upstream = %up, "upstream unreachable: {e}");
+                        last_err = Some(e);
+                        if !replayable {
+                            break;
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
             }
+            Err(last_err.map(Refusal::from).unwrap_or(Refusal::NoRoute))
         }
-        Err(last_err.map(Refusal::from).unwrap_or(Refusal::NoRoute))
     }
 }
 

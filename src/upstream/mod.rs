@@ -211,130 +211,136 @@ impl Upstream {
     ///   GOAWAY's last stream id) is replayed on a fresh connection when its body
     ///   is replayable;
     /// - a failure on a fresh HTTP/1.1 connection is never retried.
-    async fn exchange(
-        &self,
+    // Not an `async fn`, on purpose (see the body).
+    #[allow(clippy::manual_async_fn)]
+    fn exchange<'a>(
+        &'a self,
         mut req: Request<Body>,
-        key: &PoolKey,
-    ) -> Result<Response<ResponseBody>, UpstreamError> {
-        let idempotent = is_idempotent(req.method());
-        // Only HTTP/2 replays a non-idempotent request (a stream the peer refused); to
-        // an upstream that is surely HTTP/1.1, its body is streamed, never read whole.
-        let may_replay = idempotent || !key.surely_h1();
-        let replayable = match replay_plan(req.body()) {
-            Replay::Ready => true,
-            Replay::Buffer if may_replay => Box::pin(buffer_body(&mut req)).await?,
-            Replay::Buffer | Replay::Never => false,
-        };
-        // A streamed body that may go to HTTP/2 is watched: if the response ends before
-        // the body was sent whole, the stream slot is not reused (hyper would still be
-        // writing it). Strait's HTTP/1.1 client knows that itself (`H1Conn::is_clean`).
-        let sent_whole = match std::mem::take(req.body_mut()) {
-            // An empty stream is sent by the head alone; nothing polls it, so a watcher
-            // would never see its end and the connection would not be reused.
-            Body::Incoming(b) if http_body::Body::is_end_stream(&b) => {
-                *req.body_mut() = Body::Empty;
-                None
-            }
-            Body::Incoming(b) if key.surely_h1() => {
-                *req.body_mut() = Body::Incoming(b);
-                None
-            }
-            Body::Incoming(b) => {
-                let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                *req.body_mut() = Body::Watched(b, flag.clone());
-                Some(flag)
-            }
-            other => {
-                *req.body_mut() = other;
-                None
-            }
-        };
-        // `upstream_response` runs from here to the response head, retries included.
-        let deadline = tokio::time::Instant::now() + self.response_timeout;
-        let mut fresh = false;
-        let mut replays_left = 1;
-        // To an upstream that is surely HTTP/1.1, a replay resends the bytes written the
-        // first time: no copy of the request is made in advance.
-        let h1_only = key.surely_h1();
-        let mut out = Outgoing::Request(req);
-        for attempt in 1..=MAX_ATTEMPTS {
-            // The common case takes an idle connection without awaiting; the waiting
-            // and connecting path is boxed so this future stays small.
-            let found = if fresh {
-                None
-            } else {
-                self.pool.try_checkout(key)
+        key: &'a PoolKey,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + 'a {
+        // An `async move` block rather than an `async fn`: the request then lives in the
+        // future once (an `async fn` keeps each argument and its moved-in copy).
+        async move {
+            let idempotent = is_idempotent(req.method());
+            // Only HTTP/2 replays a non-idempotent request (a stream the peer refused); to
+            // an upstream that is surely HTTP/1.1, its body is streamed, never read whole.
+            let may_replay = idempotent || !key.surely_h1();
+            let replayable = match replay_plan(req.body()) {
+                Replay::Ready => true,
+                Replay::Buffer if may_replay => Box::pin(buffer_body(&mut req)).await?,
+                Replay::Buffer | Replay::Never => false,
             };
-            let mut conn = match found {
-                Some(c) => c,
-                None => Box::pin(self.pool.checkout(key, fresh)).await?,
-            };
-            let (result, copy) = match out {
-                Outgoing::Request(mut req) => {
-                    set_uri(&mut req, key, conn.is_h2())?;
-                    // A copy is needed only where a retry after writing is allowed:
-                    // HTTP/2, or an idempotent request on a reused connection. Failures
-                    // on fresh HTTP/1.1 connections are final. Boxed: the future would
-                    // otherwise keep room for a second request throughout.
-                    let copy = (replayable
-                        && !h1_only
-                        && (conn.is_h2() || (conn.reused && idempotent && replays_left > 0)))
-                        .then(|| Box::new(copy_request(&req)));
-                    (conn.send(req, deadline).await, copy)
+            // A streamed body that may go to HTTP/2 is watched: if the response ends before
+            // the body was sent whole, the stream slot is not reused (hyper would still be
+            // writing it). Strait's HTTP/1.1 client knows that itself (`H1Conn::is_clean`).
+            let sent_whole = match std::mem::take(req.body_mut()) {
+                // An empty stream is sent by the head alone; nothing polls it, so a watcher
+                // would never see its end and the connection would not be reused.
+                Body::Incoming(b) if http_body::Body::is_end_stream(&b) => {
+                    *req.body_mut() = Body::Empty;
+                    None
                 }
-                Outgoing::Written(w) => (conn.resend(w, deadline).await, None),
-            };
-            match result {
-                Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, sent_whole)),
-                Err(SendError::TimedOut) => {
-                    return Err(UpstreamError::Timeout(self.response_timeout));
+                Body::Incoming(b) if key.surely_h1() => {
+                    *req.body_mut() = Body::Incoming(b);
+                    None
                 }
-                Err(SendError::Unsent(back, e)) => {
-                    tracing::debug!(upstream = %key, attempt, "request not sent ({e}); retrying on a fresh connection");
-                    if conn.is_h2() {
-                        conn.retire_h2();
+                Body::Incoming(b) => {
+                    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    *req.body_mut() = Body::Watched(b, flag.clone());
+                    Some(flag)
+                }
+                other => {
+                    *req.body_mut() = other;
+                    None
+                }
+            };
+            // `upstream_response` runs from here to the response head, retries included.
+            let deadline = tokio::time::Instant::now() + self.response_timeout;
+            let mut fresh = false;
+            let mut replays_left = 1;
+            // To an upstream that is surely HTTP/1.1, a replay resends the bytes written the
+            // first time: no copy of the request is made in advance.
+            let h1_only = key.surely_h1();
+            let mut out = Outgoing::Request(req);
+            for attempt in 1..=MAX_ATTEMPTS {
+                // The common case takes an idle connection without awaiting; the waiting
+                // and connecting path is boxed so this future stays small.
+                let found = if fresh {
+                    None
+                } else {
+                    self.pool.try_checkout(key)
+                };
+                let mut conn = match found {
+                    Some(c) => c,
+                    None => Box::pin(self.pool.checkout(key, fresh)).await?,
+                };
+                let (result, copy) = match out {
+                    Outgoing::Request(mut req) => {
+                        set_uri(&mut req, key, conn.is_h2())?;
+                        // A copy is needed only where a retry after writing is allowed:
+                        // HTTP/2, or an idempotent request on a reused connection. Failures
+                        // on fresh HTTP/1.1 connections are final. Boxed: the future would
+                        // otherwise keep room for a second request throughout.
+                        let copy = (replayable
+                            && !h1_only
+                            && (conn.is_h2() || (conn.reused && idempotent && replays_left > 0)))
+                            .then(|| Box::new(copy_request(&req)));
+                        (conn.send(req, deadline).await, copy)
                     }
-                    out = Outgoing::Request(*back);
-                }
-                Err(SendError::Failed {
-                    error: e,
-                    unprocessed,
-                    replay,
-                }) => {
-                    let h1_replay = !conn.is_h2()
-                        && conn.reused
-                        && idempotent
-                        && replayable
-                        && replays_left > 0
-                        && unprocessed;
-                    let retry = match (copy, replay) {
-                        // Not processed by the peer: safe to replay whatever the method.
-                        (Some(copy), _) if conn.is_h2() && unprocessed => {
+                    Outgoing::Written(w) => (conn.resend(w, deadline).await, None),
+                };
+                match result {
+                    Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, sent_whole)),
+                    Err(SendError::TimedOut) => {
+                        return Err(UpstreamError::Timeout(self.response_timeout));
+                    }
+                    Err(SendError::Unsent(back, e)) => {
+                        tracing::debug!(upstream = %key, attempt, "request not sent ({e}); retrying on a fresh connection");
+                        if conn.is_h2() {
                             conn.retire_h2();
-                            Some(Outgoing::Request(*copy))
                         }
-                        // No response byte on a reused connection: the upstream closed it
-                        // as the request went out. An idempotent request goes once more.
-                        (Some(copy), _) if h1_replay => Some(Outgoing::Request(*copy)),
-                        (None, Some(w)) if h1_replay && h1_only => Some(Outgoing::Written(w)),
-                        _ => None,
-                    };
-                    let Some(next) = retry else {
-                        return Err(UpstreamError::Exchange(e));
-                    };
-                    if !conn.is_h2() {
-                        replays_left -= 1;
+                        out = Outgoing::Request(*back);
                     }
-                    tracing::debug!(upstream = %key, attempt, "request not processed ({e}); replaying on a fresh connection");
-                    out = next;
+                    Err(SendError::Failed {
+                        error: e,
+                        unprocessed,
+                        replay,
+                    }) => {
+                        let h1_replay = !conn.is_h2()
+                            && conn.reused
+                            && idempotent
+                            && replayable
+                            && replays_left > 0
+                            && unprocessed;
+                        let retry = match (copy, replay) {
+                            // Not processed by the peer: safe to replay whatever the method.
+                            (Some(copy), _) if conn.is_h2() && unprocessed => {
+                                conn.retire_h2();
+                                Some(Outgoing::Request(*copy))
+                            }
+                            // No response byte on a reused connection: the upstream closed it
+                            // as the request went out. An idempotent request goes once more.
+                            (Some(copy), _) if h1_replay => Some(Outgoing::Request(*copy)),
+                            (None, Some(w)) if h1_replay && h1_only => Some(Outgoing::Written(w)),
+                            _ => None,
+                        };
+                        let Some(next) = retry else {
+                            return Err(UpstreamError::Exchange(e));
+                        };
+                        if !conn.is_h2() {
+                            replays_left -= 1;
+                        }
+                        tracing::debug!(upstream = %key, attempt, "request not processed ({e}); replaying on a fresh connection");
+                        out = next;
+                    }
                 }
+                self.pool.count_retry();
+                fresh = true;
             }
-            self.pool.count_retry();
-            fresh = true;
+            Err(UpstreamError::BadTarget(format!(
+                "{key}: no connection took the request in {MAX_ATTEMPTS} attempts"
+            )))
         }
-        Err(UpstreamError::BadTarget(format!(
-            "{key}: no connection took the request in {MAX_ATTEMPTS} attempts"
-        )))
     }
 }
 

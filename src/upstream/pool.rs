@@ -480,46 +480,53 @@ impl Checkout {
     /// HTTP/1.1 is driven right here, in the caller's task; the response body is read
     /// through [`Reply::poll_frame`]. HTTP/2 streams go through hyper's connection
     /// task.
-    pub async fn send(
+    // Not an `async fn`, on purpose (see the body).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         &mut self,
         req: http::Request<Body>,
         deadline: Instant,
-    ) -> Result<http::Response<Reply>, SendError> {
-        let sender = self
-            .sender
-            .as_mut()
-            .expect("a checkout has its sender until released");
-        match sender {
-            Sender::H1(conn) => {
-                let head_only = conn.begin(req);
-                h1_exchange(&self.pool, &self.shared, conn, head_only, deadline).await
-            }
-            Sender::H2(sender) => {
-                let exchange = async {
-                    if let Err(e) = sender.ready().await {
-                        return Err(SendError::Unsent(Box::new(req), Box::new(e)));
-                    }
-                    sender
-                        .try_send_request(req)
-                        .await
-                        .map(|resp| resp.map(Reply::H2))
-                        .map_err(|mut e| match e.take_message() {
-                            Some(req) => SendError::Unsent(Box::new(req), Box::new(e.into_error())),
-                            None => {
-                                let e = e.into_error();
-                                SendError::Failed {
-                                    unprocessed: h2_unprocessed(&e),
-                                    error: Box::new(e),
-                                    replay: None,
+    ) -> impl Future<Output = Result<http::Response<Reply>, SendError>> + Send + '_ {
+        // An `async move` block: the request lives in the future once.
+        async move {
+            let sender = self
+                .sender
+                .as_mut()
+                .expect("a checkout has its sender until released");
+            match sender {
+                Sender::H1(conn) => {
+                    let head_only = conn.begin(req);
+                    h1_exchange(&self.pool, &self.shared, conn, head_only, deadline).await
+                }
+                Sender::H2(sender) => {
+                    let exchange = async {
+                        if let Err(e) = sender.ready().await {
+                            return Err(SendError::Unsent(Box::new(req), Box::new(e)));
+                        }
+                        sender
+                            .try_send_request(req)
+                            .await
+                            .map(|resp| resp.map(Reply::H2))
+                            .map_err(|mut e| match e.take_message() {
+                                Some(req) => {
+                                    SendError::Unsent(Box::new(req), Box::new(e.into_error()))
                                 }
-                            }
-                        })
-                };
-                // Boxed: its state is several times the HTTP/1.1 path's, and every
-                // request's future would otherwise reserve room for it.
-                Box::pin(tokio::time::timeout_at(deadline, exchange))
-                    .await
-                    .unwrap_or(Err(SendError::TimedOut))
+                                None => {
+                                    let e = e.into_error();
+                                    SendError::Failed {
+                                        unprocessed: h2_unprocessed(&e),
+                                        error: Box::new(e),
+                                        replay: None,
+                                    }
+                                }
+                            })
+                    };
+                    // Boxed: its state is several times the HTTP/1.1 path's, and every
+                    // request's future would otherwise reserve room for it.
+                    Box::pin(tokio::time::timeout_at(deadline, exchange))
+                        .await
+                        .unwrap_or(Err(SendError::TimedOut))
+                }
             }
         }
     }
