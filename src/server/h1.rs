@@ -614,7 +614,14 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
     if b.len() < len + body {
         return Parsed::Body(len + body);
     }
-    let mut headers = std::mem::take(spare);
+    let mut req = Request::new(match body {
+        0 => RequestBody::Empty,
+        n => RequestBody::Full(Some(b.slice(len..len + n))),
+    });
+    // The spare map (with its room) goes into the request, the request's new empty
+    // one into the spare slot: nothing is made or dropped for it.
+    let headers = req.headers_mut();
+    std::mem::swap(headers, spare);
     // Room for the X-Forwarded-* fields the proxy adds.
     headers.reserve(parsed.headers.len() + 3);
     for f in parsed.headers.iter() {
@@ -623,18 +630,13 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
             HeaderValue::from_maybe_shared(b.slice_ref(f.value)),
         ) else {
             headers.clear();
-            *spare = headers;
+            std::mem::swap(headers, spare);
             return Parsed::Hyper;
         };
         headers.append(name, value);
     }
-    let mut req = Request::new(match body {
-        0 => RequestBody::Empty,
-        n => RequestBody::Full(Some(b.slice(len..len + n))),
-    });
     *req.method_mut() = method;
     *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
     Parsed::Request {
         req,
         len: len + body,

@@ -842,7 +842,11 @@ fn parse_head(
             continue;
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = std::mem::take(spare);
+        // The spare map (with its room) goes into the response, the response's new
+        // empty one into the spare slot: nothing is made or dropped for it.
+        let mut resp = Response::new(Framing::Done);
+        std::mem::swap(resp.headers_mut(), spare);
+        let headers = resp.headers_mut();
         headers.reserve(count);
         let mut length: Option<u64> = None;
         let mut chunked = false;
@@ -923,13 +927,6 @@ fn parse_head(
         } else {
             Framing::Close
         };
-        let mut resp = Response::new(framing);
-        *resp.status_mut() = status;
-        *resp.version_mut() = if minor == 0 {
-            http::Version::HTTP_10
-        } else {
-            http::Version::HTTP_11
-        };
         if coded && length.is_some() {
             // Both framings: Transfer-Encoding wins, the length is dropped (the client
             // must not frame by it), and the connection is not trusted with another
@@ -937,7 +934,13 @@ fn parse_head(
             headers.remove(CONTENT_LENGTH);
             hop.close = true;
         }
-        *resp.headers_mut() = headers;
+        *resp.body_mut() = framing;
+        *resp.status_mut() = status;
+        *resp.version_mut() = if minor == 0 {
+            http::Version::HTTP_10
+        } else {
+            http::Version::HTTP_11
+        };
         return Ok(Some((resp, hop)));
     }
 }
