@@ -35,7 +35,7 @@ use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end, date};
 use crate::body::RequestBody;
 use crate::io::{CountingIo, IdleTimeoutIo};
 use crate::proxy::{ConnBytes, ConnInfo, Tracked};
-use crate::upstream::list_has;
+use crate::upstream::{decimal, list_has};
 
 /// Fields a request head may have here; one with more goes to hyper, whose limit is
 /// the same (it answers 431).
@@ -454,7 +454,7 @@ fn encode_head(
         Framing::Length(n)
     } else if let Some(n) = body.size_hint().exact() {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa(n, &mut [0; 20]));
+        out.extend_from_slice(decimal(n, &mut [0; 20]));
         out.extend_from_slice(b"\r\n");
         Framing::Length(n)
     } else {
@@ -492,19 +492,6 @@ fn chunk_size_line(out: &mut Vec<u8>, len: usize) {
     }
     out.extend_from_slice(&digits[i..]);
     out.extend_from_slice(b"\r\n");
-}
-
-fn itoa(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &digits[i..]
 }
 
 /// A Content-Length value: digits only, no sign, no list.
@@ -739,7 +726,7 @@ mod tests {
         chunk_size_line(&mut out, 0x1a2b);
         chunk_size_line(&mut out, 0);
         assert_eq!(out, b"1a2b\r\n0\r\n");
-        assert_eq!(itoa(0, &mut [0; 20]), b"0");
-        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+        assert_eq!(decimal(0, &mut [0; 20]), b"0");
+        assert_eq!(decimal(u64::MAX, &mut [0; 20]), b"18446744073709551615");
     }
 }

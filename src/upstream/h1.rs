@@ -772,18 +772,7 @@ fn method_wants_length(m: &Method) -> bool {
 
 fn write_length(head: &mut BytesMut, n: u64) {
     head.extend_from_slice(b"content-length: ");
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    head.extend_from_slice(&digits[i..]);
+    head.extend_from_slice(super::decimal(n, &mut [0; 20]));
     head.extend_from_slice(b"\r\n");
 }
 

@@ -401,6 +401,20 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
     list_has(v.as_bytes(), token.as_bytes())
 }
 
+/// `n` in decimal, written into `digits` (no allocation, unlike `to_string`).
+pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &digits[i..]
+}
+
 /// True when a comma-separated field value lists `token` (ASCII case-insensitive).
 pub(crate) fn list_has(v: &[u8], token: &[u8]) -> bool {
     v.split(|b| *b == b',')
