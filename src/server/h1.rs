@@ -137,17 +137,28 @@ pub(super) async fn serve(
                         buf.reserve(READ_SIZE);
                     }
                     // With its buffer kept, the connection reads as soon as bytes arrive
-                    // (the idle wrapper ends the wait after `timeouts.idle`); without, it
-                    // waits for readiness and reads after.
+                    // (the idle wrapper ends the wait after `timeouts.idle`). Without, it
+                    // waits for readiness, then reads into a buffer made for the read; a
+                    // readiness that was a false positive drops that buffer again and the
+                    // connection goes on waiting, parked.
                     let resume = poll_fn(|cx| {
                         let ready = if keep {
                             poll_read_buf(Pin::new(&mut io), cx, &mut buf)
                                 .map(|r| matches!(r, Ok(n) if n > 0))
                         } else {
-                            io.get_ref()
-                                .get_ref()
-                                .poll_read_ready(cx)
-                                .map(|r| r.is_ok())
+                            match io.get_ref().get_ref().poll_read_ready(cx) {
+                                Poll::Ready(Ok(())) => {
+                                    buf.reserve(READ_SIZE);
+                                    let read = poll_read_buf(Pin::new(&mut io), cx, &mut buf)
+                                        .map(|r| matches!(r, Ok(n) if n > 0));
+                                    if read.is_pending() {
+                                        buf = BytesMut::new();
+                                    }
+                                    read
+                                }
+                                Poll::Ready(Err(_)) => Poll::Ready(false),
+                                Poll::Pending => Poll::Pending,
+                            }
                         };
                         if ready.is_ready() {
                             return ready;
@@ -170,9 +181,8 @@ pub(super) async fn serve(
                     if !resume {
                         break 'conn;
                     }
-                    if keep {
-                        continue;
-                    }
+                    // The next request's first bytes are in hand.
+                    continue;
                 }
                 if buf.capacity() - buf.len() < READ_SIZE / 4 {
                     buf.reserve(READ_SIZE);
