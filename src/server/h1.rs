@@ -19,7 +19,6 @@ use std::future::{Future, poll_fn};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -33,7 +32,7 @@ use tokio_util::io::poll_read_buf;
 
 use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end, date};
 use crate::body::RequestBody;
-use crate::io::{CountingIo, IdleTimeoutIo};
+use crate::io::{CountingIo, IdleTimeoutIo, Slots};
 use crate::proxy::{ConnBytes, ConnInfo, Tracked};
 use crate::upstream::{decimal, list_has};
 
@@ -118,13 +117,15 @@ pub(super) async fn serve(
                         continue;
                     }
                 } else if buf.is_empty() && head_since.is_none() {
-                    // Nothing in hand: park until the client sends its next bytes.
-                    let keep = shared.kept_buffers.fetch_add(1, Ordering::Relaxed) < KEEP_BUFFERS;
-                    if !keep {
-                        shared.kept_buffers.fetch_sub(1, Ordering::Relaxed);
+                    // Nothing in hand: park until the client sends its next bytes. A
+                    // connection without a place for its buffers holds its socket alone.
+                    let kept = Slots::try_take(&shared.kept_buffers);
+                    if kept.is_none() {
                         buf = BytesMut::new();
                         out = Vec::new();
                         spare = HeaderMap::new();
+                    } else if buf.capacity() - buf.len() < READ_SIZE / 4 {
+                        buf.reserve(READ_SIZE);
                     }
                     let parked = &shared.metrics.client_connections_parked;
                     parked.inc();
@@ -133,51 +134,18 @@ pub(super) async fn serve(
                     // while the connection was busy is seen by the flag.
                     let mut first = stop.is_none();
                     let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
-                    if keep && buf.capacity() - buf.len() < READ_SIZE / 4 {
-                        buf.reserve(READ_SIZE);
-                    }
-                    // With its buffer kept, the connection reads as soon as bytes arrive
-                    // (the idle wrapper ends the wait after `timeouts.idle`). Without, it
-                    // waits for readiness, then reads into a buffer made for the read; a
-                    // readiness that was a false positive drops that buffer again and the
-                    // connection goes on waiting, parked.
+                    let keep = kept.is_some();
                     let resume = poll_fn(|cx| {
-                        let ready = if keep {
-                            poll_read_buf(Pin::new(&mut io), cx, &mut buf)
-                                .map(|r| matches!(r, Ok(n) if n > 0))
-                        } else {
-                            match io.get_ref().get_ref().poll_read_ready(cx) {
-                                Poll::Ready(Ok(())) => {
-                                    buf.reserve(READ_SIZE);
-                                    let read = poll_read_buf(Pin::new(&mut io), cx, &mut buf)
-                                        .map(|r| matches!(r, Ok(n) if n > 0));
-                                    if read.is_pending() {
-                                        buf = BytesMut::new();
-                                    }
-                                    read
-                                }
-                                Poll::Ready(Err(_)) => Poll::Ready(false),
-                                Poll::Pending => Poll::Pending,
-                            }
-                        };
-                        if ready.is_ready() {
-                            return ready;
-                        }
                         if std::mem::take(&mut first) && stop.as_mut().poll(cx).is_ready()
                             || shutdown.is_triggered()
                         {
                             return Poll::Ready(false);
                         }
-                        if keep {
-                            return Poll::Pending;
-                        }
-                        io.poll_idle(cx).map(|()| false)
+                        poll_parked(&mut io, &mut buf, keep, cx)
                     })
                     .await;
                     parked.dec();
-                    if keep {
-                        shared.kept_buffers.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    drop(kept);
                     if !resume {
                         break 'conn;
                     }
@@ -268,6 +236,37 @@ pub(super) async fn serve(
         }
     }
     account_connection_end(&bytes);
+}
+
+/// A parked connection's wait: ready with true once the client's next bytes are in
+/// `buf`, with false when it closed, failed or stayed idle for `timeouts.idle`.
+///
+/// With its buffer kept, the connection reads as soon as bytes arrive. Without, it
+/// waits for readiness, then reads into a buffer made for that read; a readiness that
+/// was a false positive drops the buffer again, and the wait goes on.
+fn poll_parked(
+    io: &mut PlainIo,
+    buf: &mut BytesMut,
+    keep: bool,
+    cx: &mut Context<'_>,
+) -> Poll<bool> {
+    if !keep {
+        match io.get_ref().get_ref().poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => buf.reserve(READ_SIZE),
+            Poll::Ready(Err(_)) => return Poll::Ready(false),
+            Poll::Pending => return io.poll_idle(cx).map(|()| false),
+        }
+    }
+    // Through the idle wrapper: it ends the wait after `timeouts.idle`.
+    match poll_read_buf(Pin::new(io), cx, buf) {
+        Poll::Ready(r) => Poll::Ready(matches!(r, Ok(n) if n > 0)),
+        Poll::Pending => {
+            if !keep {
+                *buf = BytesMut::new();
+            }
+            Poll::Pending
+        }
+    }
 }
 
 /// Ready when the client closed its side or its connection failed.

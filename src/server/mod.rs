@@ -87,7 +87,7 @@ struct Shared {
     /// Plain HTTP/1.1 connections that hyper serves right now.
     sessions: Sessions,
     /// Parked plain HTTP/1.1 connections that kept their buffers ([`h1::KEEP_BUFFERS`]).
-    kept_buffers: std::sync::atomic::AtomicUsize,
+    kept_buffers: crate::io::Slots,
     idle: Duration,
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -135,7 +135,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         http: http_builder(&config),
         h1: h1_builder(),
         sessions: Sessions::default(),
-        kept_buffers: Default::default(),
+        kept_buffers: crate::io::Slots::new(h1::KEEP_BUFFERS),
         idle: config.timeouts.idle,
         handshake_timeout: config.timeouts.header_read,
         metrics: metrics.clone(),

@@ -19,7 +19,6 @@ use std::fmt;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -33,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::connect::Stream;
 use crate::body::RequestBody;
+use crate::io::{Slot, Slots};
 
 /// Largest response head (status line and fields) taken from an upstream; a longer one
 /// fails the request with 502.
@@ -310,18 +310,9 @@ pub struct H1Conn {
     spare_queue: VecDeque<Bytes>,
     head_buf: BytesMut,
     /// Set while idle with its read buffer kept.
-    kept: Option<KeptBuffer>,
+    kept: Option<Slot<Arc<Slots>>>,
     /// A read reserved more than a head's room: the buffer is not worth keeping.
     big_reads: bool,
-}
-
-/// An idle connection's place in its pool's count of kept read buffers.
-struct KeptBuffer(Arc<AtomicUsize>);
-
-impl Drop for KeptBuffer {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl H1Conn {
@@ -353,16 +344,15 @@ impl H1Conn {
         !self.broken && self.upload.is_none() && self.buf.is_empty()
     }
 
-    /// Ready for the idle list: keeps the read buffer while fewer than `max`
-    /// connections counted in `kept` do and this one's reads were head-sized; drops it
-    /// otherwise (the connection then holds no memory beyond its socket).
-    pub fn rest(&mut self, kept: &Arc<AtomicUsize>, max: usize) {
+    /// Ready for the idle list: keeps the read buffer while a place in `kept` is free
+    /// and this one's reads were head-sized; drops it otherwise (the connection then
+    /// holds no memory beyond its socket).
+    pub fn rest(&mut self, kept: &Arc<Slots>) {
         if !self.big_reads {
-            if kept.fetch_add(1, Ordering::Relaxed) < max {
-                self.kept = Some(KeptBuffer(kept.clone()));
+            self.kept = Slots::try_take(kept.clone());
+            if self.kept.is_some() {
                 return;
             }
-            kept.fetch_sub(1, Ordering::Relaxed);
         }
         self.shed();
     }
@@ -1058,30 +1048,30 @@ mod tests {
     /// back when taken for a request or dropped.
     #[tokio::test]
     async fn kept_read_buffers_are_bounded() {
-        let kept = Arc::new(AtomicUsize::new(0));
+        let kept = Arc::new(Slots::new(2));
         let mut conns = Vec::new();
         for _ in 0..3 {
             let (mut c, peer) = conn().await;
             c.buf.reserve(READ_HEAD);
-            c.rest(&kept, 2);
+            c.rest(&kept);
             conns.push((c, peer));
         }
-        assert_eq!(kept.load(Ordering::Relaxed), 2);
+        assert_eq!(kept.taken(), 2);
         let held: Vec<usize> = conns.iter().map(|(c, _)| c.buf.capacity()).collect();
         assert!(held[0] >= READ_HEAD && held[1] >= READ_HEAD, "{held:?}");
         assert_eq!(held[2], 0, "the third kept its buffer");
         // Taken for a request: its place frees.
         conns[0].0.begin(Request::new(RequestBody::Empty));
-        assert_eq!(kept.load(Ordering::Relaxed), 1);
+        assert_eq!(kept.taken(), 1);
         // Dropped while idle: the same.
         conns.truncate(1);
-        assert_eq!(kept.load(Ordering::Relaxed), 0);
+        assert_eq!(kept.taken(), 0);
         // A connection that read a large body does not keep its buffer.
         let (mut c, _peer) = conn().await;
         c.big_reads = true;
         c.buf.reserve(READ_BODY);
-        c.rest(&kept, 2);
-        assert_eq!((kept.load(Ordering::Relaxed), c.buf.capacity()), (0, 0));
+        c.rest(&kept);
+        assert_eq!((kept.taken(), c.buf.capacity()), (0, 0));
     }
 
     fn parse(raw: &[u8]) -> Result<Option<Response<Framing>>, Error> {

@@ -349,7 +349,7 @@ struct Inner {
     /// Set once the sweeper task runs.
     sweeping: std::sync::atomic::AtomicBool,
     /// Idle HTTP/1.1 connections that kept their read buffer ([`KEEP_IDLE_BUFFERS`]).
-    kept_buffers: Arc<std::sync::atomic::AtomicUsize>,
+    kept_buffers: Arc<crate::io::Slots>,
 }
 
 /// At most this many idle HTTP/1.1 connections keep their 8 KiB read buffer for their
@@ -593,7 +593,7 @@ impl Checkout {
         match sender {
             Some(Sender::H2(_)) => pool.release_stream(&self.key, &self.shared),
             Some(Sender::H1(mut conn)) if reusable && conn.is_clean() => {
-                conn.rest(&pool.kept_buffers, KEEP_IDLE_BUFFERS);
+                conn.rest(&pool.kept_buffers);
                 pool.checkin_h1(&self.key, conn, self.shared.clone(), hint);
             }
             Some(Sender::H1(conn)) => {
@@ -719,7 +719,7 @@ impl Pool {
                 epoch: Instant::now(),
                 next_id: AtomicU64::new(1),
                 sweeping: std::sync::atomic::AtomicBool::new(false),
-                kept_buffers: Default::default(),
+                kept_buffers: Arc::new(crate::io::Slots::new(KEEP_IDLE_BUFFERS)),
             }),
         }
     }
