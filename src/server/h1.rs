@@ -34,7 +34,7 @@ use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end, date};
 use crate::body::RequestBody;
 use crate::io::{CountingIo, IdleTimeoutIo, Slots};
 use crate::proxy::{ConnBytes, ConnInfo, Tracked};
-use crate::upstream::{decimal, list_has};
+use crate::upstream::{chunk_size_line, decimal, list_has};
 
 /// Fields a request head may have here; one with more goes to hyper, whose limit is
 /// the same (it answers 431).
@@ -485,22 +485,6 @@ fn encode_head(
         f => f,
     };
     (framing, close)
-}
-
-fn chunk_size_line(out: &mut Vec<u8>, len: usize) {
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    let mut n = len;
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[n & 15];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// A Content-Length value: digits only, no sign, no list.

@@ -261,7 +261,9 @@ impl Encoder {
                 if data.is_empty() {
                     return;
                 }
-                q.push(Bytes::from(format!("{:x}\r\n", data.len())));
+                let mut line = Vec::with_capacity(18);
+                super::chunk_size_line(&mut line, data.len());
+                q.push(Bytes::from(line));
                 q.push(data);
                 q.push(Bytes::from_static(b"\r\n"));
             }

@@ -415,6 +415,23 @@ pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     &digits[i..]
 }
 
+/// A chunk's size line (RFC 9112 §7.1): `len` in hex and CRLF, appended to `out`.
+pub(crate) fn chunk_size_line(out: &mut impl Extend<u8>, len: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[i..].iter().copied());
+    out.extend(*b"\r\n");
+}
+
 /// True when a comma-separated field value lists `token` (ASCII case-insensitive).
 pub(crate) fn list_has(v: &[u8], token: &[u8]) -> bool {
     v.split(|b| *b == b',')
