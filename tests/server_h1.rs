@@ -284,3 +284,27 @@ async fn a_short_body_ends_the_connection() {
     );
     assert!(got.ends_with("only this"), "{got}");
 }
+
+/// A short body Strait reads whole is bounded like the head: a client that stops
+/// part-way is closed after `header_read`, and nothing reaches the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_short_body_is_cut_off_after_header_read() {
+    let origin = echo_origin().await;
+    let strait = Strait::start(
+        &route_to(&origin.url(), "[timeouts]\nheader_read = \"1s\""),
+        &[],
+    );
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let got = read_to_close(&mut s).await;
+    assert!(got.is_empty(), "{got}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    assert!(origin.seen().is_empty());
+}

@@ -95,8 +95,9 @@ pub(super) async fn serve(
                             false
                         }
                         Parsed::Body(n) => {
-                            // The head is whole: its body is read under `timeouts.idle`.
-                            head_since = None;
+                            // A body read whole is bounded like its head: the request
+                            // must be in hand within `header_read` of its first byte.
+                            head_since.get_or_insert_with(Instant::now);
                             need = n;
                             false
                         }
@@ -160,7 +161,7 @@ pub(super) async fn serve(
                     if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
                         return Poll::Ready(Some(r));
                     }
-                    // A head on its way: `header_read` bounds it, and shutdown ends it.
+                    // A request on its way: `header_read` bounds it, and shutdown ends it.
                     let Some(since) = head_since else {
                         return Poll::Pending;
                     };
@@ -180,7 +181,7 @@ pub(super) async fn serve(
                 match read {
                     Some(Ok(n)) if n > 0 => {}
                     None if !shutdown.is_triggered() => {
-                        tracing::debug!("request head not complete within header_read: closing");
+                        tracing::debug!("request not complete within header_read: closing");
                         break 'conn;
                     }
                     _ => break 'conn,
