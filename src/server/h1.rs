@@ -2,15 +2,15 @@
 //!
 //! The common request is served here, in the connection's task, with nothing between
 //! the socket and the proxy: HTTP/1.1, origin or absolute form, no body or a
-//! Content-Length body of at most [`MAX_BODY`] bytes (read whole first, as nginx buffers
-//! request bodies), no `Expect`, no upgrade. Its head is parsed with httparse straight
+//! Content-Length body of at most [`MAX_BODY`] bytes already in hand with its head (taken
+//! whole), no `Expect`, no upgrade. Its head is parsed with httparse straight
 //! into the request, with field values sharing the read buffer, and its response head
 //! goes out together with the start of its body in one write. Between requests a
 //! connection holds its socket and nothing else (it is *parked*).
 //!
 //! Everything else is handed, with every byte read so far, to a hyper session
 //! ([`super::HyperSide`]): HTTP/1.0, CONNECT, upgrades, `Expect`, chunked or longer
-//! bodies, repeated lengths, heads that do not parse (hyper answers 400), heads longer
+//! bodies, short bodies still on their way (hyper streams them), repeated lengths, heads that do not parse (hyper answers 400), heads longer
 //! than [`MAX_HEAD`] or with more than [`MAX_FIELDS`] fields (hyper reads on to its own
 //! limits, then answers 431). hyper serves that connection as before and gives the
 //! socket back once it sits idle between requests (park.rs).
@@ -42,8 +42,9 @@ pub const MAX_FIELDS: usize = 100;
 /// A request head not complete within this many bytes goes to hyper, which reads on
 /// to its own limit (about 400 KiB), then answers 431.
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Request bodies of at most this many bytes (by Content-Length) are read whole before
-/// the request is handled; longer ones stream through hyper.
+/// Request bodies of at most this many bytes (by Content-Length) that are in hand with
+/// their head are taken whole; longer ones, and ones still on their way, stream
+/// through hyper.
 pub const MAX_BODY: usize = 64 * 1024;
 /// At most this many parked connections keep their buffers (an 8 KiB read buffer, the
 /// response head's buffer and a header map: about 10 KiB each) for their next request;
@@ -80,8 +81,10 @@ pub(super) async fn serve(
     let mut head_timer: Option<Pin<Box<Sleep>>> = None;
     let mut stop: Option<Stop> = None;
     let mut hyper: Option<HyperSide> = None;
-    // Bytes a whole head with its body needs in hand before it is parsed again.
+    // Bytes a whole head with its body needs in hand before it is parsed again, and
+    // whether the socket had none of them: that body streams (through hyper).
     let mut need = 0;
+    let mut stream_body = false;
     'conn: loop {
         // A request: one already in hand, or read until one is.
         let (mut handling, head_only, close) = {
@@ -94,12 +97,13 @@ pub(super) async fn serve(
                             head_since.get_or_insert_with(Instant::now);
                             false
                         }
+                        // A short body already in the socket (the last read stopped
+                        // short of it) is read at once; one still on its way streams.
                         Parsed::Body(n) => {
-                            // A body read whole is bounded like its head: the request
-                            // must be in hand within `header_read` of its first byte.
                             head_since.get_or_insert_with(Instant::now);
-                            need = n;
-                            false
+                            let stream = std::mem::take(&mut stream_body);
+                            need = if stream { 0 } else { n };
+                            stream
                         }
                         Parsed::Hyper => true,
                     };
@@ -161,6 +165,10 @@ pub(super) async fn serve(
                     if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
                         return Poll::Ready(Some(r));
                     }
+                    // The rest of a body is not here yet: hyper streams it.
+                    if need > 0 {
+                        return Poll::Ready(Some(Err(std::io::ErrorKind::WouldBlock.into())));
+                    }
                     // A request on its way: `header_read` bounds it, and shutdown ends it.
                     let Some(since) = head_since else {
                         return Poll::Pending;
@@ -180,6 +188,10 @@ pub(super) async fn serve(
                 .await;
                 match read {
                     Some(Ok(n)) if n > 0 => {}
+                    Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        stream_body = true;
+                        need = 0;
+                    }
                     None if !shutdown.is_triggered() => {
                         tracing::debug!("request not complete within header_read: closing");
                         break 'conn;
