@@ -839,7 +839,10 @@ impl Inner {
 
     fn now_ms(&self) -> u64 {
         // +1 keeps 0 free to mean "in use" / "no hint".
-        self.epoch.elapsed().as_millis() as u64 + 1
+        crate::io::coarse_now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64
+            + 1
     }
 
     fn checkout_from(
