@@ -466,7 +466,7 @@ pub struct Slots {
 pub struct Slot<S: std::ops::Deref<Target = Slots>>(S);
 
 impl Slots {
-    pub fn new(max: usize) -> Slots {
+    pub const fn new(max: usize) -> Slots {
         Slots {
             taken: std::sync::atomic::AtomicUsize::new(0),
             max,
