@@ -316,10 +316,14 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The tests here count the process's large buffers: one at a time.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     /// Bytes cross both ways, each half-close is passed on, and a tunnel with nothing
     /// to move holds no buffer.
     #[tokio::test]
     async fn relay_moves_both_ways_passes_half_closes_and_idles_without_a_buffer() {
+        let _alone = ONE_AT_A_TIME.lock().await;
         let (mut client, mut near) = tokio::io::duplex(64 * 1024);
         let (mut far, mut origin) = tokio::io::duplex(64 * 1024);
         let relaying = tokio::spawn(async move { relay(&mut near, &mut far).await });
@@ -363,5 +367,26 @@ mod tests {
         let (forth, back) = relaying.await.unwrap().unwrap();
         assert_eq!((forth, back), (5, big.len() as u64 + 3));
         assert_eq!(LARGE_IN_USE.taken(), 0);
+    }
+
+    /// Past [`LARGE_MAX`] large buffers in use, a direction copies through a small one;
+    /// the count goes back to zero as they are given back, and a thread keeps at most
+    /// [`SPARE_MAX`] of them for reuse.
+    #[tokio::test]
+    async fn large_buffers_are_bounded() {
+        let _alone = ONE_AT_A_TIME.lock().await;
+        let held: Vec<Held> = (0..LARGE_MAX).map(|_| Held::take()).collect();
+        assert!(held.iter().all(|h| h.buf.len() == LARGE));
+        let past = Held::take();
+        assert_eq!(past.buf.len(), SMALL);
+        assert_eq!(LARGE_IN_USE.taken(), LARGE_MAX);
+        drop(past);
+        drop(held);
+        assert_eq!(LARGE_IN_USE.taken(), 0);
+        // Only SPARE_MAX of those given back are kept; the next take reuses one.
+        assert_eq!(SPARE.with_borrow(Vec::len), SPARE_MAX);
+        let again = Held::take();
+        assert_eq!(again.buf.len(), LARGE);
+        assert_eq!(SPARE.with_borrow(Vec::len), SPARE_MAX - 1);
     }
 }
