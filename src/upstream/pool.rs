@@ -1446,7 +1446,10 @@ async fn drive_h2(
                     conn_task.abort();
                     break;
                 };
-                let now = inner.now_ms();
+                // The precise clock: this timer was set from it, and the coarse one may
+                // not have reached the deadline yet (re-arming for an instant already
+                // past would spin until it does).
+                let now = inner.ms_at(Instant::now());
                 let since = shared.idle_since.load(Ordering::Relaxed);
                 if since == 0 {
                     // In use: it cannot be idle for long before this looks again.
