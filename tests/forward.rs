@@ -272,6 +272,44 @@ async fn an_idle_tunnel_is_closed_after_timeouts_idle() {
     );
 }
 
+/// A client that stops reading while the origin keeps sending: no byte moves either way
+/// once the buffers on the way are full, so the tunnel ends after `timeouts.idle` (the
+/// client connection's own idle timer sees the tunnel's writes wait; the upstream end's
+/// timer, only polled by reads, would not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_client_stopped_reading_is_closed_after_timeouts_idle() {
+    let flood = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = flood.local_addr().unwrap();
+    let (ended, mut ended_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = flood.accept().await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        while s.write_all(&chunk).await.is_ok() {}
+        let _ = ended.send(std::time::Instant::now());
+    });
+    let config = format!("{OPEN}[timeouts]\nidle = \"1s\"\n");
+    let strait = Strait::start(&config, &[]);
+    let mut s = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // From here on the client reads nothing; the origin's writes stall.
+    let started = std::time::Instant::now();
+    let ended_at = tokio::time::timeout(Duration::from_secs(8), &mut ended_rx)
+        .await
+        .expect("the stalled tunnel is closed by the idle timeout")
+        .unwrap();
+    assert!(
+        ended_at.duration_since(started) >= Duration::from_millis(800),
+        "{:?}",
+        ended_at.duration_since(started)
+    );
+    drop(s);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_never_cross_the_forward_proxy() {
     let origin = Origin::with(|_| async {
