@@ -98,7 +98,7 @@ impl<T> IdleTimeoutIo<T> {
 /// A timer polled only when it may have fired or another task asks: a busy
 /// connection's IO and loop wake several times per request, and polling the timer on
 /// each wake (registering the same waker again) cost more than everything else these
-/// checks do. Boxed so its owner stays `Unpin` (hyper and copy_bidirectional want that):
+/// checks do. Boxed so its owner stays `Unpin` (hyper and the tunnel relay want that):
 /// one allocation per connection, none per wake.
 pub struct LazySleep {
     sleep: Pin<Box<Sleep>>,
