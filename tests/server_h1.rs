@@ -312,3 +312,35 @@ async fn a_short_body_on_its_way_streams_to_the_upstream() {
         .unwrap();
     read_until(&mut s, |t| t.contains("GET /next []")).await;
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, with two, or with one that is no
+/// host[:port] gets 400, on Strait's own path and on hyper's (a chunked body), and the
+/// connection serves its next request. HTTP/1.0 may leave `Host` out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_one_good_host_get_400() {
+    let origin = echo_origin().await;
+    let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    for bad in [
+        "GET /none HTTP/1.1\r\n\r\n",
+        "GET /two HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET /space HTTP/1.1\r\nHost: a b\r\n\r\n",
+        "GET /user HTTP/1.1\r\nHost: user@a\r\n\r\n",
+        "POST /chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+        s.write_all(bad.as_bytes()).await.unwrap();
+        s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_until(&mut s, |t| t.contains("GET /next []")).await;
+        assert!(got.starts_with("HTTP/1.1 400 "), "{bad:?}: {got}");
+    }
+    assert!(
+        origin.seen().iter().all(|r| r.uri == "/next"),
+        "a bad request reached the origin"
+    );
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(b"GET /old HTTP/1.0\r\n\r\n").await.unwrap();
+    let got = read_to_close(&mut s).await;
+    assert!(got.starts_with("HTTP/1.0 200 "), "{got}");
+}

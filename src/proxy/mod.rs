@@ -210,7 +210,12 @@ impl Proxy {
             let mut meta = Meta::default();
             // The forward and CONNECT futures are boxed: the request's future is built and
             // moved whole, and theirs are the largest states it would otherwise hold.
-            let result = if method == Method::CONNECT {
+            // Strait's own HTTP/1.1 server checks `Host` as it parses (and hands a
+            // request that fails to hyper); what hyper parsed is checked here.
+            let from_hyper = matches!(req.body(), RequestBody::Incoming(_));
+            let result = if let Some(why) = from_hyper.then(|| malformed(&req)).flatten() {
+                Err(Refusal::BadRequest(why.into()))
+            } else if method == Method::CONNECT {
                 Box::pin(self.connect(req, conn, &mut meta, bytes)).await
             } else if self.is_forward_form(&req, conn) {
                 Box::pin(self.forward(req, conn, &mut meta)).await
@@ -269,6 +274,55 @@ impl Proxy {
         !names_listener(req.uri(), conn.local)
     }
 }
+
+/// Why an HTTP/1 request must get 400, if it must (RFC 9112 §3.2): an HTTP/1.1 request
+/// without `Host`, and any with more than one or with one that is no host[:port], as
+/// nginx answers them. HTTP/2 carries its authority in its pseudo-headers. (Framing
+/// faults never get here: hyper answers them, and a request with both
+/// `Transfer-Encoding` and `Content-Length` reaches the proxy without the length.)
+fn malformed(req: &Request<RequestBody>) -> Option<&'static str> {
+    let version = req.version();
+    if version >= http::Version::HTTP_2 {
+        return None;
+    }
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == http::Version::HTTP_11 => {
+            return Some("HTTP/1.1 request without Host");
+        }
+        (Some(_), Some(_)) => return Some("more than one Host"),
+        (Some(host), None) if !is_host_port(host.as_bytes()) => {
+            return Some("Host is not host[:port]");
+        }
+        _ => {}
+    }
+    None
+}
+
+/// True for a `Host` value made only of what a host (a name, an IPv4 address or an IPv6
+/// literal in brackets) and a port may hold; empty is allowed (RFC 9110 §7.2).
+pub(crate) fn is_host_port(v: &[u8]) -> bool {
+    v.iter().all(|&b| HOST_BYTES[b as usize])
+}
+
+/// The bytes of RFC 3986's reg-name, IPv4address and IP-literal, and ':' before a port.
+static HOST_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let extra = b"-._~!$&'()*+,;=%:[]";
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric();
+        i += 1;
+    }
+    let mut j = 0;
+    while j < extra.len() {
+        t[extra[j] as usize] = true;
+        j += 1;
+    }
+    t
+};
 
 /// True when `uri`'s authority is the listener's own address (or localhost on its port).
 fn names_listener(uri: &http::Uri, local: SocketAddr) -> bool {

@@ -578,10 +578,19 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
     };
     let mut body = None;
     let mut close = false;
+    let mut host = false;
     for f in parsed.headers.iter() {
         let name = f.name.as_bytes();
         // By length first: most fields are none of these.
         match name.len() {
+            // One Host, a host[:port] (RFC 9112 §3.2); otherwise hyper takes the request
+            // and the proxy answers 400.
+            4 if name.eq_ignore_ascii_case(b"host") => {
+                if host || !crate::proxy::is_host_port(f.value) {
+                    return Parsed::Hyper;
+                }
+                host = true;
+            }
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 if body.is_some() {
                     return Parsed::Hyper;
@@ -602,6 +611,9 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
             }
             _ => {}
         }
+    }
+    if !host {
+        return Parsed::Hyper;
     }
     let body = body.unwrap_or(0);
     if b.len() < len + body {
@@ -666,7 +678,7 @@ mod tests {
 
     #[test]
     fn absolute_form_lengths_and_close_are_read() {
-        let head = "POST http://example.com/x HTTP/1.1\r\nContent-Length: 5\r\nConnection: keep-alive, Close\r\n\r\n";
+        let head = "POST http://example.com/x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\nConnection: keep-alive, Close\r\n\r\n";
         // Until the body is in hand: the length head and body need, bytes untouched.
         let (p, rest) = parsed(&format!("{head}hel"));
         assert!(matches!(p, Parsed::Body(n) if n == head.len() + 5));
@@ -682,6 +694,23 @@ mod tests {
     }
 
     #[test]
+    fn names_addresses_ports_and_an_empty_host_are_served() {
+        for host in [
+            "example.com",
+            "127.0.0.1:8080",
+            "[::1]:80",
+            "xn--bcher-kva.example",
+            "",
+        ] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert!(
+                matches!(parsed(&head).0, Parsed::Request { .. }),
+                "{host:?} not served here"
+            );
+        }
+    }
+
+    #[test]
     fn partial_heads_wait_for_more() {
         assert!(matches!(
             parsed("GET / HTTP/1.1\r\nHost: x\r\n").0,
@@ -693,27 +722,32 @@ mod tests {
     #[test]
     fn unusual_requests_go_to_hyper_with_their_bytes() {
         for head in [
-            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
             "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
-            "OPTIONS * HTTP/1.1\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
-            "POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            "PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
-            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            "GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
-            "GET /\u{1} HTTP/1.1\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n\r\n",
+            "GET /\u{1} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
+            // Host missing, repeated or not a host[:port]: the proxy answers 400.
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nhost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: u@x\r\n\r\n",
         ] {
             let (p, rest) = parsed(head);
             assert!(matches!(p, Parsed::Hyper), "{head:?} served here");
             assert_eq!(&rest[..], head.as_bytes(), "{head:?} lost bytes");
         }
         let many: String = (0..=MAX_FIELDS).map(|i| format!("x-{i}: y\r\n")).collect();
-        let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let head = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
         assert!(matches!(parsed(&head).0, Parsed::Hyper));
-        let long = format!("GET / HTTP/1.1\r\nx: {}", "y".repeat(MAX_HEAD));
+        let long = format!("GET / HTTP/1.1\r\nHost: x\r\nx: {}", "y".repeat(MAX_HEAD));
         assert!(matches!(parsed(&long).0, Parsed::Hyper));
     }
 
