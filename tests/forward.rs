@@ -201,14 +201,7 @@ async fn connect_opens_a_tunnel_with_bytes_both_ways() {
 
     // Raw: CONNECT to an echo server, then bytes both ways, then close from our side.
     let echo = echo_server().await;
-    let mut s = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
-    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = vec![0u8; 1024];
-    let n = s.read(&mut head).await.unwrap();
-    let head = String::from_utf8_lossy(&head[..n]);
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let s = open_tunnel(&strait, &echo.to_string()).await;
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = s.into_split();
     let sent = payload.clone();
@@ -239,18 +232,26 @@ async fn connect_ports_limits_tunnels() {
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
 }
 
+/// A client connection to `strait` with a tunnel open to `target` (its 200 read).
+async fn open_tunnel(strait: &Strait, target: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = s.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tunnel_is_closed_after_timeouts_idle() {
     let echo = echo_server().await;
     let config = format!("{OPEN}[timeouts]\nidle = \"1s\"\n");
     let strait = Strait::start(&config, &[]);
-    let mut s = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
-    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let mut s = open_tunnel(&strait, &echo.to_string()).await;
     let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     // Active for longer than the idle timeout: stays open.
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -289,13 +290,7 @@ async fn a_tunnel_whose_client_stopped_reading_is_closed_after_timeouts_idle() {
     });
     let config = format!("{OPEN}[timeouts]\nidle = \"1s\"\n");
     let strait = Strait::start(&config, &[]);
-    let mut s = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let s = open_tunnel(&strait, &target.to_string()).await;
     // From here on the client reads nothing; the origin's writes stall.
     let started = std::time::Instant::now();
     let ended_at = tokio::time::timeout(Duration::from_secs(8), &mut ended_rx)
