@@ -96,17 +96,15 @@ impl Proxy {
         };
         self.metrics.tunnels_active.inc();
         self.tasks.spawn(async move {
-            let client = match on_upgrade.await {
+            let mut client = match on_upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => {
                     tracing::debug!(client = %account.client, "CONNECT upgrade failed: {e}");
                     return;
                 }
             };
-            let mut client = client;
             let mut upstream = IdleTimeoutIo::new(upstream, idle);
-            match relay(&mut client, &mut upstream).await
-            {
+            match relay(&mut client, &mut upstream).await {
                 Ok((rx, tx)) => {
                     tracing::debug!(client = %account.client, target = %account.target, rx, tx, "tunnel closed")
                 }
@@ -234,42 +232,43 @@ const LARGE: usize = 256 * 1024;
 const LARGE_MAX: usize = 256;
 /// The buffer's size once [`LARGE_MAX`] are in use.
 const SMALL: usize = 16 * 1024;
-/// Large buffers kept for reuse by each thread, when given back.
+/// Buffers of each size kept for reuse by each thread, when given back: a direction
+/// takes one each time it tries a read, so a busy thread reuses rather than allocates.
 const SPARE_MAX: usize = 4;
 
 static LARGE_IN_USE: Slots = Slots::new(LARGE_MAX);
 
 thread_local! {
-    static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    /// This thread's given-back buffers: large ones, then small ones.
+    static SPARE: RefCell<[Vec<Box<[u8]>>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Where buffers of `len` bytes are kept in [`SPARE`].
+fn spare_index(len: usize) -> usize {
+    usize::from(len != LARGE)
 }
 
 impl Held {
     fn take() -> Held {
-        match Slots::try_take(&LARGE_IN_USE) {
-            Some(slot) => Held {
-                buf: SPARE
-                    .with_borrow_mut(Vec::pop)
-                    .unwrap_or_else(|| vec![0; LARGE].into_boxed_slice()),
-                _large: Some(slot),
-            },
-            None => Held {
-                buf: vec![0; SMALL].into_boxed_slice(),
-                _large: None,
-            },
-        }
+        let large = Slots::try_take(&LARGE_IN_USE);
+        let len = if large.is_some() { LARGE } else { SMALL };
+        let buf = SPARE
+            .with_borrow_mut(|spare| spare[spare_index(len)].pop())
+            .unwrap_or_else(|| vec![0; len].into_boxed_slice());
+        Held { buf, _large: large }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.buf.len() == LARGE {
-            let buf = std::mem::take(&mut self.buf);
-            SPARE.with_borrow_mut(|spare| {
-                if spare.len() < SPARE_MAX {
-                    spare.push(buf);
-                }
-            });
-        }
+        let buf = std::mem::take(&mut self.buf);
+        // `try_with`: a tunnel's task may be dropped while its thread is ending.
+        let _ = SPARE.try_with(|spare| {
+            let kept = &mut spare.borrow_mut()[spare_index(buf.len())];
+            if kept.len() < SPARE_MAX {
+                kept.push(buf);
+            }
+        });
     }
 }
 
@@ -371,7 +370,7 @@ mod tests {
 
     /// Past [`LARGE_MAX`] large buffers in use, a direction copies through a small one;
     /// the count goes back to zero as they are given back, and a thread keeps at most
-    /// [`SPARE_MAX`] of them for reuse.
+    /// [`SPARE_MAX`] of each size for reuse.
     #[tokio::test]
     async fn large_buffers_are_bounded() {
         let _alone = ONE_AT_A_TIME.lock().await;
@@ -384,9 +383,10 @@ mod tests {
         drop(held);
         assert_eq!(LARGE_IN_USE.taken(), 0);
         // Only SPARE_MAX of those given back are kept; the next take reuses one.
-        assert_eq!(SPARE.with_borrow(Vec::len), SPARE_MAX);
+        let large_kept = || SPARE.with_borrow(|spare| spare[spare_index(LARGE)].len());
+        assert_eq!(large_kept(), SPARE_MAX);
         let again = Held::take();
         assert_eq!(again.buf.len(), LARGE);
-        assert_eq!(SPARE.with_borrow(Vec::len), SPARE_MAX - 1);
+        assert_eq!(large_kept(), SPARE_MAX - 1);
     }
 }
