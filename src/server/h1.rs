@@ -10,9 +10,10 @@
 //!
 //! Everything else is handed, with every byte read so far, to a hyper session
 //! ([`super::HyperSide`]): HTTP/1.0, CONNECT, upgrades, `Expect`, chunked or longer
-//! bodies, short bodies still on their way (hyper streams them), repeated lengths, heads that do not parse (hyper answers 400), heads longer
-//! than [`MAX_HEAD`] or with more than [`MAX_FIELDS`] fields (hyper reads on to its own
-//! limits, then answers 431). hyper serves that connection as before and gives the
+//! bodies, short bodies still on their way (hyper streams them), repeated lengths, a
+//! missing, repeated or malformed `Host` (the proxy answers 400), heads that do not
+//! parse (hyper answers 400), heads longer than [`MAX_HEAD`] or with more than
+//! [`MAX_FIELDS`] fields (hyper reads on to its own limits, then answers 431). hyper serves that connection as before and gives the
 //! socket back once it sits idle between requests (park.rs).
 
 use std::future::{Future, poll_fn};
@@ -81,33 +82,43 @@ pub(super) async fn serve(
     let mut head_timer: Option<Pin<Box<Sleep>>> = None;
     let mut stop: Option<Stop> = None;
     let mut hyper: Option<HyperSide> = None;
-    // Bytes a whole head with its body needs in hand before it is parsed again, and
-    // whether the socket had none of them: that body streams (through hyper).
-    let mut need = 0;
-    let mut stream_body = false;
+    /// What a head in hand, not yet served, leads to.
+    enum Then {
+        ReadMore,
+        /// A whole head whose body (this many bytes with it) is not all in hand.
+        TryBody(usize),
+        Hyper,
+    }
     'conn: loop {
         // A request: one already in hand, or read until one is.
         let (mut handling, head_only, close) = {
             let (req, close) = loop {
-                if !buf.is_empty() && buf.len() >= need {
+                if !buf.is_empty() {
                     // Decided before any await: a parse result is not kept across one.
-                    let to_hyper = match parse(&mut buf, &mut spare) {
+                    let mut then = match parse(&mut buf, &mut spare) {
                         Parsed::Request { req, close, .. } => break (req, close),
                         Parsed::Partial => {
                             head_since.get_or_insert_with(Instant::now);
-                            false
+                            Then::ReadMore
                         }
-                        // A short body already in the socket (the last read stopped
-                        // short of it) is read at once; one still on its way streams.
-                        Parsed::Body(n) => {
-                            head_since.get_or_insert_with(Instant::now);
-                            let stream = std::mem::take(&mut stream_body);
-                            need = if stream { 0 } else { n };
-                            stream
-                        }
-                        Parsed::Hyper => true,
+                        Parsed::Body(n) => Then::TryBody(n),
+                        Parsed::Hyper => Then::Hyper,
                     };
-                    if to_hyper {
+                    // A short body already in the socket (the last read stopped short of
+                    // it) is read at once; one still on its way is not waited for: hyper
+                    // streams it.
+                    if let Then::TryBody(n) = then {
+                        buf.reserve(n.saturating_sub(buf.len()));
+                        let read = poll_fn(|cx| {
+                            Poll::Ready(poll_read_buf(Pin::new(&mut io), cx, &mut buf))
+                        });
+                        match read.await {
+                            Poll::Ready(Ok(n)) if n > 0 => continue,
+                            Poll::Ready(_) => break 'conn,
+                            Poll::Pending => then = Then::Hyper,
+                        }
+                    }
+                    if let Then::Hyper = then {
                         let side =
                             hyper.get_or_insert_with(|| HyperSide::new(&shared, info, &bytes));
                         let unread = buf.split().freeze();
@@ -121,7 +132,7 @@ pub(super) async fn serve(
                         head_since = since;
                         continue;
                     }
-                } else if buf.is_empty() && head_since.is_none() {
+                } else if head_since.is_none() {
                     // Nothing in hand: park until the client sends its next bytes. A
                     // connection without a place for its buffers holds its socket alone.
                     let kept = Slots::try_take(&shared.kept_buffers);
@@ -160,16 +171,11 @@ pub(super) async fn serve(
                 if buf.capacity() - buf.len() < READ_SIZE / 4 {
                     buf.reserve(READ_SIZE);
                 }
-                buf.reserve(need.saturating_sub(buf.len()));
                 let read = poll_fn(|cx| {
                     if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
                         return Poll::Ready(Some(r));
                     }
-                    // The rest of a body is not here yet: hyper streams it.
-                    if need > 0 {
-                        return Poll::Ready(Some(Err(std::io::ErrorKind::WouldBlock.into())));
-                    }
-                    // A request on its way: `header_read` bounds it, and shutdown ends it.
+                    // A head on its way: `header_read` bounds it, and shutdown ends it.
                     let Some(since) = head_since else {
                         return Poll::Pending;
                     };
@@ -188,19 +194,14 @@ pub(super) async fn serve(
                 .await;
                 match read {
                     Some(Ok(n)) if n > 0 => {}
-                    Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        stream_body = true;
-                        need = 0;
-                    }
                     None if !shutdown.is_triggered() => {
-                        tracing::debug!("request not complete within header_read: closing");
+                        tracing::debug!("request head not complete within header_read: closing");
                         break 'conn;
                     }
                     _ => break 'conn,
                 }
             };
             head_since = None;
-            need = 0;
             let head_only = req.method() == Method::HEAD;
             // Boxed: a request's future is a few KiB, and a parked connection's task would
             // otherwise keep room for it.
