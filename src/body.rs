@@ -68,7 +68,8 @@ impl http_body::Body for Body {
 /// A request body on its way to an upstream.
 #[derive(Debug, Default)]
 pub enum RequestBody {
-    /// Streamed from a client, frame by frame, never buffered whole.
+    /// Streamed from a client, frame by frame, never buffered whole. Only requests hyper
+    /// parsed carry it (the proxy checks their `Host` for that reason).
     Incoming(Incoming),
     /// Streamed from a client; the flag is set once the body was sent to its end (a
     /// connection whose request body was cut short is not reused).

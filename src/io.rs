@@ -382,6 +382,52 @@ impl<T: AsyncWrite, O> AsyncWrite for CountingIo<T, O> {
     }
 }
 
+/// A bounded number of places, for things a process keeps only so many of (buffers of
+/// idle connections). A place is given back when its [`Slot`] drops, however its holder
+/// ends.
+#[derive(Debug)]
+pub struct Slots {
+    taken: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+/// One place taken in [`Slots`]: `S` is `&Slots` for a holder that borrows them, or
+/// `Arc<Slots>` for one that outlives the borrow.
+#[derive(Debug)]
+pub struct Slot<S: std::ops::Deref<Target = Slots>>(S);
+
+impl Slots {
+    pub const fn new(max: usize) -> Slots {
+        Slots {
+            taken: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// A place, if one is free.
+    pub fn try_take<S: std::ops::Deref<Target = Slots>>(slots: S) -> Option<Slot<S>> {
+        use std::sync::atomic::Ordering;
+        if slots.taken.fetch_add(1, Ordering::Relaxed) < slots.max {
+            return Some(Slot(slots));
+        }
+        slots.taken.fetch_sub(1, Ordering::Relaxed);
+        None
+    }
+
+    /// Places taken now.
+    pub fn taken(&self) -> usize {
+        self.taken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl<S: std::ops::Deref<Target = Slots>> Drop for Slot<S> {
+    fn drop(&mut self) {
+        self.0
+            .taken
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,51 +494,5 @@ mod tests {
         let err = a.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(start.elapsed(), Duration::from_secs(28));
-    }
-}
-
-/// A bounded number of places, for things a process keeps only so many of (buffers of
-/// idle connections). A place is given back when its [`Slot`] drops, however its holder
-/// ends.
-#[derive(Debug)]
-pub struct Slots {
-    taken: std::sync::atomic::AtomicUsize,
-    max: usize,
-}
-
-/// One place taken in [`Slots`]: `S` is `&Slots` for a holder that borrows them, or
-/// `Arc<Slots>` for one that outlives the borrow.
-#[derive(Debug)]
-pub struct Slot<S: std::ops::Deref<Target = Slots>>(S);
-
-impl Slots {
-    pub const fn new(max: usize) -> Slots {
-        Slots {
-            taken: std::sync::atomic::AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// A place, if one is free.
-    pub fn try_take<S: std::ops::Deref<Target = Slots>>(slots: S) -> Option<Slot<S>> {
-        use std::sync::atomic::Ordering;
-        if slots.taken.fetch_add(1, Ordering::Relaxed) < slots.max {
-            return Some(Slot(slots));
-        }
-        slots.taken.fetch_sub(1, Ordering::Relaxed);
-        None
-    }
-
-    /// Places taken now.
-    pub fn taken(&self) -> usize {
-        self.taken.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl<S: std::ops::Deref<Target = Slots>> Drop for Slot<S> {
-    fn drop(&mut self) {
-        self.0
-            .taken
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

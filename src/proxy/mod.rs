@@ -208,12 +208,16 @@ impl Proxy {
                 None => (None, None),
             };
             let mut meta = Meta::default();
+            // Strait's own HTTP/1.1 server checks `Host` as it parses (and hands a
+            // request that fails to hyper); what hyper parsed, with its `Incoming` body,
+            // is checked here.
+            let malformed = match req.body() {
+                RequestBody::Incoming(_) => malformed(&req),
+                _ => None,
+            };
             // The forward and CONNECT futures are boxed: the request's future is built and
             // moved whole, and theirs are the largest states it would otherwise hold.
-            // Strait's own HTTP/1.1 server checks `Host` as it parses (and hands a
-            // request that fails to hyper); what hyper parsed is checked here.
-            let from_hyper = matches!(req.body(), RequestBody::Incoming(_));
-            let result = if let Some(why) = from_hyper.then(|| malformed(&req)).flatten() {
+            let result = if let Some(why) = malformed {
                 Err(Refusal::BadRequest(why.into()))
             } else if method == Method::CONNECT {
                 Box::pin(self.connect(req, conn, &mut meta, bytes)).await
@@ -285,19 +289,13 @@ fn malformed(req: &Request<RequestBody>) -> Option<&'static str> {
     if version >= http::Version::HTTP_2 {
         return None;
     }
-    let headers = req.headers();
-    let mut hosts = headers.get_all(header::HOST).iter();
+    let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
-        (None, _) if version == http::Version::HTTP_11 => {
-            return Some("HTTP/1.1 request without Host");
-        }
-        (Some(_), Some(_)) => return Some("more than one Host"),
-        (Some(host), None) if !is_host_port(host.as_bytes()) => {
-            return Some("Host is not host[:port]");
-        }
-        _ => {}
+        (None, _) if version == http::Version::HTTP_11 => Some("HTTP/1.1 request without Host"),
+        (Some(_), Some(_)) => Some("more than one Host"),
+        (Some(host), None) if !is_host_port(host.as_bytes()) => Some("Host is not host[:port]"),
+        _ => None,
     }
-    None
 }
 
 /// True for a `Host` value made only of what a host (a name, an IPv4 address or an IPv6
