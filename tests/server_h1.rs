@@ -344,3 +344,76 @@ async fn requests_without_one_good_host_get_400() {
     let got = read_to_close(&mut s).await;
     assert!(got.starts_with("HTTP/1.0 200 "), "{got}");
 }
+
+/// A target hyper takes but no origin server serves (authority form outside CONNECT,
+/// `*`) gets 400, and the connection serves its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_of_the_wrong_form_gets_400() {
+    let origin = echo_origin().await;
+    let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    for bad in [
+        "GET example.com:80 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+        "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+        s.write_all(bad.as_bytes()).await.unwrap();
+        s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_until(&mut s, |t| t.contains("GET /next []")).await;
+        assert!(got.starts_with("HTTP/1.1 400 "), "{bad:?}: {got}");
+    }
+    assert!(origin.seen().iter().all(|r| r.uri == "/next"));
+}
+
+/// A body chunked twice (RFC 9112 §6.1) is framed one way here and another way
+/// elsewhere: 400, nothing reaches the origin, and the connection closes rather than
+/// read on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_chunked_twice_gets_400_and_closes_the_connection() {
+    let origin = echo_origin().await;
+    let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    for te in [
+        "Transfer-Encoding: chunked, chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    ] {
+        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+        let req = format!(
+            "POST /twice HTTP/1.1\r\nHost: x\r\n{te}\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let got = read_to_close(&mut s).await;
+        assert!(got.starts_with("HTTP/1.1 400 "), "{te:?}: {got}");
+        assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "{te:?}: {got}");
+    }
+    assert!(origin.seen().is_empty(), "a request reached the origin");
+}
+
+/// A chunked body that breaks its framing is the client's fault: 400, not 502, over
+/// an HTTP/1.1 upstream and an h2c one, and the upstream connection it was streaming
+/// on is not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_chunked_body_gets_400() {
+    let origin = echo_origin().await;
+    for version in ["h1", "h2"] {
+        let config = format!(
+            "listen = [{{ addr = \"127.0.0.1:0\" }}]\n[[route]]\nupstream = \"{}\"\nversion = \"{version}\"\n",
+            origin.url()
+        );
+        let strait = Strait::start(&config, &[]);
+        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+        s.write_all(b"POST /broken HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\nzz\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_to_close(&mut s).await;
+        assert!(got.starts_with("HTTP/1.1 400 "), "{version}: {got}");
+        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+        s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // An h2c origin sees the full URI.
+        let got = read_until(&mut s, |t| t.contains("/next []")).await;
+        assert!(got.starts_with("HTTP/1.1 200 "), "{version}: {got}");
+    }
+}

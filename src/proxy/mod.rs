@@ -226,10 +226,14 @@ impl Proxy {
             } else {
                 self.reverse(req, conn, &mut meta).await
             };
-            let resp = result.unwrap_or_else(|refusal| {
+            let mut resp = result.unwrap_or_else(|refusal| {
                 refusal.log(&method, &uri, conn);
                 refusal.into_response()
             });
+            if malformed == Some(CHUNKED_TWICE) {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             let status = resp.status().as_u16();
             // A tunnel accounts for its bytes and logs its line when it closes.
             let tunnel = meta.kind == Kind::Connect && status == 200;
@@ -290,13 +294,36 @@ fn malformed(req: &Request<RequestBody>) -> Option<&'static str> {
         return None;
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
+    let host = match (hosts.next(), hosts.next()) {
         (None, _) if version == http::Version::HTTP_11 => Some("HTTP/1.1 request without Host"),
         (Some(_), Some(_)) => Some("more than one Host"),
         (Some(host), None) if !is_host_port(host.as_bytes()) => Some("Host is not host[:port]"),
         _ => None,
-    }
+    };
+    // hyper takes `GET host:80` (authority form) and `GET *` as targets; only CONNECT
+    // names an authority, and Strait serves no `*` (RFC 9112 §3.2).
+    let uri = req.uri();
+    let target =
+        (req.method() != Method::CONNECT && uri.scheme().is_none() && !uri.path().starts_with('/'))
+            .then_some("request target is neither origin form nor absolute form");
+    host.or(target).or_else(|| chunked_twice(req.headers()))
 }
+
+/// hyper decodes the last `chunked` of a `Transfer-Encoding` list and lets an earlier
+/// one pass; a body chunked twice is framed differently by different servers, the
+/// makings of request smuggling (RFC 9112 §6.1 forbids it).
+fn chunked_twice(headers: &http::HeaderMap) -> Option<&'static str> {
+    let codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let chunked = codings
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .count();
+    (chunked > 1).then_some(CHUNKED_TWICE)
+}
+
+/// Why a request whose body's framing is in doubt is refused; its connection closes
+/// after the 400, as nginx's does.
+const CHUNKED_TWICE: &str = "Transfer-Encoding applies chunked more than once";
 
 /// True for a `Host` value made only of what a host (a name, an IPv4 address or an IPv6
 /// literal in brackets) and a port may hold; empty is allowed (RFC 9110 §7.2).
@@ -351,14 +378,17 @@ pub enum Refusal {
     NoRoute,
     /// 407: proxy credentials missing or wrong.
     AuthRequired,
-    /// 502 / 403 / 503 / 504: the upstream exchange failed.
+    /// 502 / 403 / 503 / 504: the upstream exchange failed; 400 when the client's
+    /// request body broke on the way.
     Upstream(UpstreamError),
 }
 
 impl Refusal {
     fn status(&self) -> StatusCode {
         match self {
-            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::BadRequest(_) | Refusal::Upstream(UpstreamError::ClientBody(_)) => {
+                StatusCode::BAD_REQUEST
+            }
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
@@ -376,7 +406,9 @@ impl Refusal {
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         let body = match &self {
-            Refusal::BadRequest(_) => "400 bad request\n",
+            Refusal::BadRequest(_) | Refusal::Upstream(UpstreamError::ClientBody(_)) => {
+                "400 bad request\n"
+            }
             Refusal::Denied(_)
             | Refusal::Upstream(UpstreamError::Connect(ConnectError::Denied(_))) => {
                 "403 forbidden: the target address is blocked by the [forward] deny_targets \
@@ -418,6 +450,9 @@ impl Refusal {
             Refusal::NoRoute => tracing::info!(%client, %method, %uri, status, "no route"),
             Refusal::AuthRequired => {
                 tracing::info!(%client, %method, %uri, status, "proxy authentication required")
+            }
+            Refusal::Upstream(UpstreamError::ClientBody(e)) => {
+                tracing::info!(%client, %method, %uri, status, "bad request body: {e}")
             }
             Refusal::Upstream(e) => {
                 tracing::warn!(%client, %method, %uri, status, "upstream failed: {e}")

@@ -85,6 +85,10 @@ pub enum UpstreamError {
     Exchange(BoxError),
     /// The target cannot be expressed as a URI, or the handshake failed.
     BadTarget(String),
+    /// The client's request body broke while the request was under way (the client
+    /// went away, broke its chunked framing or sent less than its `Content-Length`):
+    /// the client's fault, not the upstream's.
+    ClientBody(BoxError),
 }
 
 impl UpstreamError {
@@ -112,7 +116,7 @@ impl fmt::Display for UpstreamError {
                     humantime::format_duration(*d)
                 )
             }
-            UpstreamError::Exchange(e) => {
+            UpstreamError::Exchange(e) | UpstreamError::ClientBody(e) => {
                 write!(f, "{e}")?;
                 let mut source = e.source();
                 while let Some(s) = source {
@@ -325,7 +329,7 @@ impl Upstream {
                             _ => None,
                         };
                         let Some(next) = retry else {
-                            return Err(UpstreamError::Exchange(e));
+                            return Err(exchange_error(e));
                         };
                         if !conn.is_h2() {
                             replays_left -= 1;
@@ -466,13 +470,35 @@ fn replay_plan(body: &Body) -> Replay {
     }
 }
 
+/// Names a failed exchange: the client's body broke, or the upstream failed.
+fn exchange_error(e: BoxError) -> UpstreamError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
+    while let Some(c) = cause {
+        if let Some(h1::Error::RequestBody(_) | h1::Error::ShortRequestBody) = c.downcast_ref() {
+            return UpstreamError::ClientBody(e);
+        }
+        // hyper's HTTP/2 client resets a stream with INTERNAL_ERROR itself (neither
+        // the peer nor h2) only when the request body it was sending failed.
+        if let Some(h2) = c.downcast_ref::<h2::Error>()
+            && h2.is_reset()
+            && !h2.is_remote()
+            && !h2.is_library()
+            && h2.reason() == Some(h2::Reason::INTERNAL_ERROR)
+        {
+            return UpstreamError::ClientBody(e);
+        }
+        cause = c.source();
+    }
+    UpstreamError::Exchange(e)
+}
+
 /// Reads a small body whole so the request can be replayed; always true.
 async fn buffer_body(req: &mut Request<Body>) -> Result<bool, UpstreamError> {
     let body = std::mem::take(req.body_mut());
     let bytes = body
         .collect()
         .await
-        .map_err(|e| UpstreamError::BadTarget(format!("reading the request body: {e}")))?
+        .map_err(|e| UpstreamError::ClientBody(e.into()))?
         .to_bytes();
     *req.body_mut() = Body::Full(Some(bytes));
     Ok(true)
