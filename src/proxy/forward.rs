@@ -10,7 +10,7 @@ use http::header::{HOST, HeaderValue};
 use http::{Request, Response};
 
 use super::auth::Auth;
-use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response};
+use super::{ConnInfo, Meta, Proxy, Refusal, headers, upgrade};
 use crate::body::{Body, RequestBody};
 use crate::config::{self, Cidr, Scheme, Version};
 use crate::metrics::{Kind, Label};
@@ -70,7 +70,7 @@ impl Proxy {
     /// Forwards an absolute-form request to the server it names.
     pub(super) async fn forward(
         &self,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         meta: &mut Meta,
     ) -> Result<Response<Body>, Refusal> {
@@ -107,16 +107,22 @@ impl Proxy {
                 .get(&headers::PROXY_CONNECTION)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"));
-        let h = req.headers_mut();
+        let (mut parts, body) = req.into_parts();
+        let ask = upgrade::Ask::take(&mut parts);
+        let h = &mut parts.headers;
         headers::strip_hop_by_hop(h);
+        if let Some(ask) = &ask {
+            ask.restore(h);
+        }
         h.insert(HOST, host);
+        let req = Request::from_parts(parts, body);
 
         meta.upstream = Some(Arc::from(authority.as_str()));
         let authority = http::uri::Authority::try_from(authority)
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
         let target = Target::new(policy.profile.clone(), scheme, authority);
         let resp = self.upstream.send(req, &target).await?;
-        let mut resp = relay_response(resp);
+        let mut resp = self.answer(resp, ask, conn)?;
         if client_closes {
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));

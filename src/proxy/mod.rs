@@ -10,6 +10,7 @@ pub mod forward;
 pub mod headers;
 pub mod reverse;
 pub mod tunnel;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -13,7 +13,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, Uri};
 
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
-use super::{ConnInfo, Meta, Proxy, Refusal, relay_response};
+use super::{ConnInfo, Meta, Proxy, Refusal, upgrade};
 use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
 use crate::metrics::{Kind, Label};
@@ -140,8 +140,12 @@ impl Proxy {
                 .ok_or(Refusal::NoRoute)?;
             meta.route = route.label.clone();
 
+            let ask = upgrade::Ask::take(&mut parts);
             let h = &mut parts.headers;
             headers::strip_hop_by_hop(h);
+            if let Some(ask) = &ask {
+                ask.restore(h);
+            }
             headers::append_forwarded_for(h, conn.peer.ip());
             h.insert(
                 &X_FORWARDED_PROTO,
@@ -186,7 +190,7 @@ impl Proxy {
                 match self.upstream.send(req, &route.targets[i]).await {
                     Ok(resp) => {
                         route.balancer.mark_ok(i);
-                        return Ok(relay_response(resp));
+                        return self.answer(resp, ask, conn);
                     }
                     Err(e) if e.is_unsent() => {
                         route.balancer.mark_failed(i);

@@ -124,7 +124,7 @@ impl Proxy {
 /// other's write half is then shut down) or either fails: `copy_bidirectional`, with
 /// buffers held only while bytes are in flight (see [`Held`]). Returns the bytes moved
 /// from `a` to `b` and from `b` to `a`.
-async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+pub(super) async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,

@@ -359,6 +359,12 @@ impl H1Conn {
         self.shed();
     }
 
+    /// The connection after a 101: its stream, and the bytes of the new protocol that
+    /// came with the response head.
+    pub fn into_io(self) -> (Stream, BytesMut) {
+        (self.io, self.buf)
+    }
+
     /// Drops the read buffer.
     pub fn shed(&mut self) {
         self.buf = BytesMut::new();
@@ -878,6 +884,8 @@ fn parse_head(
                     hop.hint = keep_alive_timeout(&raw);
                 }
                 continue;
+            } else if name == UPGRADE && status == 101 {
+                // The protocol switched to: the proxy passes it on when the client asked.
             } else if name == TE || name == TRAILER || name == UPGRADE || name == PROXY_AUTHENTICATE
             {
                 // Hop-by-hop: the proxy would remove them.

@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::Frame;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -602,6 +602,23 @@ impl Checkout {
             }
             None => {}
         }
+    }
+
+    /// Leaves the pool with an HTTP/1.1 connection that switched protocols (a 101): it
+    /// no longer counts toward its host's connections. `None` for HTTP/2.
+    pub fn into_upgraded(mut self) -> Option<(Stream, BytesMut)> {
+        let conn = match self.sender.take() {
+            Some(Sender::H1(conn)) => conn,
+            other => {
+                self.sender = other;
+                return None;
+            }
+        };
+        self.released = true;
+        if let Some(pool) = self.pool.upgrade() {
+            pool.h1_closed(&self.key);
+        }
+        Some(conn.into_io())
     }
 
     /// Takes the connection back without any bookkeeping (the pool lock is held).

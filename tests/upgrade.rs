@@ -1,0 +1,176 @@
+//! HTTP/1.1 upgrades (WebSocket's handshake): the ask reaches the upstream, a 101
+//! switches both connections and bytes flow both ways; a declined ask is an ordinary
+//! response; a 101 nobody asked for is 502; an idle switched connection is closed.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::*;
+
+const HANDSHAKE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// An origin that switches to an echo on `Upgrade: websocket` (sending `early` bytes
+/// right after its 101, in the same write), and answers anything else with 426. Every
+/// request head it read is kept, lower-cased.
+async fn upgrade_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                heads.lock().unwrap().push(head.clone());
+                if !head.contains("upgrade: websocket") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 3\r\nConnection: close\r\n\r\nno\n")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nearly")
+                    .await;
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Reads until `s` has sent `want` (or fails after 5 s); returns all it read.
+async fn read_until(s: &mut TcpStream, want: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(want) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {:?}", String::from_utf8_lossy(&got)))
+            .unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+/// Through a reverse route and through the forward proxy (absolute form): the ask
+/// reaches the upstream, the client sees the 101 with the upstream's fields and the
+/// bytes that came with it, both ways carry bytes, and half-closes pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_handshake_switches_and_bytes_flow_both_ways() {
+    let (origin, heads) = upgrade_origin().await;
+    let reverse = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    let forward = Strait::start(
+        "listen = [{ addr = \"127.0.0.1:0\" }]\n[forward]\ndeny_targets = []\n",
+        &[],
+    );
+    for (strait, target) in [
+        (&reverse, "/chat".to_owned()),
+        (&forward, format!("http://{origin}/chat")),
+    ] {
+        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+        let req = format!("GET {target} HTTP/1.1\r\nHost: {origin}\r\n{HANDSHAKE}");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let got = read_until(&mut s, "early").await;
+        let lower = got.to_ascii_lowercase();
+        assert!(got.starts_with("HTTP/1.1 101 "), "{target}: {got}");
+        assert!(lower.contains("upgrade: websocket\r\n"), "{got}");
+        assert!(lower.contains("connection: upgrade\r\n"), "{got}");
+        assert!(
+            lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+            "{got}"
+        );
+        assert!(got.ends_with("\r\n\r\nearly"), "{got}");
+        let head = heads.lock().unwrap().last().unwrap().clone();
+        assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+        assert!(head.contains("\r\nsec-websocket-key: "), "{head}");
+
+        for msg in ["one", "two"] {
+            s.write_all(msg.as_bytes()).await.unwrap();
+            read_until(&mut s, msg).await;
+        }
+        // The client's half-close reaches the origin, whose own close comes back.
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("closed after the half-close")
+            .unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+}
+
+/// An upstream that declines the ask answers as usual, and the client connection stays
+/// HTTP: its next request is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_upgrade_is_an_ordinary_response() {
+    let (origin, _) = upgrade_origin().await;
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until(&mut s, "no\n").await;
+    assert!(got.starts_with("HTTP/1.1 426 "), "{got}");
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until(&mut s, "no\n").await;
+    assert!(got.starts_with("HTTP/1.1 426 "), "{got}");
+}
+
+/// A 101 to a request that asked for no upgrade breaks the exchange: 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_nobody_asked_for_is_502() {
+    let upstream = raw_origin(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
+    let strait = Strait::start(&route_to(&format!("http://{upstream}"), ""), &[]);
+    let got = raw_exchange(
+        strait.addr(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 502 "), "{got}");
+}
+
+/// A switched connection on which no byte moves is closed after `timeouts.idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upgraded_connection_is_closed_after_timeouts_idle() {
+    let (origin, _) = upgrade_origin().await;
+    let strait = Strait::start(
+        &route_to(&format!("http://{origin}"), "[timeouts]\nidle = \"1s\""),
+        &[],
+    );
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_until(&mut s, "early").await;
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the idle upgraded connection was closed")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
