@@ -10,7 +10,7 @@ use http::header::{HOST, HeaderValue};
 use http::{Request, Response};
 
 use super::auth::Auth;
-use super::{ConnInfo, Meta, Proxy, Refusal, headers, upgrade};
+use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response, upgrade};
 use crate::body::{Body, RequestBody};
 use crate::config::{self, Cidr, Scheme, Version};
 use crate::metrics::{Kind, Label};
@@ -108,13 +108,17 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"));
         let (mut parts, body) = req.into_parts();
-        let ask = upgrade::Ask::take(&mut parts);
+        let protocols = upgrade::asked(&parts);
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h);
-        if let Some(ask) = &ask {
-            ask.restore(h);
-        }
         h.insert(HOST, host);
+        // hyper's handle on the client connection stays here: the request moves on.
+        let upgrading = protocols.is_some();
+        let mut client = http::Extensions::new();
+        if let Some(p) = protocols {
+            upgrade::restore(h, p);
+            client = std::mem::take(&mut parts.extensions);
+        }
         let req = Request::from_parts(parts, body);
 
         meta.upstream = Some(Arc::from(authority.as_str()));
@@ -122,7 +126,11 @@ impl Proxy {
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
         let target = Target::new(policy.profile.clone(), scheme, authority);
         let resp = self.upstream.send(req, &target).await?;
-        let mut resp = self.answer(resp, ask, conn)?;
+        let mut resp = if upgrading {
+            self.answer_upgrade(resp, &mut client)?
+        } else {
+            relay_response(resp)
+        };
         if client_closes {
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));

@@ -227,14 +227,10 @@ impl Proxy {
             } else {
                 self.reverse(req, conn, &mut meta).await
             };
-            let mut resp = result.unwrap_or_else(|refusal| {
+            let resp = result.unwrap_or_else(|refusal| {
                 refusal.log(&method, &uri, conn);
                 refusal.into_response()
             });
-            if malformed == Some(CHUNKED_TWICE) {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
             let status = resp.status().as_u16();
             // A tunnel accounts for its bytes and logs its line when it closes.
             let tunnel = meta.kind == Kind::Connect && status == 200;
@@ -429,6 +425,9 @@ impl Refusal {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if matches!(&self, Refusal::BadRequest(why) if why == CHUNKED_TWICE) {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Refusal::AuthRequired = self {
             h.insert(
                 header::PROXY_AUTHENTICATE,

@@ -13,7 +13,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, Uri};
 
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
-use super::{ConnInfo, Meta, Proxy, Refusal, upgrade};
+use super::{ConnInfo, Meta, Proxy, Refusal, relay_response, upgrade};
 use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
 use crate::metrics::{Kind, Label};
@@ -140,11 +140,12 @@ impl Proxy {
                 .ok_or(Refusal::NoRoute)?;
             meta.route = route.label.clone();
 
-            let ask = upgrade::Ask::take(&mut parts);
+            let protocols = upgrade::asked(&parts);
+            let upgrading = protocols.is_some();
             let h = &mut parts.headers;
             headers::strip_hop_by_hop(h);
-            if let Some(ask) = &ask {
-                ask.restore(h);
+            if let Some(p) = protocols {
+                upgrade::restore(h, p);
             }
             headers::append_forwarded_for(h, conn.peer.ip());
             h.insert(
@@ -190,7 +191,10 @@ impl Proxy {
                 match self.upstream.send(req, &route.targets[i]).await {
                     Ok(resp) => {
                         route.balancer.mark_ok(i);
-                        return self.answer(resp, ask, conn);
+                        if upgrading {
+                            return self.answer_upgrade(resp, &mut parts.extensions);
+                        }
+                        return Ok(relay_response(resp));
                     }
                     Err(e) if e.is_unsent() => {
                         route.balancer.mark_failed(i);

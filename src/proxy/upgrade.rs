@@ -6,75 +6,69 @@
 
 use http::header::{CONNECTION, HeaderMap, HeaderValue, UPGRADE};
 use http::request::Parts;
-use http::{Response, StatusCode, Version};
+use http::{Extensions, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
 use super::tunnel::relay;
-use super::{ConnInfo, Proxy, Refusal, headers, relay_response};
+use super::{Proxy, Refusal, headers, relay_response};
 use crate::body::Body;
 use crate::io::IdleTimeoutIo;
 use crate::upstream::{ResponseBody, UpstreamError, list_has};
 
-/// An upgrade a client asked for: the protocols its `Upgrade` names, and hyper's handle
-/// on its connection for when the response switches it.
-pub(super) struct Ask {
-    protocols: HeaderValue,
-    on: OnUpgrade,
+/// The protocols an HTTP/1.1 request asks to upgrade to: its `Upgrade` field, when
+/// `Connection` names it. Only requests hyper parsed with `Upgrade` carry hyper's
+/// handle on the connection (Strait's own server hands them to hyper), so the usual
+/// request costs one look at an empty extension map; HTTP/2 has no upgrade.
+pub(super) fn asked(parts: &Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 || parts.extensions.get::<OnUpgrade>().is_none() {
+        return None;
+    }
+    let named = parts
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| list_has(v.as_bytes(), b"upgrade"));
+    if !named {
+        return None;
+    }
+    parts.headers.get(UPGRADE).cloned()
 }
 
-impl Ask {
-    /// The upgrade an HTTP/1.1 request asks for: an `Upgrade` field that `Connection`
-    /// names. Only requests hyper parsed with `Upgrade` carry its handle (Strait's own
-    /// server hands them to hyper), so the usual request costs one look at an empty
-    /// extension map; HTTP/2 has no upgrade.
-    pub(super) fn take(parts: &mut Parts) -> Option<Ask> {
-        if parts.version != Version::HTTP_11 || parts.extensions.get::<OnUpgrade>().is_none() {
-            return None;
-        }
-        let protocols = parts.headers.get(UPGRADE)?.clone();
-        let named = parts
-            .headers
-            .get_all(CONNECTION)
-            .iter()
-            .any(|v| list_has(v.as_bytes(), b"upgrade"));
-        if !named {
-            return None;
-        }
-        let on = parts.extensions.remove::<OnUpgrade>()?;
-        Some(Ask { protocols, on })
-    }
-
-    /// Puts the ask on the request to the upstream, whose hop-by-hop fields are gone.
-    pub(super) fn restore(&self, headers: &mut HeaderMap) {
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(UPGRADE, self.protocols.clone());
-    }
+/// Puts the ask back on a request whose hop-by-hop fields are gone.
+pub(super) fn restore(headers: &mut HeaderMap, protocols: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocols);
 }
 
 impl Proxy {
-    /// The client's answer to an upstream response. A 101 to an upgrade the client asked
-    /// for joins the two connections; a 101 nobody asked for is a broken upstream.
-    pub(super) fn answer(
+    /// The client's answer to an upstream response when it asked for an upgrade: a
+    /// 101 joins the two connections (Strait's HTTP/1.1 client takes a 101 only when
+    /// the request carried `Upgrade`, and HTTP/2 has none); anything else is relayed
+    /// as usual. `client` holds hyper's handle on the client connection.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn answer_upgrade(
         &self,
         resp: Response<ResponseBody>,
-        ask: Option<Ask>,
-        conn: ConnInfo,
+        client: &mut Extensions,
     ) -> Result<Response<Body>, Refusal> {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Ok(relay_response(resp));
         }
         let broken = |why: &str| Refusal::Upstream(UpstreamError::Exchange(why.into()));
-        let ask = ask.ok_or_else(|| broken("101 to a request that asked for no upgrade"))?;
-        let (mut parts, body) = resp.into_parts();
+        let on = client
+            .remove::<OnUpgrade>()
+            .ok_or_else(|| broken("101 to a request that asked for no upgrade"))?;
+        let (mut parts, mut body) = resp.into_parts();
         let protocol = parts
             .headers
             .get(UPGRADE)
             .cloned()
             .ok_or_else(|| broken("101 without Upgrade"))?;
         let (upstream, early) = body
-            .into_upgraded()
+            .take_upgraded()
             .ok_or_else(|| broken("101 over HTTP/2"))?;
         headers::strip_hop_by_hop(&mut parts.headers);
         parts
@@ -84,12 +78,11 @@ impl Proxy {
         parts.version = Version::HTTP_11;
 
         let idle = self.idle_timeout;
-        let client = conn.peer;
         self.tasks.spawn(async move {
-            let mut down = match ask.on.await {
+            let mut down = match on.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => {
-                    tracing::debug!(%client, "upgrade failed: {e}");
+                    tracing::debug!("upgrade failed: {e}");
                     return;
                 }
             };
@@ -102,8 +95,8 @@ impl Proxy {
                 relay(&mut down, &mut up).await
             };
             match relayed.await {
-                Ok((rx, tx)) => tracing::debug!(%client, rx, tx, "upgraded connection closed"),
-                Err(e) => tracing::debug!(%client, "upgraded connection ended: {e}"),
+                Ok((rx, tx)) => tracing::debug!(rx, tx, "upgraded connection closed"),
+                Err(e) => tracing::debug!("upgraded connection ended: {e}"),
             }
         });
         Ok(Response::from_parts(parts, Body::Empty))

@@ -122,6 +122,7 @@ pub struct Written {
     head: Bytes,
     body: Option<Bytes>,
     head_only: bool,
+    upgrade: bool,
 }
 
 /// What a response head says about its connection. These hop-by-hop fields
@@ -306,6 +307,8 @@ pub struct H1Conn {
     written: Option<Written>,
     /// What the last response head said about the connection.
     hop: Hop,
+    /// The current request carries `Upgrade`: a 101 may answer it.
+    asks_upgrade: bool,
     /// Room kept from one exchange for the next: the written request's header map
     /// (emptied) takes the response's fields, and the write queue's slots are reused.
     spare_headers: HeaderMap,
@@ -327,6 +330,7 @@ impl H1Conn {
             answered: false,
             written: None,
             hop: Hop::default(),
+            asks_upgrade: false,
             spare_headers: HeaderMap::new(),
             spare_queue: VecDeque::new(),
             head_buf: BytesMut::new(),
@@ -430,6 +434,7 @@ impl H1Conn {
             ended: true,
         });
         self.answered = false;
+        self.asks_upgrade = w.upgrade;
         self.written = Some(w);
         head_only
     }
@@ -448,7 +453,9 @@ impl H1Conn {
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
         let mut has_length = None;
+        self.asks_upgrade = false;
         for (name, value) in &parts.headers {
+            self.asks_upgrade |= name == UPGRADE;
             if name == TRANSFER_ENCODING {
                 // Framing is this side's choice; a client's coding never crosses.
                 continue;
@@ -511,6 +518,7 @@ impl H1Conn {
             head,
             body: full,
             head_only: parts.method == Method::HEAD,
+            upgrade: self.asks_upgrade,
         });
         self.upload = Some(Upload {
             queue,
@@ -646,9 +654,12 @@ impl H1Conn {
     ) -> Poll<Result<Response<Framing>, Error>> {
         loop {
             if !self.buf.is_empty() {
-                if let Some((resp, hop)) =
-                    parse_head(&mut self.buf, head_only, &mut self.spare_headers)?
-                {
+                if let Some((resp, hop)) = parse_head(
+                    &mut self.buf,
+                    head_only,
+                    self.asks_upgrade,
+                    &mut self.spare_headers,
+                )? {
                     self.hop = hop;
                     return Poll::Ready(Ok(resp));
                 }
@@ -779,6 +790,7 @@ fn write_length(head: &mut BytesMut, n: u64) {
 fn parse_head(
     buf: &mut BytesMut,
     head_only: bool,
+    asks_upgrade: bool,
     spare: &mut HeaderMap,
 ) -> Result<Option<(Response<Framing>, Hop)>, Error> {
     loop {
@@ -821,6 +833,11 @@ fn parse_head(
             let status = resp.code.ok_or(Error::Malformed("no status"))?;
             (len, status, resp.version.unwrap_or(1), resp.headers.len())
         };
+        if status == 101 && !asks_upgrade {
+            return Err(Error::Malformed(
+                "101 to a request that asked for no upgrade",
+            ));
+        }
         if (100..200).contains(&status) && status != 101 {
             buf.advance(len);
             if buf.is_empty() {
@@ -1086,12 +1103,12 @@ mod tests {
 
     fn parse(raw: &[u8]) -> Result<Option<Response<Framing>>, Error> {
         let mut buf = BytesMut::from(raw);
-        Ok(parse_head(&mut buf, false, &mut HeaderMap::new())?.map(|(r, _)| r))
+        Ok(parse_head(&mut buf, false, false, &mut HeaderMap::new())?.map(|(r, _)| r))
     }
 
     fn hop(raw: &[u8]) -> Hop {
         let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, false, &mut HeaderMap::new())
+        parse_head(&mut buf, false, false, &mut HeaderMap::new())
             .unwrap()
             .unwrap()
             .1
@@ -1124,6 +1141,24 @@ mod tests {
     }
 
     #[test]
+    fn a_101_is_final_only_for_a_request_that_asked() {
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nbytes";
+        let mut buf = BytesMut::from(&raw[..]);
+        let (r, _) = parse_head(&mut buf, false, true, &mut HeaderMap::new())
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status(), 101);
+        assert_eq!(r.headers()[UPGRADE], "websocket");
+        assert_eq!(*r.body(), Framing::Done);
+        assert_eq!(&buf[..], b"bytes", "the new protocol's bytes stay buffered");
+        let mut buf = BytesMut::from(&raw[..]);
+        assert!(matches!(
+            parse_head(&mut buf, false, false, &mut HeaderMap::new()),
+            Err(Error::Malformed(_))
+        ));
+    }
+
+    #[test]
     fn informational_heads_are_passed_over() {
         let r = parse(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
@@ -1133,7 +1168,7 @@ mod tests {
         assert_eq!(r.status(), 201);
         let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
         assert!(
-            parse_head(&mut buf, false, &mut HeaderMap::new())
+            parse_head(&mut buf, false, false, &mut HeaderMap::new())
                 .unwrap()
                 .is_none()
         );

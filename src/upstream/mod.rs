@@ -626,7 +626,7 @@ impl ResponseBody {
             request_sent,
         };
         // After a 101 the connection carries another protocol: it stays with the
-        // body until the proxy takes it ([`ResponseBody::into_upgraded`]).
+        // body until the proxy takes it ([`ResponseBody::take_upgraded`]).
         let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         if !switched && (matches!(body.reply, Reply::Buffered(_)) || body.reply.is_end_stream()) {
             body.finish();
@@ -636,7 +636,7 @@ impl ResponseBody {
 
     /// The upstream connection of a 101 response, out of the pool: its stream and the
     /// bytes of the new protocol that came with the head. `None` over HTTP/2.
-    pub fn into_upgraded(mut self) -> Option<(connect::Stream, bytes::BytesMut)> {
+    pub fn take_upgraded(&mut self) -> Option<(connect::Stream, bytes::BytesMut)> {
         self.conn.take()?.into_upgraded()
     }
 
