@@ -174,3 +174,52 @@ async fn an_idle_upgraded_connection_is_closed_after_timeouts_idle() {
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
+
+/// An HTTP/2 WebSocket (RFC 8441 extended CONNECT) on a reverse route reaches the
+/// upstream as the HTTP/1.1 handshake; its 101 comes back as a 200 on the stream, and
+/// the stream carries bytes both ways. An upstream that answers the handshake with a
+/// plain 200 has not switched: 502, never an open stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_websocket_on_a_reverse_route_is_the_h1_handshake_upstream() {
+    let (origin, heads) = upgrade_origin().await;
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    let mut sender = h2_client(strait.addr()).await;
+    let mut req = http::Request::connect(format!("http://{}/chat", strait.addr()))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key("sec-websocket-accept"));
+    let head = heads.lock().unwrap().last().unwrap().clone();
+    assert!(head.starts_with("get /chat http/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(head.contains("\r\nsec-websocket-version: 13\r\n"), "{head}");
+    let key = head
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+        .expect("a key");
+    assert_eq!(key.len(), 24, "16 bytes in base64: {key}");
+
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    let mut buf = [0u8; 5];
+    io.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"early");
+    io.write_all(b"hello").await.unwrap();
+    io.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+
+    let plain = raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let strait = Strait::start(&route_to(&format!("http://{plain}"), ""), &[]);
+    let mut sender = h2_client(strait.addr()).await;
+    let mut req = http::Request::connect(format!("http://{}/chat", strait.addr()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 502);
+}

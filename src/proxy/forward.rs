@@ -108,15 +108,15 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"));
         let (mut parts, body) = req.into_parts();
-        let protocols = upgrade::asked(&parts);
-        let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h);
-        h.insert(HOST, host);
+        let switch = upgrade::asked(&parts);
+        headers::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(HOST, host);
         // hyper's handle on the client connection stays here: the request moves on.
-        let upgrading = protocols.is_some();
+        let upgrading = switch.is_some();
+        let version = parts.version;
         let mut client = http::Extensions::new();
-        if let Some(p) = protocols {
-            upgrade::restore(h, p);
+        if let Some(switch) = switch {
+            upgrade::restore(&mut parts, switch);
             client = std::mem::take(&mut parts.extensions);
         }
         let req = Request::from_parts(parts, body);
@@ -127,7 +127,7 @@ impl Proxy {
         let target = Target::new(policy.profile.clone(), scheme, authority);
         let resp = self.upstream.send(req, &target).await?;
         let mut resp = if upgrading {
-            self.answer_upgrade(resp, &mut client)?
+            self.answer_upgrade(resp, &mut client, version)?
         } else {
             relay_response(resp)
         };

@@ -220,7 +220,7 @@ impl Proxy {
             // moved whole, and theirs are the largest states it would otherwise hold.
             let result = if let Some(why) = malformed {
                 Err(Refusal::BadRequest(why.into()))
-            } else if method == Method::CONNECT {
+            } else if method == Method::CONNECT && !self.is_reverse_websocket(&req, conn) {
                 Box::pin(self.connect(req, conn, &mut meta, bytes)).await
             } else if self.is_forward_form(&req, conn) {
                 Box::pin(self.forward(req, conn, &mut meta)).await
@@ -262,6 +262,21 @@ impl Proxy {
     /// HTTP/1 says so with absolute form (RFC 9112 §3.2.2). HTTP/2 always carries an
     /// authority, so there a request is forward proxying only when no route takes it
     /// and it names a server other than this listener.
+    /// True for an HTTP/2 WebSocket (extended CONNECT, RFC 8441) meant for a reverse
+    /// route: forward proxying is off, or a route takes its authority and path, or it
+    /// names the listener. Any other extended CONNECT is a tunnel to its authority.
+    fn is_reverse_websocket(&self, req: &Request<RequestBody>, conn: ConnInfo) -> bool {
+        if !upgrade::is_h2_websocket(req.method(), req.extensions().get()) {
+            return false;
+        }
+        self.forward.is_none()
+            || self
+                .routes
+                .find(req.uri().host(), req.uri().path())
+                .is_some()
+            || names_listener(req.uri(), conn.local)
+    }
+
     fn is_forward_form(&self, req: &Request<RequestBody>, conn: ConnInfo) -> bool {
         if self.forward.is_none() || req.uri().scheme().is_none() {
             return false;

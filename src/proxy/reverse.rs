@@ -140,13 +140,13 @@ impl Proxy {
                 .ok_or(Refusal::NoRoute)?;
             meta.route = route.label.clone();
 
-            let protocols = upgrade::asked(&parts);
-            let upgrading = protocols.is_some();
-            let h = &mut parts.headers;
-            headers::strip_hop_by_hop(h);
-            if let Some(p) = protocols {
-                upgrade::restore(h, p);
+            let switch = upgrade::asked(&parts);
+            let upgrading = switch.is_some();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            if let Some(switch) = switch {
+                upgrade::restore(&mut parts, switch);
             }
+            let h = &mut parts.headers;
             headers::append_forwarded_for(h, conn.peer.ip());
             h.insert(
                 &X_FORWARDED_PROTO,
@@ -192,7 +192,7 @@ impl Proxy {
                     Ok(resp) => {
                         route.balancer.mark_ok(i);
                         if upgrading {
-                            return self.answer_upgrade(resp, &mut parts.extensions);
+                            return self.answer_upgrade(resp, &mut parts.extensions, parts.version);
                         }
                         return Ok(relay_response(resp));
                     }

@@ -3,10 +3,18 @@
 //! answers 101, both connections switch and bytes flow both ways, as in a CONNECT
 //! tunnel, until either side closes or `timeouts.idle` passes with no byte moving. Any
 //! other answer is relayed as usual, and the client connection stays HTTP.
+//!
+//! An HTTP/2 client opens a WebSocket with an extended CONNECT (RFC 8441) on a stream;
+//! one that a reverse route takes goes to the upstream as the HTTP/1.1 handshake, and
+//! the upstream's 101 reaches the client as a 200 on that stream.
 
-use http::header::{CONNECTION, HeaderMap, HeaderValue, UPGRADE};
+use http::header::{
+    CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
+    UPGRADE,
+};
 use http::request::Parts;
-use http::{Extensions, Response, StatusCode, Version};
+use http::{Extensions, Method, Response, StatusCode, Version};
+use hyper::ext::Protocol;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -17,12 +25,26 @@ use crate::body::Body;
 use crate::io::IdleTimeoutIo;
 use crate::upstream::{ResponseBody, UpstreamError, list_has};
 
-/// The protocols an HTTP/1.1 request asks to upgrade to: its `Upgrade` field, when
-/// `Connection` names it. Only requests hyper parsed with `Upgrade` carry hyper's
-/// handle on the connection (Strait's own server hands them to hyper), so the usual
-/// request costs one look at an empty extension map; HTTP/2 has no upgrade.
-pub(super) fn asked(parts: &Parts) -> Option<HeaderValue> {
-    if parts.version != Version::HTTP_11 || parts.extensions.get::<OnUpgrade>().is_none() {
+/// What a client asks to switch its connection (or stream) to.
+pub(super) enum Switch {
+    /// HTTP/1.1 `Upgrade` to these protocols; the upstream's 101 goes back as a 101.
+    H1(HeaderValue),
+    /// An HTTP/2 WebSocket (RFC 8441: extended CONNECT with `:protocol = websocket`).
+    /// The upstream gets the HTTP/1.1 handshake; its 101 goes back as a 200.
+    H2WebSocket,
+}
+
+/// What a request asks to switch to: an HTTP/1.1 `Upgrade` field that `Connection`
+/// names, or an HTTP/2 WebSocket. Only requests hyper parsed with `Upgrade` (or as
+/// CONNECT) carry hyper's handle on the connection (Strait's own server hands them to
+/// hyper), so the usual request costs one look at an empty extension map.
+pub(super) fn asked(parts: &Parts) -> Option<Switch> {
+    parts.extensions.get::<OnUpgrade>()?;
+    if parts.version == Version::HTTP_2 {
+        return is_h2_websocket(&parts.method, parts.extensions.get())
+            .then_some(Switch::H2WebSocket);
+    }
+    if parts.version != Version::HTTP_11 {
         return None;
     }
     let named = parts
@@ -33,13 +55,53 @@ pub(super) fn asked(parts: &Parts) -> Option<HeaderValue> {
     if !named {
         return None;
     }
-    parts.headers.get(UPGRADE).cloned()
+    parts.headers.get(UPGRADE).cloned().map(Switch::H1)
 }
 
-/// Puts the ask back on a request whose hop-by-hop fields are gone.
-pub(super) fn restore(headers: &mut HeaderMap, protocols: HeaderValue) {
-    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(UPGRADE, protocols);
+/// True for an HTTP/2 extended CONNECT that opens a WebSocket (RFC 8441 §4).
+pub(super) fn is_h2_websocket(method: &Method, protocol: Option<&Protocol>) -> bool {
+    method == Method::CONNECT
+        && protocol.is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// Puts the ask on the request to the upstream, whose hop-by-hop fields are gone. An
+/// HTTP/2 WebSocket becomes the HTTP/1.1 handshake (RFC 8441 §5): a GET with
+/// `Upgrade: websocket` and a fresh `Sec-WebSocket-Key`.
+pub(super) fn restore(parts: &mut Parts, switch: Switch) {
+    let h = &mut parts.headers;
+    h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    match switch {
+        Switch::H1(protocols) => {
+            h.insert(UPGRADE, protocols);
+        }
+        Switch::H2WebSocket => {
+            parts.method = Method::GET;
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(SEC_WEBSOCKET_KEY, websocket_key());
+            if !h.contains_key(SEC_WEBSOCKET_VERSION) {
+                h.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+        }
+    }
+}
+
+/// A `Sec-WebSocket-Key`: 16 bytes, base64 (RFC 6455 §4.1). The key only proves that
+/// the upstream speaks WebSocket, so bytes from std's randomly seeded hasher do.
+fn websocket_key() -> HeaderValue {
+    use base64::Engine as _;
+    use std::hash::{BuildHasher, Hasher};
+    let mut bytes = [0u8; 16];
+    for half in bytes.chunks_mut(8) {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    let key = base64::engine::general_purpose::STANDARD.encode(bytes);
+    HeaderValue::from_str(&key).expect("base64 is a valid field value")
 }
 
 impl Proxy {
@@ -53,11 +115,16 @@ impl Proxy {
         &self,
         resp: Response<ResponseBody>,
         client: &mut Extensions,
+        version: Version,
     ) -> Result<Response<Body>, Refusal> {
+        let broken = |why: &str| Refusal::Upstream(UpstreamError::Exchange(why.into()));
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // A 2xx would open an HTTP/2 client's stream as if the WebSocket were up.
+            if version == Version::HTTP_2 && resp.status().is_success() {
+                return Err(broken("the upstream did not switch to WebSocket"));
+            }
             return Ok(relay_response(resp));
         }
-        let broken = |why: &str| Refusal::Upstream(UpstreamError::Exchange(why.into()));
         let on = client
             .remove::<OnUpgrade>()
             .ok_or_else(|| broken("101 to a request that asked for no upgrade"))?;
@@ -71,11 +138,18 @@ impl Proxy {
             .take_upgraded()
             .ok_or_else(|| broken("101 over HTTP/2"))?;
         headers::strip_hop_by_hop(&mut parts.headers);
-        parts
-            .headers
-            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(UPGRADE, protocol);
-        parts.version = Version::HTTP_11;
+        if version == Version::HTTP_2 {
+            // RFC 8441 §5: the stream is open once the CONNECT gets a 2xx; the accept
+            // answers Strait's key, not the client's.
+            parts.status = StatusCode::OK;
+            parts.headers.remove(SEC_WEBSOCKET_ACCEPT);
+        } else {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, protocol);
+        }
+        parts.version = version;
 
         let idle = self.idle_timeout;
         self.tasks.spawn(async move {
