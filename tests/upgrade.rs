@@ -223,3 +223,48 @@ async fn an_h2_websocket_on_a_reverse_route_is_the_h1_handshake_upstream() {
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 502);
 }
+
+/// The bytes a switched connection moves count toward the request's kind and user in
+/// `strait_transfer_bytes_total`, once it ends (they flow after its request was
+/// accounted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switched_connections_bytes_are_counted() {
+    let (origin, _) = upgrade_origin().await;
+    let strait = Strait::start(
+        &route_to(
+            &format!("http://{origin}"),
+            "[admin]\naddr = \"127.0.0.1:0\"",
+        ),
+        &[],
+    );
+    let series = |dir: &str| {
+        format!("strait_transfer_bytes_total{{kind=\"reverse\",user=\"-\",direction=\"{dir}\"}}")
+    };
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_until(&mut s, "early").await;
+    let payload = vec![b'w'; 256 * 1024];
+    let (mut r, mut w) = s.into_split();
+    let reading = tokio::spawn(async move {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        got.len()
+    });
+    w.write_all(&payload).await.unwrap();
+    w.shutdown().await.unwrap();
+    assert_eq!(reading.await.unwrap(), payload.len());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let rx = strait.metric(&series("rx")).await;
+        let tx = strait.metric(&series("tx")).await;
+        if rx >= payload.len() as f64 && tx >= payload.len() as f64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rx {rx}, tx {tx}: the switched bytes were not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -127,7 +127,7 @@ impl Proxy {
         let target = Target::new(policy.profile.clone(), scheme, authority);
         let resp = self.upstream.send(req, &target).await?;
         let mut resp = if upgrading {
-            self.answer_upgrade(resp, &mut client, version)?
+            self.answer_upgrade(resp, &mut client, version, meta)?
         } else {
             relay_response(resp)
         };

@@ -130,6 +130,9 @@ pub struct Meta {
     pub user: Label,
     /// The upstream URL (reverse) or target authority (forward, CONNECT).
     pub upstream: Option<Arc<str>>,
+    /// The client connection's byte counts, for a request that may switch protocols:
+    /// the bytes that follow a switch are accounted when the switched connection ends.
+    pub conn_bytes: Option<Arc<ConnBytes>>,
 }
 
 impl Default for Meta {
@@ -139,6 +142,7 @@ impl Default for Meta {
             route: Label::none(),
             user: Label::none(),
             upstream: None,
+            conn_bytes: None,
         }
     }
 }
@@ -209,6 +213,13 @@ impl Proxy {
                 None => (None, None),
             };
             let mut meta = Meta::default();
+            if req
+                .extensions()
+                .get::<hyper::upgrade::OnUpgrade>()
+                .is_some()
+            {
+                meta.conn_bytes = Some(bytes.clone());
+            }
             // Strait's own HTTP/1.1 server checks `Host` as it parses (and hands a
             // request that fails to hyper); what hyper parsed, with its `Incoming` body,
             // is checked here.

@@ -192,7 +192,12 @@ impl Proxy {
                     Ok(resp) => {
                         route.balancer.mark_ok(i);
                         if upgrading {
-                            return self.answer_upgrade(resp, &mut parts.extensions, parts.version);
+                            return self.answer_upgrade(
+                                resp,
+                                &mut parts.extensions,
+                                parts.version,
+                                meta,
+                            );
                         }
                         return Ok(relay_response(resp));
                     }

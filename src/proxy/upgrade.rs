@@ -8,6 +8,8 @@
 //! one that a reverse route takes goes to the upstream as the HTTP/1.1 handshake, and
 //! the upstream's 101 reaches the client as a 200 on that stream.
 
+use std::sync::Arc;
+
 use http::header::{
     CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
     UPGRADE,
@@ -20,9 +22,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
 use super::tunnel::relay;
-use super::{Proxy, Refusal, headers, relay_response};
+use super::{ConnBytes, Meta, Proxy, Refusal, attribute_bytes, headers, relay_response};
 use crate::body::Body;
 use crate::io::IdleTimeoutIo;
+use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::{ResponseBody, UpstreamError, list_has};
 
 /// What a client asks to switch its connection (or stream) to.
@@ -116,6 +119,7 @@ impl Proxy {
         resp: Response<ResponseBody>,
         client: &mut Extensions,
         version: Version,
+        meta: &Meta,
     ) -> Result<Response<Body>, Refusal> {
         let broken = |why: &str| Refusal::Upstream(UpstreamError::Exchange(why.into()));
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -152,7 +156,14 @@ impl Proxy {
         parts.version = version;
 
         let idle = self.idle_timeout;
+        let end = SwitchedEnd {
+            metrics: self.metrics_on.then(|| self.metrics.clone()),
+            bytes: meta.conn_bytes.clone(),
+            kind: meta.kind,
+            user: meta.user.clone(),
+        };
         self.tasks.spawn(async move {
+            let _end = end;
             let mut down = match on.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => {
@@ -174,5 +185,22 @@ impl Proxy {
             }
         });
         Ok(Response::from_parts(parts, Body::Empty))
+    }
+}
+
+/// Accounts a switched connection's bytes when it ends: they flow after its request
+/// was accounted, and count toward the request's kind and user.
+struct SwitchedEnd {
+    metrics: Option<Arc<Metrics>>,
+    bytes: Option<Arc<ConnBytes>>,
+    kind: Kind,
+    user: Label,
+}
+
+impl Drop for SwitchedEnd {
+    fn drop(&mut self) {
+        if let Some(bytes) = &self.bytes {
+            attribute_bytes(bytes, self.metrics.as_deref(), self.kind, &self.user);
+        }
     }
 }
