@@ -14,32 +14,6 @@ use tokio::net::TcpStream;
 
 use support::*;
 
-/// Reads until `s` holds `n` whole responses (heads and bodies as framed), or fails
-/// after 5 s. Returns what was read.
-async fn read_until(s: &mut TcpStream, done: impl Fn(&str) -> bool) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 8192];
-    while !done(&String::from_utf8_lossy(&got)) {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("stalled after {:?}", String::from_utf8_lossy(&got)))
-            .unwrap();
-        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8(got).unwrap()
-}
-
-/// Reads everything until the peer closes (at most 5 s).
-async fn read_to_close(s: &mut TcpStream) -> String {
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
-        .await
-        .expect("closed within 5 s")
-        .unwrap();
-    String::from_utf8_lossy(&all).into_owned()
-}
-
 /// An origin that answers each request with its method, path and body.
 async fn echo_origin() -> Origin {
     Origin::with(|seen| {
@@ -313,6 +287,18 @@ async fn a_short_body_on_its_way_streams_to_the_upstream() {
     read_until(&mut s, |t| t.contains("GET /next []")).await;
 }
 
+/// Sends `bad` and a good request after it on one connection: the first gets 400, the
+/// second reaches the origin.
+async fn gets_400_then_serves_the_next(addr: std::net::SocketAddr, bad: &str) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bad.as_bytes()).await.unwrap();
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until(&mut s, |t| t.contains("GET /next []")).await;
+    assert!(got.starts_with("HTTP/1.1 400 "), "{bad:?}: {got}");
+}
+
 /// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, with two, or with one that is no
 /// host[:port] gets 400, on Strait's own path and on hyper's (a chunked body), and the
 /// connection serves its next request. HTTP/1.0 may leave `Host` out.
@@ -327,13 +313,7 @@ async fn requests_without_one_good_host_get_400() {
         "GET /user HTTP/1.1\r\nHost: user@a\r\n\r\n",
         "POST /chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
     ] {
-        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
-        s.write_all(bad.as_bytes()).await.unwrap();
-        s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let got = read_until(&mut s, |t| t.contains("GET /next []")).await;
-        assert!(got.starts_with("HTTP/1.1 400 "), "{bad:?}: {got}");
+        gets_400_then_serves_the_next(strait.addr(), bad).await;
     }
     assert!(
         origin.seen().iter().all(|r| r.uri == "/next"),
@@ -356,13 +336,7 @@ async fn a_target_of_the_wrong_form_gets_400() {
         "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
         "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
     ] {
-        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
-        s.write_all(bad.as_bytes()).await.unwrap();
-        s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let got = read_until(&mut s, |t| t.contains("GET /next []")).await;
-        assert!(got.starts_with("HTTP/1.1 400 "), "{bad:?}: {got}");
+        gets_400_then_serves_the_next(strait.addr(), bad).await;
     }
     assert!(origin.seen().iter().all(|r| r.uri == "/next"));
 }

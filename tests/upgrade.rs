@@ -55,21 +55,6 @@ async fn upgrade_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     (addr, seen)
 }
 
-/// Reads until `s` has sent `want` (or fails after 5 s); returns all it read.
-async fn read_until(s: &mut TcpStream, want: &str) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains(want) {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("stalled after {:?}", String::from_utf8_lossy(&got)))
-            .unwrap();
-        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8(got).unwrap()
-}
-
 /// Through a reverse route and through the forward proxy (absolute form): the ask
 /// reaches the upstream, the client sees the 101 with the upstream's fields and the
 /// bytes that came with it, both ways carry bytes, and half-closes pass.
@@ -88,7 +73,7 @@ async fn a_websocket_handshake_switches_and_bytes_flow_both_ways() {
         let mut s = TcpStream::connect(strait.addr()).await.unwrap();
         let req = format!("GET {target} HTTP/1.1\r\nHost: {origin}\r\n{HANDSHAKE}");
         s.write_all(req.as_bytes()).await.unwrap();
-        let got = read_until(&mut s, "early").await;
+        let got = read_until(&mut s, |t| t.contains("early")).await;
         let lower = got.to_ascii_lowercase();
         assert!(got.starts_with("HTTP/1.1 101 "), "{target}: {got}");
         assert!(lower.contains("upgrade: websocket\r\n"), "{got}");
@@ -105,15 +90,11 @@ async fn a_websocket_handshake_switches_and_bytes_flow_both_ways() {
 
         for msg in ["one", "two"] {
             s.write_all(msg.as_bytes()).await.unwrap();
-            read_until(&mut s, msg).await;
+            read_until(&mut s, |t| t.contains(msg)).await;
         }
         // The client's half-close reaches the origin, whose own close comes back.
         s.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
-            .await
-            .expect("closed after the half-close")
-            .unwrap();
+        let rest = read_to_close(&mut s).await;
         assert!(rest.is_empty(), "{rest:?}");
     }
 }
@@ -128,12 +109,12 @@ async fn a_declined_upgrade_is_an_ordinary_response() {
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
         .await
         .unwrap();
-    let got = read_until(&mut s, "no\n").await;
+    let got = read_until(&mut s, |t| t.contains("no\n")).await;
     assert!(got.starts_with("HTTP/1.1 426 "), "{got}");
     s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let got = read_until(&mut s, "no\n").await;
+    let got = read_until(&mut s, |t| t.contains("no\n")).await;
     assert!(got.starts_with("HTTP/1.1 426 "), "{got}");
 }
 
@@ -165,14 +146,21 @@ async fn an_idle_upgraded_connection_is_closed_after_timeouts_idle() {
     let mut s = TcpStream::connect(strait.addr()).await.unwrap();
     let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
     s.write_all(req.as_bytes()).await.unwrap();
-    read_until(&mut s, "early").await;
+    read_until(&mut s, |t| t.contains("early")).await;
     let started = std::time::Instant::now();
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
-        .await
-        .expect("the idle upgraded connection was closed")
-        .unwrap();
+    read_to_close(&mut s).await;
     assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+/// An RFC 8441 WebSocket request for `/chat` on the listener at `addr`.
+fn h2_websocket(addr: SocketAddr) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = http::Request::connect(format!("http://{addr}/chat"))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    req
 }
 
 /// An HTTP/2 WebSocket (RFC 8441 extended CONNECT) on a reverse route reaches the
@@ -184,13 +172,10 @@ async fn an_h2_websocket_on_a_reverse_route_is_the_h1_handshake_upstream() {
     let (origin, heads) = upgrade_origin().await;
     let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
     let mut sender = h2_client(strait.addr()).await;
-    let mut req = http::Request::connect(format!("http://{}/chat", strait.addr()))
-        .header("sec-websocket-version", "13")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
+    let resp = sender
+        .send_request(h2_websocket(strait.addr()))
+        .await
         .unwrap();
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(!resp.headers().contains_key("sec-websocket-accept"));
     let head = heads.lock().unwrap().last().unwrap().clone();
@@ -215,12 +200,10 @@ async fn an_h2_websocket_on_a_reverse_route_is_the_h1_handshake_upstream() {
     let plain = raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
     let strait = Strait::start(&route_to(&format!("http://{plain}"), ""), &[]);
     let mut sender = h2_client(strait.addr()).await;
-    let mut req = http::Request::connect(format!("http://{}/chat", strait.addr()))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
+    let resp = sender
+        .send_request(h2_websocket(strait.addr()))
+        .await
         .unwrap();
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 502);
 }
 
@@ -243,7 +226,7 @@ async fn a_switched_connections_bytes_are_counted() {
     let mut s = TcpStream::connect(strait.addr()).await.unwrap();
     let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
     s.write_all(req.as_bytes()).await.unwrap();
-    read_until(&mut s, "early").await;
+    read_until(&mut s, |t| t.contains("early")).await;
     let payload = vec![b'w'; 256 * 1024];
     let (mut r, mut w) = s.into_split();
     let reading = tokio::spawn(async move {

@@ -608,6 +608,34 @@ where
 
 // ---- raw HTTP -----------------------------------------------------------------------
 
+/// Reads from `s` until what was read satisfies `done`, or fails after 5 s without a
+/// byte or at an early close. Returns what was read.
+pub async fn read_until(s: &mut tokio::net::TcpStream, done: impl Fn(&str) -> bool) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !done(&String::from_utf8_lossy(&got)) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {:?}", String::from_utf8_lossy(&got)))
+            .unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Reads everything until the peer closes (at most 5 s).
+pub async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("closed within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
 /// Sends raw bytes on a new connection and returns everything read until the peer
 /// closes or `within` passes.
 pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
