@@ -208,15 +208,20 @@ async fn an_h2_websocket_on_a_reverse_route_is_the_h1_handshake_upstream() {
 }
 
 /// The bytes a switched connection moves count toward the request's kind and user in
-/// `strait_transfer_bytes_total`, once it ends (they flow after its request was
-/// accounted).
+/// `strait_transfer_bytes_total`, and its access log line is written when it ends, with
+/// the whole exchange's bytes (as a tunnel's is).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_switched_connections_bytes_are_counted() {
+async fn a_switched_connections_bytes_are_counted_and_logged_at_its_end() {
     let (origin, _) = upgrade_origin().await;
+    let logs = tempfile::tempdir().unwrap();
+    let access = logs.path().join("access.log");
     let strait = Strait::start(
         &route_to(
             &format!("http://{origin}"),
-            "[admin]\naddr = \"127.0.0.1:0\"",
+            &format!(
+                "[admin]\naddr = \"127.0.0.1:0\"\n[log]\naccess = \"{}\"",
+                access.display()
+            ),
         ),
         &[],
     );
@@ -235,18 +240,39 @@ async fn a_switched_connections_bytes_are_counted() {
         got.len()
     });
     w.write_all(&payload).await.unwrap();
+    // While the connection is open, its line is not written yet.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = std::fs::read_to_string(&access).unwrap_or_default();
+    assert!(!before.contains("/chat"), "logged before the end: {before}");
     w.shutdown().await.unwrap();
     assert_eq!(reading.await.unwrap(), payload.len());
+
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let rx = strait.metric(&series("rx")).await;
         let tx = strait.metric(&series("tx")).await;
-        if rx >= payload.len() as f64 && tx >= payload.len() as f64 {
+        let log = std::fs::read_to_string(&access).unwrap_or_default();
+        let line = log.lines().find(|l| l.contains("\"/chat\""));
+        if rx >= payload.len() as f64
+            && tx >= payload.len() as f64
+            && let Some(line) = line
+        {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["status"], 101, "{line}");
+            assert!(
+                v["bytes_in"].as_u64().unwrap() >= payload.len() as u64,
+                "{line}"
+            );
+            assert!(
+                v["bytes_out"].as_u64().unwrap() >= payload.len() as u64,
+                "{line}"
+            );
+            assert!(v["duration_ms"].as_f64().unwrap() >= 200.0, "{line}");
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "rx {rx}, tx {tx}: the switched bytes were not counted"
+            "rx {rx}, tx {tx}, log {log:?}: the switched connection was not accounted"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

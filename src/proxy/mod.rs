@@ -130,9 +130,9 @@ pub struct Meta {
     pub user: Label,
     /// The upstream URL (reverse) or target authority (forward, CONNECT).
     pub upstream: Option<Arc<str>>,
-    /// The client connection's byte counts, for a request that may switch protocols:
-    /// the bytes that follow a switch are accounted when the switched connection ends.
-    pub conn_bytes: Option<Arc<ConnBytes>>,
+    /// For a request that may switch protocols (an upgrade, an HTTP/2 WebSocket):
+    /// where the switched connection finds what it accounts when it ends.
+    pub(crate) switch: Option<Arc<upgrade::SwitchSlot>>,
 }
 
 impl Default for Meta {
@@ -142,7 +142,7 @@ impl Default for Meta {
             route: Label::none(),
             user: Label::none(),
             upstream: None,
-            conn_bytes: None,
+            switch: None,
         }
     }
 }
@@ -218,7 +218,7 @@ impl Proxy {
                 .get::<hyper::upgrade::OnUpgrade>()
                 .is_some()
             {
-                meta.conn_bytes = Some(bytes.clone());
+                meta.switch = Some(Arc::new(upgrade::SwitchSlot::new(bytes.clone())));
             }
             // Strait's own HTTP/1.1 server checks `Host` as it parses (and hands a
             // request that fails to hyper); what hyper parsed, with its `Incoming` body,
@@ -243,9 +243,34 @@ impl Proxy {
                 refusal.into_response()
             });
             let status = resp.status().as_u16();
-            // A tunnel accounts for its bytes and logs its line when it closes.
+            // A tunnel accounts for its bytes and logs its line when it closes; so does
+            // a switched connection, given the line's fields here.
             let tunnel = meta.kind == Kind::Connect && status == 200;
-            let access = if tunnel { None } else { self.access.clone() };
+            let switched = match (meta.switch.take(), &self.access) {
+                (Some(slot), Some(access)) if slot.is_switched() => {
+                    slot.leave_line(upgrade::Line {
+                        access: access.clone(),
+                        client: conn.peer,
+                        user: meta.user.clone(),
+                        method: method.clone(),
+                        uri: uri.clone(),
+                        version,
+                        status,
+                        start: start.unwrap_or_else(Instant::now),
+                        kind: meta.kind,
+                        route: meta.route.clone(),
+                        upstream: meta.upstream.clone(),
+                        referer: referer.clone(),
+                        user_agent: user_agent.clone(),
+                    })
+                }
+                _ => false,
+            };
+            let access = if tunnel || switched {
+                None
+            } else {
+                self.access.clone()
+            };
             let metrics = self.metrics_on.then(|| self.metrics.clone());
             let done = (metrics.is_some() || access.is_some()).then(|| {
                 Box::new(Done {
@@ -268,11 +293,6 @@ impl Proxy {
         }
     }
 
-    /// True for a request addressed to another server through this proxy.
-    ///
-    /// HTTP/1 says so with absolute form (RFC 9112 §3.2.2). HTTP/2 always carries an
-    /// authority, so there a request is forward proxying only when no route takes it
-    /// and it names a server other than this listener.
     /// True for an HTTP/2 WebSocket (extended CONNECT, RFC 8441) meant for a reverse
     /// route: forward proxying is off, or a route takes its authority and path, or it
     /// names the listener. Any other extended CONNECT is a tunnel to its authority.
@@ -288,6 +308,11 @@ impl Proxy {
             || names_listener(req.uri(), conn.local)
     }
 
+    /// True for a request addressed to another server through this proxy.
+    ///
+    /// HTTP/1 says so with absolute form (RFC 9112 §3.2.2). HTTP/2 always carries an
+    /// authority, so there a request is forward proxying only when no route takes it
+    /// and it names a server other than this listener.
     fn is_forward_form(&self, req: &Request<RequestBody>, conn: ConnInfo) -> bool {
         if self.forward.is_none() || req.uri().scheme().is_none() {
             return false;
@@ -554,16 +579,8 @@ impl Drop for Done {
                 .observe(elapsed.as_secs_f64());
         }
         if let Some(log) = &self.access {
-            // Origin form (most requests) is logged as it is; only absolute and
-            // authority forms need the URI put back together.
-            let whole;
-            let target = match (self.uri.scheme(), self.uri.path_and_query()) {
-                (None, Some(pq)) => pq.as_str(),
-                _ => {
-                    whole = self.uri.to_string();
-                    &whole
-                }
-            };
+            let mut whole = String::new();
+            let target = log_target(&self.uri, &mut whole);
             log.log(&Entry {
                 client: self.client,
                 user: &self.meta.user.0,
@@ -580,6 +597,18 @@ impl Drop for Done {
                 referer: header_str(&self.referer),
                 user_agent: header_str(&self.user_agent),
             });
+        }
+    }
+}
+
+/// The request target as logged: origin form (most requests) as it is; only absolute
+/// and authority forms need the URI put back together, in `whole`.
+fn log_target<'a>(uri: &'a Uri, whole: &'a mut String) -> &'a str {
+    match (uri.scheme(), uri.path_and_query()) {
+        (None, Some(pq)) => pq.as_str(),
+        _ => {
+            *whole = uri.to_string();
+            whole
         }
     }
 }

@@ -8,21 +8,27 @@
 //! one that a reverse route takes goes to the upstream as the HTTP/1.1 handshake, and
 //! the upstream's 101 reaches the client as a 200 on that stream.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use http::header::{
     CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
     UPGRADE,
 };
 use http::request::Parts;
-use http::{Extensions, Method, Response, StatusCode, Version};
+use http::{Extensions, Method, Response, StatusCode, Uri, Version};
 use hyper::ext::Protocol;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
 use super::tunnel::relay;
-use super::{ConnBytes, Meta, Proxy, Refusal, attribute_bytes, headers, relay_response};
+use super::{
+    ConnBytes, Meta, Proxy, Refusal, attribute_bytes, header_str, headers, log_target,
+    protocol_name, relay_response,
+};
+use crate::access::{AccessLog, Entry};
 use crate::body::Body;
 use crate::io::IdleTimeoutIo;
 use crate::metrics::{Kind, Label, Metrics};
@@ -156,9 +162,13 @@ impl Proxy {
         parts.version = version;
 
         let idle = self.idle_timeout;
+        let slot = meta.switch.clone();
+        if let Some(slot) = &slot {
+            slot.state().switched = true;
+        }
         let end = SwitchedEnd {
             metrics: self.metrics_on.then(|| self.metrics.clone()),
-            bytes: meta.conn_bytes.clone(),
+            slot,
             kind: meta.kind,
             user: meta.user.clone(),
         };
@@ -188,19 +198,104 @@ impl Proxy {
     }
 }
 
-/// Accounts a switched connection's bytes when it ends: they flow after its request
-/// was accounted, and count toward the request's kind and user.
+/// Where a request that may switch protocols meets the connection it switches to: the
+/// connection's byte counts, and the access log line the request leaves for the
+/// switched connection to write when it ends (with the bytes and time of the whole
+/// exchange, as a tunnel's line has).
+pub(crate) struct SwitchSlot {
+    bytes: Arc<ConnBytes>,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The upstream switched; the relay owns the connections.
+    switched: bool,
+    /// The relay ended.
+    ended: bool,
+    line: Option<Box<Line>>,
+}
+
+impl SwitchSlot {
+    pub(super) fn new(bytes: Arc<ConnBytes>) -> SwitchSlot {
+        SwitchSlot {
+            bytes,
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn is_switched(&self) -> bool {
+        self.state().switched
+    }
+
+    /// Leaves the request's log line for the relay; false when the relay already
+    /// ended (the request then logs it itself).
+    pub(super) fn leave_line(&self, line: Line) -> bool {
+        let mut state = self.state();
+        if state.ended {
+            return false;
+        }
+        state.line = Some(Box::new(line));
+        true
+    }
+}
+
+/// The fields of a switched request's access log line, known when it was answered.
+pub(super) struct Line {
+    pub access: AccessLog,
+    pub client: SocketAddr,
+    pub user: Label,
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub status: u16,
+    pub start: Instant,
+    pub kind: Kind,
+    pub route: Label,
+    pub upstream: Option<Arc<str>>,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+}
+
+/// Accounts a switched connection when it ends: its bytes (they flow after its request
+/// was accounted) toward the request's kind and user, and the request's log line.
 struct SwitchedEnd {
     metrics: Option<Arc<Metrics>>,
-    bytes: Option<Arc<ConnBytes>>,
+    slot: Option<Arc<SwitchSlot>>,
     kind: Kind,
     user: Label,
 }
 
 impl Drop for SwitchedEnd {
     fn drop(&mut self) {
-        if let Some(bytes) = &self.bytes {
-            attribute_bytes(bytes, self.metrics.as_deref(), self.kind, &self.user);
-        }
+        let Some(slot) = &self.slot else { return };
+        let line = {
+            let mut state = slot.state();
+            state.ended = true;
+            state.line.take()
+        };
+        let (rx, tx) = attribute_bytes(&slot.bytes, self.metrics.as_deref(), self.kind, &self.user);
+        let Some(l) = line else { return };
+        let mut whole = String::new();
+        l.access.log(&Entry {
+            client: l.client,
+            user: &l.user.0,
+            method: l.method.as_str(),
+            target: log_target(&l.uri, &mut whole),
+            protocol: protocol_name(l.version),
+            status: l.status,
+            bytes_in: rx,
+            bytes_out: tx,
+            duration: l.start.elapsed(),
+            kind: l.kind.as_str(),
+            route: &l.route.0,
+            upstream: l.upstream.as_deref().unwrap_or("-"),
+            referer: header_str(&l.referer),
+            user_agent: header_str(&l.user_agent),
+        });
     }
 }
