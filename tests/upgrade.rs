@@ -103,19 +103,40 @@ async fn a_websocket_handshake_switches_and_bytes_flow_both_ways() {
 /// HTTP: its next request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_upgrade_is_an_ordinary_response() {
-    let (origin, _) = upgrade_origin().await;
+    let (origin, heads) = upgrade_origin().await;
     let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
     let mut s = TcpStream::connect(strait.addr()).await.unwrap();
-    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: tls/1.3\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let got = read_until(&mut s, |t| t.contains("no\n")).await;
     assert!(got.starts_with("HTTP/1.1 426 "), "{got}");
+    let head = heads.lock().unwrap().last().unwrap().clone();
+    assert!(head.contains("\r\nupgrade: tls/1.3\r\n"), "{head}");
     s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
     let got = read_until(&mut s, |t| t.contains("no\n")).await;
     assert!(got.starts_with("HTTP/1.1 426 "), "{got}");
+}
+
+/// An upgrade to cleartext HTTP/2 would give the client a connection straight to the
+/// upstream, past routing ("h2c smuggling"): the request goes on without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_is_not_passed_on() {
+    let (origin, heads) = upgrade_origin().await;
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until(&mut s, |t| t.contains("no\n")).await;
+    assert!(got.starts_with("HTTP/1.1 426 "), "{got}");
+    let head = heads.lock().unwrap().last().unwrap().clone();
+    assert!(!head.contains("upgrade"), "{head}");
+    assert!(!head.contains("http2-settings"), "{head}");
 }
 
 /// A 101 to a request that asked for no upgrade breaks the exchange: 502.

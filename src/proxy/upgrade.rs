@@ -64,7 +64,14 @@ pub(super) fn asked(parts: &Parts) -> Option<Switch> {
     if !named {
         return None;
     }
-    parts.headers.get(UPGRADE).cloned().map(Switch::H1)
+    let protocols = parts.headers.get(UPGRADE)?;
+    // An upgrade to cleartext HTTP/2 would hand the client a connection straight to
+    // the upstream, on which its next requests skip routing ("h2c smuggling"): the
+    // request goes on as a plain one, as nginx and HAProxy send it.
+    if list_has(protocols.as_bytes(), b"h2c") {
+        return None;
+    }
+    Some(Switch::H1(protocols.clone()))
 }
 
 /// True for an HTTP/2 extended CONNECT that opens a WebSocket (RFC 8441 §4).
