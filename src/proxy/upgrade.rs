@@ -67,7 +67,7 @@ pub(super) fn asked(parts: &Parts) -> Option<Switch> {
     let protocols = parts.headers.get(UPGRADE)?;
     // An upgrade to cleartext HTTP/2 would hand the client a connection straight to
     // the upstream, on which its next requests skip routing ("h2c smuggling"): the
-    // request goes on as a plain one, as nginx and HAProxy send it.
+    // request goes on as a plain one (Envoy drops it the same way).
     if list_has(protocols.as_bytes(), b"h2c") {
         return None;
     }
