@@ -15,44 +15,77 @@ use support::*;
 
 const HANDSHAKE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
+/// Every request head an origin read, lower-cased.
+type Heads = Arc<Mutex<Vec<String>>>;
+
 /// An origin that switches to an echo on `Upgrade: websocket` (sending `early` bytes
-/// right after its 101, in the same write), and answers anything else with 426. Every
-/// request head it read is kept, lower-cased.
-async fn upgrade_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+/// right after its 101, in the same write), and answers anything else with 426.
+async fn upgrade_origin() -> (SocketAddr, Heads) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let heads = Arc::new(Mutex::new(Vec::new()));
+    let heads = Heads::default();
     let seen = heads.clone();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let heads = heads.clone();
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve_upgrade(s, heads.clone()));
+        }
+    });
+    (addr, seen)
+}
+
+/// The same over TLS, offering h2 and http/1.1 in ALPN: a connection that chose h2 is
+/// closed unanswered.
+async fn tls_upgrade_origin(certs: &Certs) -> (SocketAddr, Heads) {
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(Arc::new(certs.server_config(&[b"h2", b"http/1.1"])));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Heads::default();
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let (acceptor, heads) = (acceptor.clone(), heads.clone());
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                heads.lock().unwrap().push(head.clone());
-                if !head.contains("upgrade: websocket") {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 3\r\nConnection: close\r\n\r\nno\n")
-                        .await;
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    heads.lock().unwrap().push("(h2)".into());
                     return;
                 }
-                let _ = s
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nearly")
-                    .await;
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
+                serve_upgrade(tls, heads).await;
             });
         }
     });
     (addr, seen)
+}
+
+async fn serve_upgrade<S>(mut s: S, heads: Heads)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    heads.lock().unwrap().push(head.clone());
+    if !head.contains("upgrade: websocket") {
+        let _ = s
+            .write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 3\r\nConnection: close\r\n\r\nno\n")
+            .await;
+        return;
+    }
+    let _ = s
+        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nearly")
+        .await;
+    let (mut r, mut w) = tokio::io::split(s);
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
 }
 
 /// Through a reverse route and through the forward proxy (absolute form): the ask
@@ -297,4 +330,37 @@ async fn a_switched_connections_bytes_are_counted_and_logged_at_its_end() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An https upstream whose ALPN offers h2 gets WebSockets over HTTP/1.1 (HTTP/2 has
+/// no upgrade), on a connection of their own, while plain requests to it use h2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_to_an_h2_capable_https_upstream_goes_over_http1() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new(dir.path(), &["localhost", "127.0.0.1"]);
+    let (origin, heads) = tls_upgrade_origin(&certs).await;
+    let config = format!(
+        "listen = [{{ addr = \"127.0.0.1:0\" }}]\n[[route]]\nupstream = \"https://localhost:{}\"\ntls_ca = \"{}\"\n",
+        origin.port(),
+        certs.ca_pem.display()
+    );
+    let strait = Strait::start(&config, &[]);
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let got = read_until(&mut s, |t| t.contains("early")).await;
+    assert!(got.starts_with("HTTP/1.1 101 "), "{got}");
+    s.write_all(b"over tls").await.unwrap();
+    read_until(&mut s, |t| t.contains("over tls")).await;
+    // A plain request to the same upstream negotiates h2 (which this origin refuses).
+    let plain = raw_exchange(
+        strait.addr(),
+        b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 502 "), "{plain}");
+    let heads = heads.lock().unwrap().clone();
+    assert!(heads[0].starts_with("get /chat "), "{heads:?}");
+    assert!(heads.iter().any(|h| h == "(h2)"), "{heads:?}");
 }

@@ -24,6 +24,8 @@ pub struct ForwardPolicy {
     pub deny: Arc<[Cidr]>,
     /// Connections for forwarded requests; every target shares this one profile.
     pub profile: Arc<Profile>,
+    /// The same over HTTP/1.1 only, for requests that switch protocols.
+    pub upgrade_profile: Arc<Profile>,
 }
 
 /// What the credentials check decided.
@@ -46,6 +48,7 @@ impl ForwardPolicy {
             deny: deny.clone(),
         });
         Ok(ForwardPolicy {
+            upgrade_profile: upstream.upgrade_profile(&profile),
             auth: Auth::new(&cfg.users),
             hide: cfg.hide,
             connect_ports: cfg.connect_ports.clone(),
@@ -124,7 +127,12 @@ impl Proxy {
         meta.upstream = Some(Arc::from(authority.as_str()));
         let authority = http::uri::Authority::try_from(authority)
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
-        let target = Target::new(policy.profile.clone(), scheme, authority);
+        let profile = if upgrading {
+            &policy.upgrade_profile
+        } else {
+            &policy.profile
+        };
+        let target = Target::new(profile.clone(), scheme, authority);
         let resp = self.upstream.send(req, &target).await?;
         let mut resp = if upgrading {
             self.answer_upgrade(resp, &mut client, version, meta)?

@@ -31,6 +31,8 @@ pub struct Route {
     /// Each upstream's authority as a ready `Host` value, and its pool key.
     host_values: Vec<HeaderValue>,
     targets: Vec<Target>,
+    /// The same upstreams over HTTP/1.1 only, for requests that switch protocols.
+    upgrade_targets: Vec<Target>,
     balancer: Balancer,
     preserve_host: bool,
 }
@@ -60,6 +62,21 @@ impl Route {
             // Reverse routes go where the operator said, loopback included.
             deny: Vec::new().into(),
         });
+        let upgrade_profile = upstream.upgrade_profile(&profile);
+        let targets = cfg
+            .upstream
+            .0
+            .iter()
+            .map(|u| {
+                Authority::from_maybe_shared(bytes::Bytes::from(u.authority.clone()))
+                    .map(|a| Target::new(profile.clone(), u.scheme, a))
+                    .map_err(|_| format!("invalid upstream host {}", u.authority))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let upgrade_targets = targets
+            .iter()
+            .map(|t| t.with_profile(upgrade_profile.clone()))
+            .collect();
         Ok(Route {
             label: Label::from(cfg.label().as_str()),
             names: cfg
@@ -79,16 +96,8 @@ impl Route {
                         .map_err(|_| format!("invalid upstream host {}", u.authority))
                 })
                 .collect::<Result<_, _>>()?,
-            targets: cfg
-                .upstream
-                .0
-                .iter()
-                .map(|u| {
-                    Authority::from_maybe_shared(bytes::Bytes::from(u.authority.clone()))
-                        .map(|a| Target::new(profile.clone(), u.scheme, a))
-                        .map_err(|_| format!("invalid upstream host {}", u.authority))
-                })
-                .collect::<Result<_, _>>()?,
+            targets,
+            upgrade_targets,
             balancer: Balancer::new(cfg.upstream.0.len()),
             preserve_host: cfg.preserve_host,
         })
@@ -188,7 +197,12 @@ impl Proxy {
                     req.headers_mut().insert(HOST, route.host_values[i].clone());
                 }
                 meta.upstream = Some(route.names[i].clone());
-                match self.upstream.send(req, &route.targets[i]).await {
+                let targets = if upgrading {
+                    &route.upgrade_targets
+                } else {
+                    &route.targets
+                };
+                match self.upstream.send(req, &targets[i]).await {
                     Ok(resp) => {
                         route.balancer.mark_ok(i);
                         if upgrading {

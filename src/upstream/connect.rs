@@ -184,6 +184,17 @@ impl TlsSettings {
         })
     }
 
+    /// The same settings, offering only HTTP/1.1 in ALPN: for requests that switch
+    /// protocols, which HTTP/2 cannot carry.
+    pub fn h1_only(&self) -> TlsSettings {
+        let mut config = ClientConfig::clone(self.connector.config());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsSettings {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: self.server_name.clone(),
+        }
+    }
+
     /// Runs the handshake over `tcp`.
     pub async fn handshake(&self, host: &str, tcp: TcpStream) -> Result<Stream, ConnectError> {
         let name = match &self.server_name {

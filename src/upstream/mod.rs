@@ -192,6 +192,20 @@ impl Upstream {
         })
     }
 
+    /// The profile for requests that switch protocols (WebSocket): `profile`'s
+    /// settings over HTTP/1.1 only, whatever its version (HTTP/2 has no upgrade). Its
+    /// connections are pooled apart from `profile`'s.
+    pub fn upgrade_profile(&self, profile: &Arc<Profile>) -> Arc<Profile> {
+        if profile.version == Version::H1 {
+            return profile.clone();
+        }
+        self.profile(ProfileSettings {
+            version: Version::H1,
+            tls: profile.tls.as_ref().map(TlsSettings::h1_only),
+            deny: profile.deny.clone(),
+        })
+    }
+
     /// Sends `req` (whose URI is in origin form, with `Host` set) to `target` and waits
     /// for the response head, at most `timeouts.upstream_response`.
     pub fn send<'a>(

@@ -121,6 +121,11 @@ impl PoolKey {
         }
     }
 
+    /// The same scheme and authority under another profile.
+    pub fn with_profile(&self, profile: Arc<Profile>) -> PoolKey {
+        PoolKey::new(profile, self.scheme, self.authority.clone())
+    }
+
     /// True when every connection for this key speaks HTTP/1.1: `version = "h1"`, or
     /// `auto` over plain http (h2c only when asked for).
     pub fn surely_h1(&self) -> bool {
