@@ -399,3 +399,46 @@ async fn forward_and_reverse_share_a_listener() {
     assert_eq!(origin.last().header("x-forwarded-for"), None);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// gRPC's shape: an HTTP/2 client's `TE: trailers` reaches an HTTP/2 upstream (and
+/// never an HTTP/1.1 one, where `TE` is hop-by-hop), and the upstream's trailers reach
+/// the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn te_trailers_and_trailers_cross_between_http2_hops() {
+    let origin = Origin::with(|_| async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        http::Response::new(OriginBody::Trailed(Some("reply".into()), Some(trailers)))
+    })
+    .await;
+    let config = format!(
+        "{l}[[route]]\npath = \"/h2/\"\nupstream = \"{u}\"\nversion = \"h2\"\n[[route]]\npath = \"/h1/\"\nupstream = \"{u}\"\nversion = \"h1\"\n",
+        l = listen(),
+        u = origin.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    let mut sender = h2_client(strait.addr()).await;
+    let req = http::Request::post(format!("http://{}/h2/svc/Call", strait.addr()))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Full::new(Bytes::from_static(b"call")))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.into_body().collect().await.unwrap();
+    assert_eq!(got.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(&got.to_bytes()[..], b"reply");
+    let seen = origin.last();
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(seen.header("te"), Some("trailers"));
+
+    let req = http::Request::post(format!("http://{}/h1/svc/Call", strait.addr()))
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from_static(b"call")))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = origin.last();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.header("te"), None);
+}

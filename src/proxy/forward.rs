@@ -112,7 +112,8 @@ impl Proxy {
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"));
         let (mut parts, body) = req.into_parts();
         let switch = upgrade::asked(&parts);
-        headers::strip_hop_by_hop(&mut parts.headers);
+        let trailers = headers::strip_hop_by_hop(&mut parts.headers);
+        super::reverse::keep_te_trailers(&mut parts, trailers);
         parts.headers.insert(HOST, host);
         // hyper's handle on the client connection stays here: the request moves on.
         let upgrading = switch.is_some();

@@ -25,8 +25,9 @@ const HOP_BY_HOP: [&HeaderName; 9] = [
     &KEEP_ALIVE,
 ];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-/// Where `Connection` stands in [`HOP_BY_HOP`].
+/// Where `Connection` and `TE` stand in [`HOP_BY_HOP`].
 const CONNECTION_AT: usize = 0;
+const TE_AT: usize = 4;
 
 /// Removes every hop-by-hop field: the fixed set and each field named in `Connection`
 /// (RFC 9110 §7.6.1), so none crosses the proxy in either direction.
@@ -34,7 +35,10 @@ const CONNECTION_AT: usize = 0;
 /// One pass over the names finds what is there; most messages carry none of these or
 /// only `Connection: keep-alive`, so a removal by name (a hash each) happens only for
 /// fields present, and nothing is allocated unless `Connection` names an unusual field.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+///
+/// Returns whether a removed `TE` accepted trailers: HTTP/2 lets that one value cross
+/// (RFC 9113 §8.2.2), and gRPC servers want to see it.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     let mut present = [false; HOP_BY_HOP.len()];
     let mut any = false;
     for name in headers.keys() {
@@ -44,8 +48,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if !any {
-        return;
+        return false;
     }
+    let trailers = present[TE_AT]
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.as_bytes().split(|&b| b == b',').any(|coding| {
+                let name = coding.split(|&b| b == b';').next().unwrap_or_default();
+                name.trim_ascii().eq_ignore_ascii_case(b"trailers")
+            })
+        });
     // Names listed in Connection go first, before Connection itself is removed. The
     // usual tokens are `close` and `keep-alive` (already in the fixed set).
     if present[CONNECTION_AT] {
@@ -71,6 +82,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(*name);
     }
+    trailers
 }
 
 /// Appends the client's address to `X-Forwarded-For`, folding earlier values into one
@@ -202,8 +214,26 @@ mod tests {
     }
 
     #[test]
-    fn connection_stands_where_the_strip_looks_for_it() {
+    fn connection_and_te_stand_where_the_strip_looks_for_them() {
         assert_eq!(*HOP_BY_HOP[CONNECTION_AT], header::CONNECTION);
+        assert_eq!(*HOP_BY_HOP[TE_AT], header::TE);
+    }
+
+    #[test]
+    fn a_te_that_accepts_trailers_is_reported() {
+        for (te, trailers) in [
+            ("trailers", true),
+            ("deflate;q=0.5, Trailers", true),
+            ("trailers;q=1", true),
+            ("gzip", false),
+            ("trailer", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("te", te.parse().unwrap());
+            assert_eq!(strip_hop_by_hop(&mut h), trailers, "{te}");
+            assert!(h.is_empty());
+        }
+        assert!(!strip_hop_by_hop(&mut HeaderMap::new()));
     }
 
     #[test]

@@ -456,8 +456,9 @@ impl H1Conn {
         self.asks_upgrade = false;
         for (name, value) in &parts.headers {
             self.asks_upgrade |= name == UPGRADE;
-            if name == TRANSFER_ENCODING {
-                // Framing is this side's choice; a client's coding never crosses.
+            if name == TRANSFER_ENCODING || name == TE {
+                // Framing is this side's choice; a client's coding never crosses. `TE`
+                // comes only from an HTTP/2 client (its `trailers`, for an HTTP/2 hop).
                 continue;
             }
             if name == CONTENT_LENGTH {

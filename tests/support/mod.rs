@@ -260,6 +260,8 @@ pub enum OriginBody {
     Broken(Option<Bytes>, Option<Pin<Box<tokio::time::Sleep>>>),
     /// Sends `chunk`, then never ends.
     Stall(Option<Bytes>),
+    /// Sends the data, then the trailers (as a gRPC server ends a call).
+    Trailed(Option<Bytes>, Option<HeaderMap>),
 }
 
 impl OriginBody {
@@ -301,6 +303,10 @@ impl http_body::Body for OriginBody {
             OriginBody::Stall(b) => match b.take() {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => Poll::Pending,
+            },
+            OriginBody::Trailed(b, t) => match b.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Ready(t.take().map(|t| Ok(Frame::trailers(t)))),
             },
         }
     }
