@@ -34,4 +34,4 @@ pub mod server;
 pub mod upstream;
 
 pub use config::Config;
-pub use server::{RunError, run};
+pub use server::{Reload, RunError, run, run_reloading};

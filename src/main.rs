@@ -60,7 +60,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(strait::run(config)) {
+    // SIGHUP reads the file again, with the same flags applied.
+    let reload: Option<strait::Reload> = cli
+        .config
+        .is_some()
+        .then(|| Box::new(move || cli.to_config()) as strait::Reload);
+    match runtime.block_on(strait::run_reloading(config, reload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("strait: {e}");

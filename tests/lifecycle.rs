@@ -143,3 +143,50 @@ async fn a_300_mb_upload_streams_in_bounded_memory() {
     eprintln!("upload: RSS {base} KiB before, peak {peak} KiB, grew {grew} KiB");
     assert!(grew < 64 * 1024, "RSS grew by {grew} KiB moving 300 MB up");
 }
+
+/// SIGHUP reads the config file again: new routes serve new requests, on new and on
+/// kept-alive connections alike. A file that does not load changes nothing (the log
+/// names the file, line and key), and a change to what was fixed at start is named as
+/// needing a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_routes_and_keeps_them_when_the_file_is_bad() {
+    use tokio::io::AsyncWriteExt;
+    let a = Origin::with(|_| async { ok("from a") }).await;
+    let b = Origin::with(|_| async { ok("from b") }).await;
+    let strait = Strait::start(&route_to(&a.url(), ""), &[]);
+    let url = format!("{}/x", strait.url());
+    assert_eq!(curl(&[&url]).await.text(), "from a");
+    let mut kept = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    kept.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut kept, |t| t.contains("from a")).await;
+
+    let file = strait.dir.path().join("strait.toml");
+    std::fs::write(&file, route_to(&b.url(), "[pool]\nmax_idle = 7")).unwrap();
+    strait.signal("HUP");
+    strait.wait_for_log("SIGHUP: configuration reloaded").await;
+    assert_eq!(curl(&[&url]).await.text(), "from b");
+    kept.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut kept, |t| t.contains("from b")).await;
+    strait
+        .wait_for_log("[pool] changed; it takes effect after a restart")
+        .await;
+
+    std::fs::write(
+        &file,
+        format!("{}\n[[route]]\nupstream = 5\n", route_to(&a.url(), "")),
+    )
+    .unwrap();
+    strait.signal("HUP");
+    strait.wait_for_log("configuration not reloaded").await;
+    let line = strait
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("configuration not reloaded"))
+        .unwrap();
+    assert!(line.contains("strait.toml:7: route[1].upstream"), "{line}");
+    assert_eq!(curl(&[&url]).await.text(), "from b");
+}

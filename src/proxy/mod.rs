@@ -111,7 +111,7 @@ pub struct ConnInfo {
 
 /// The request handler shared by every connection.
 pub struct Proxy {
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
     forward: Option<forward::ForwardPolicy>,
     routes: RouteTable<reverse::Route>,
     idle_timeout: Duration,
@@ -153,7 +153,7 @@ impl Proxy {
     pub fn new(
         config: &Config,
         tasks: TaskTracker,
-        upstream: Upstream,
+        upstream: Arc<Upstream>,
         metrics: Arc<Metrics>,
         access: Option<AccessLog>,
     ) -> Result<Proxy, String> {

@@ -206,7 +206,7 @@ pub(super) async fn serve(
             // Boxed: a request's future is a few KiB, and a parked connection's task would
             // otherwise keep room for it.
             (
-                Box::pin(shared.proxy.clone().handle(req, info, bytes.clone())),
+                Box::pin(shared.proxy.load_full().handle(req, info, bytes.clone())),
                 head_only,
                 close,
             )

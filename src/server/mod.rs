@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -35,7 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
 use crate::body::RequestBody;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::io::{CountingIo, IdleTimeoutIo};
 use crate::metrics::{Label, ListenerLabels, Metrics};
 use crate::proxy::{ConnBytes, ConnInfo, Proxy};
@@ -79,7 +80,8 @@ impl std::error::Error for RunError {}
 
 /// Everything a connection task needs, shared by all of them.
 struct Shared {
-    proxy: Arc<Proxy>,
+    /// Replaced whole on a reload; each request takes the one current when it starts.
+    proxy: ArcSwap<Proxy>,
     /// TLS connections and plain ones that open with the HTTP/2 preface.
     http: auto::Builder<TokioExecutor>,
     /// Plain HTTP/1.1 connections' hyper sessions, which give the socket back when idle.
@@ -93,12 +95,21 @@ struct Shared {
     metrics: Arc<Metrics>,
 }
 
+/// Reads the configuration again (the file, with the command line's flags applied).
+pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
 /// Runs Strait until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    run_reloading(config, None).await
+}
+
+/// [`run`], and on SIGHUP `reload` is called and what can change without a restart
+/// (routes, `[forward]`) takes effect for new requests ([`reload_on_hup`]).
+pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(), RunError> {
     let shutdown = Shutdown::new();
     let tasks = TaskTracker::new();
 
-    let upstream = Upstream::new(&config.pool, &config.timeouts);
+    let upstream = Arc::new(Upstream::new(&config.pool, &config.timeouts));
     let metrics = Arc::new(Metrics::new(upstream.stats().clone()));
     let hup = Arc::new(tokio::sync::Notify::new());
 
@@ -128,10 +139,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
 
     let access = AccessLog::start(&config.log, hup.clone(), metrics.access_log_dropped.clone());
-    let proxy = Proxy::new(&config, tasks.clone(), upstream, metrics.clone(), access)
-        .map_err(RunError::Config)?;
+    let proxy = Proxy::new(
+        &config,
+        tasks.clone(),
+        upstream.clone(),
+        metrics.clone(),
+        access.clone(),
+    )
+    .map_err(RunError::Config)?;
     let shared = Arc::new(Shared {
-        proxy: Arc::new(proxy),
+        proxy: ArcSwap::from_pointee(proxy),
         http: http_builder(&config),
         h1: h1_builder(),
         sessions: Sessions::default(),
@@ -163,6 +180,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ));
     }
 
+    if let Some(reload) = reload {
+        let parts = ProxyParts {
+            tasks: tasks.clone(),
+            upstream,
+            metrics: metrics.clone(),
+            access,
+        };
+        tokio::spawn(reload_on_hup(
+            reload,
+            config.clone(),
+            hup.clone(),
+            shared.clone(),
+            parts,
+        ));
+    }
+
     let signal = shutdown::wait_for_signal(&hup).await;
     shutdown.trigger();
     tracing::info!(
@@ -181,6 +214,101 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What every [`Proxy`] of a run shares: reloads replace routes and policies, not the
+/// pool, the metrics or the access log.
+struct ProxyParts {
+    tasks: TaskTracker,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    access: Option<AccessLog>,
+}
+
+/// On each SIGHUP: reads the configuration again and, when it is valid, puts a proxy
+/// built from it in place for new requests (requests under way finish on the old one;
+/// kept-alive connections take the new one with their next request). What was bound or
+/// sized at start (listeners, `[pool]`, `[timeouts]`, `[admin]`, `[log]`, `[runtime]`)
+/// stays; a change there is named in the log as needing a restart. A configuration that
+/// does not load changes nothing, and the error names the file, line and key.
+async fn reload_on_hup(
+    reload: Reload,
+    mut running: Config,
+    hup: Arc<tokio::sync::Notify>,
+    shared: Arc<Shared>,
+    parts: ProxyParts,
+) {
+    loop {
+        hup.notified().await;
+        let mut next = match reload() {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!("SIGHUP: configuration not reloaded: {e}");
+                continue;
+            }
+        };
+        let fixed = [
+            (
+                "listen",
+                format!("{:?}", running.listen),
+                format!("{:?}", next.listen),
+            ),
+            (
+                "pool",
+                format!("{:?}", running.pool),
+                format!("{:?}", next.pool),
+            ),
+            (
+                "timeouts",
+                format!("{:?}", running.timeouts),
+                format!("{:?}", next.timeouts),
+            ),
+            (
+                "admin",
+                format!("{:?}", running.admin),
+                format!("{:?}", next.admin),
+            ),
+            (
+                "log",
+                format!("{:?}", running.log),
+                format!("{:?}", next.log),
+            ),
+            (
+                "runtime",
+                format!("{:?}", running.runtime),
+                format!("{:?}", next.runtime),
+            ),
+        ];
+        for (section, before, after) in fixed {
+            if before != after {
+                tracing::warn!("SIGHUP: [{section}] changed; it takes effect after a restart");
+            }
+        }
+        next.listen = running.listen.clone();
+        next.pool = running.pool.clone();
+        next.timeouts = running.timeouts.clone();
+        next.admin = running.admin.clone();
+        next.log = running.log.clone();
+        next.runtime = running.runtime.clone();
+        match Proxy::new(
+            &next,
+            parts.tasks.clone(),
+            parts.upstream.clone(),
+            parts.metrics.clone(),
+            parts.access.clone(),
+        ) {
+            Ok(proxy) => {
+                shared.proxy.store(Arc::new(proxy));
+                tracing::info!(
+                    routes = next.route.len(),
+                    forward = next.forward.enabled,
+                    "SIGHUP: configuration reloaded"
+                );
+                running = next;
+            }
+            Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e}"),
+        }
+    }
 }
 
 fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
@@ -548,7 +676,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, req: Request<Incoming>) -> Serve {
         let exchange = self.parking.as_ref().map(|p| p.begin(&req));
-        let proxy = self.shared.proxy.clone();
+        let proxy = self.shared.proxy.load_full();
         Serve {
             handling: Box::pin(proxy.handle(
                 req.map(RequestBody::Incoming),

@@ -59,7 +59,8 @@ impl Shutdown {
 }
 
 /// Waits for SIGTERM or SIGINT and names the one that came. SIGHUP (whose default action
-/// would kill the process) wakes everything waiting on `hup`: certificate reloads.
+/// would kill the process) wakes everything waiting on `hup`: the configuration reload,
+/// certificate reloads and the access log's reopening.
 pub async fn wait_for_signal(hup_waiters: &tokio::sync::Notify) -> &'static str {
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
@@ -69,7 +70,7 @@ pub async fn wait_for_signal(hup_waiters: &tokio::sync::Notify) -> &'static str 
             _ = term.recv() => return "SIGTERM",
             _ = int.recv() => return "SIGINT",
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading certificates");
+                tracing::info!("SIGHUP: reloading");
                 hup_waiters.notify_waiters();
             }
         }
