@@ -223,7 +223,7 @@ impl Metrics {
         );
         r.register(
             "strait_reloads",
-            "Certificate reloads, by result",
+            "Certificate and configuration reloads, by result",
             reloads.clone(),
         );
         r.register(
@@ -283,10 +283,11 @@ impl Metrics {
         out
     }
 
-    pub fn count_reload(&self, ok: bool) {
+    /// One reload of `what` (`certificate`, `config`), taken or refused.
+    pub fn count_reload(&self, what: &'static str, ok: bool) {
         self.reloads
             .get_or_create(&ReloadLabels {
-                what: "certificate",
+                what,
                 result: if ok { "ok" } else { "refused" },
             })
             .inc();

@@ -153,7 +153,8 @@ async fn sighup_reloads_the_routes_and_keeps_them_when_the_file_is_bad() {
     use tokio::io::AsyncWriteExt;
     let a = Origin::with(|_| async { ok("from a") }).await;
     let b = Origin::with(|_| async { ok("from b") }).await;
-    let strait = Strait::start(&route_to(&a.url(), ""), &[]);
+    let admin = "[admin]\naddr = \"127.0.0.1:0\"";
+    let strait = Strait::start(&route_to(&a.url(), admin), &[]);
     let url = format!("{}/x", strait.url());
     assert_eq!(curl(&[&url]).await.text(), "from a");
     let mut kept = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
@@ -163,7 +164,11 @@ async fn sighup_reloads_the_routes_and_keeps_them_when_the_file_is_bad() {
     read_until(&mut kept, |t| t.contains("from a")).await;
 
     let file = strait.dir.path().join("strait.toml");
-    std::fs::write(&file, route_to(&b.url(), "[pool]\nmax_idle = 7")).unwrap();
+    std::fs::write(
+        &file,
+        route_to(&b.url(), &format!("{admin}\n[pool]\nmax_idle = 7")),
+    )
+    .unwrap();
     strait.signal("HUP");
     strait.wait_for_log("SIGHUP: configuration reloaded").await;
     assert_eq!(curl(&[&url]).await.text(), "from b");
@@ -177,7 +182,7 @@ async fn sighup_reloads_the_routes_and_keeps_them_when_the_file_is_bad() {
 
     std::fs::write(
         &file,
-        format!("{}\n[[route]]\nupstream = 5\n", route_to(&a.url(), "")),
+        format!("{}\n[[route]]\nupstream = 5\n", route_to(&a.url(), admin)),
     )
     .unwrap();
     strait.signal("HUP");
@@ -187,6 +192,10 @@ async fn sighup_reloads_the_routes_and_keeps_them_when_the_file_is_bad() {
         .into_iter()
         .find(|l| l.contains("configuration not reloaded"))
         .unwrap();
-    assert!(line.contains("strait.toml:7: route[1].upstream"), "{line}");
+    assert!(line.contains("strait.toml:8: route[1].upstream"), "{line}");
     assert_eq!(curl(&[&url]).await.text(), "from b");
+    let reloads =
+        |result: &str| format!("strait_reloads_total{{what=\"config\",result=\"{result}\"}}");
+    assert_eq!(strait.metric(&reloads("ok")).await, 1.0);
+    assert_eq!(strait.metric(&reloads("refused")).await, 1.0);
 }

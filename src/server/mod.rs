@@ -244,6 +244,7 @@ async fn reload_on_hup(
             Ok(next) => next,
             Err(e) => {
                 tracing::error!("SIGHUP: configuration not reloaded: {e}");
+                parts.metrics.count_reload("config", false);
                 continue;
             }
         };
@@ -299,6 +300,7 @@ async fn reload_on_hup(
         ) {
             Ok(proxy) => {
                 shared.proxy.store(Arc::new(proxy));
+                parts.metrics.count_reload("config", true);
                 tracing::info!(
                     routes = next.route.len(),
                     forward = next.forward.enabled,
@@ -306,7 +308,10 @@ async fn reload_on_hup(
                 );
                 running = next;
             }
-            Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e}"),
+            Err(e) => {
+                tracing::error!("SIGHUP: configuration not reloaded: {e}");
+                parts.metrics.count_reload("config", false);
+            }
         }
     }
 }

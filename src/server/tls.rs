@@ -132,7 +132,7 @@ impl Acceptor {
             seen = now;
             let why = if forced { "SIGHUP" } else { "files changed" };
             let result = self.reload();
-            metrics.count_reload(result.is_ok());
+            metrics.count_reload("certificate", result.is_ok());
             match result {
                 Ok(()) => tracing::info!(
                     cert = %self.files.cert.display(),
