@@ -213,10 +213,11 @@ impl Proxy {
                 None => (None, None),
             };
             let mut meta = Meta::default();
-            if req
-                .extensions()
-                .get::<hyper::upgrade::OnUpgrade>()
-                .is_some()
+            // hyper gives an upgrade handle to requests with `Upgrade` and to CONNECTs;
+            // a plain CONNECT is a tunnel, which accounts for itself.
+            let ext = req.extensions();
+            if ext.get::<hyper::upgrade::OnUpgrade>().is_some()
+                && (method != Method::CONNECT || ext.get::<hyper::ext::Protocol>().is_some())
             {
                 meta.switch = Some(Arc::new(upgrade::SwitchSlot::new(bytes.clone())));
             }
