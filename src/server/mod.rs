@@ -216,6 +216,14 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
     Ok(())
 }
 
+/// Puts back a section a reload cannot change, and names a change to it in the log.
+fn keep_as_started<T: Clone + std::fmt::Debug>(section: &str, running: &T, next: &mut T) {
+    if format!("{running:?}") != format!("{next:?}") {
+        tracing::warn!("SIGHUP: [{section}] changed; it takes effect after a restart");
+    }
+    *next = running.clone();
+}
+
 /// What every [`Proxy`] of a run shares: reloads replace routes and policies, not the
 /// pool, the metrics or the access log.
 struct ProxyParts {
@@ -248,49 +256,12 @@ async fn reload_on_hup(
                 continue;
             }
         };
-        let fixed = [
-            (
-                "listen",
-                format!("{:?}", running.listen),
-                format!("{:?}", next.listen),
-            ),
-            (
-                "pool",
-                format!("{:?}", running.pool),
-                format!("{:?}", next.pool),
-            ),
-            (
-                "timeouts",
-                format!("{:?}", running.timeouts),
-                format!("{:?}", next.timeouts),
-            ),
-            (
-                "admin",
-                format!("{:?}", running.admin),
-                format!("{:?}", next.admin),
-            ),
-            (
-                "log",
-                format!("{:?}", running.log),
-                format!("{:?}", next.log),
-            ),
-            (
-                "runtime",
-                format!("{:?}", running.runtime),
-                format!("{:?}", next.runtime),
-            ),
-        ];
-        for (section, before, after) in fixed {
-            if before != after {
-                tracing::warn!("SIGHUP: [{section}] changed; it takes effect after a restart");
-            }
-        }
-        next.listen = running.listen.clone();
-        next.pool = running.pool.clone();
-        next.timeouts = running.timeouts.clone();
-        next.admin = running.admin.clone();
-        next.log = running.log.clone();
-        next.runtime = running.runtime.clone();
+        keep_as_started("listen", &running.listen, &mut next.listen);
+        keep_as_started("pool", &running.pool, &mut next.pool);
+        keep_as_started("timeouts", &running.timeouts, &mut next.timeouts);
+        keep_as_started("admin", &running.admin, &mut next.admin);
+        keep_as_started("log", &running.log, &mut next.log);
+        keep_as_started("runtime", &running.runtime, &mut next.runtime);
         match Proxy::new(
             &next,
             parts.tasks.clone(),
