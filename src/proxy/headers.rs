@@ -85,6 +85,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     trailers
 }
 
+/// An HTTP/2 client's `TE: trailers` goes on (RFC 9113 §8.2.2 lets that one value
+/// cross, and gRPC servers want it); Strait relays trailers, and its HTTP/1.1 client
+/// never sends `TE` (there it would be a hop-by-hop field of Strait's own).
+pub fn keep_te_trailers(parts: &mut http::request::Parts, trailers: bool) {
+    if trailers && parts.version == http::Version::HTTP_2 {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
 /// Appends the client's address to `X-Forwarded-For`, folding earlier values into one
 /// comma-separated field.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {

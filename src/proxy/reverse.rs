@@ -152,7 +152,7 @@ impl Proxy {
             let switch = upgrade::asked(&parts);
             let upgrading = switch.is_some();
             let trailers = headers::strip_hop_by_hop(&mut parts.headers);
-            keep_te_trailers(&mut parts, trailers);
+            headers::keep_te_trailers(&mut parts, trailers);
             if let Some(switch) = switch {
                 upgrade::restore(&mut parts, switch);
             }
@@ -229,17 +229,6 @@ impl Proxy {
             }
             Err(last_err.map(Refusal::from).unwrap_or(Refusal::NoRoute))
         }
-    }
-}
-
-/// An HTTP/2 client's `TE: trailers` goes on (RFC 9113 §8.2.2 lets that one value
-/// cross, and gRPC servers want it); Strait relays trailers, and its HTTP/1.1 client
-/// never sends `TE` (there it would be a hop-by-hop field of Strait's own).
-pub(super) fn keep_te_trailers(parts: &mut http::request::Parts, trailers: bool) {
-    if trailers && parts.version == http::Version::HTTP_2 {
-        parts
-            .headers
-            .insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
