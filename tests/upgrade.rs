@@ -88,6 +88,27 @@ where
     let _ = w.shutdown().await;
 }
 
+/// Sends the WebSocket handshake for `/chat` and reads through the origin's `early`
+/// bytes; returns the connection and what was read.
+async fn switch_to_websocket(addr: SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let got = read_until(&mut s, |t| t.contains("early")).await;
+    (s, got)
+}
+
+/// A plain GET on a new connection gets 502.
+async fn assert_502(addr: SocketAddr) {
+    let got = raw_exchange(
+        addr,
+        b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 502 "), "{got}");
+}
+
 /// Through a reverse route and through the forward proxy (absolute form): the ask
 /// reaches the upstream, the client sees the 101 with the upstream's fields and the
 /// bytes that came with it, both ways carry bytes, and half-closes pass.
@@ -180,13 +201,7 @@ async fn a_101_nobody_asked_for_is_502() {
     )
     .await;
     let strait = Strait::start(&route_to(&format!("http://{upstream}"), ""), &[]);
-    let got = raw_exchange(
-        strait.addr(),
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    assert!(got.starts_with("HTTP/1.1 502 "), "{got}");
+    assert_502(strait.addr()).await;
 }
 
 /// A switched connection on which no byte moves is closed after `timeouts.idle`.
@@ -197,24 +212,22 @@ async fn an_idle_upgraded_connection_is_closed_after_timeouts_idle() {
         &route_to(&format!("http://{origin}"), "[timeouts]\nidle = \"1s\""),
         &[],
     );
-    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
-    let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
-    s.write_all(req.as_bytes()).await.unwrap();
-    read_until(&mut s, |t| t.contains("early")).await;
+    let (mut s, _) = switch_to_websocket(strait.addr()).await;
     let started = std::time::Instant::now();
     read_to_close(&mut s).await;
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
 
-/// An RFC 8441 WebSocket request for `/chat` on the listener at `addr`.
-fn h2_websocket(addr: SocketAddr) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+/// Asks the listener at `addr`, over a new h2c connection, for an RFC 8441 WebSocket
+/// to `/chat`; returns the response.
+async fn open_h2_websocket(addr: SocketAddr) -> http::Response<hyper::body::Incoming> {
     let mut req = http::Request::connect(format!("http://{addr}/chat"))
         .header("sec-websocket-version", "13")
-        .body(http_body_util::Empty::new())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     req.extensions_mut()
         .insert(hyper::ext::Protocol::from_static("websocket"));
-    req
+    h2_client(addr).await.send_request(req).await.unwrap()
 }
 
 /// An HTTP/2 WebSocket (RFC 8441 extended CONNECT) on a reverse route reaches the
@@ -225,11 +238,7 @@ fn h2_websocket(addr: SocketAddr) -> http::Request<http_body_util::Empty<bytes::
 async fn an_h2_websocket_on_a_reverse_route_is_the_h1_handshake_upstream() {
     let (origin, heads) = upgrade_origin().await;
     let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
-    let mut sender = h2_client(strait.addr()).await;
-    let resp = sender
-        .send_request(h2_websocket(strait.addr()))
-        .await
-        .unwrap();
+    let resp = open_h2_websocket(strait.addr()).await;
     assert_eq!(resp.status(), 200);
     assert!(!resp.headers().contains_key("sec-websocket-accept"));
     let head = heads.lock().unwrap().last().unwrap().clone();
@@ -253,12 +262,7 @@ async fn an_h2_websocket_on_a_reverse_route_is_the_h1_handshake_upstream() {
 
     let plain = raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
     let strait = Strait::start(&route_to(&format!("http://{plain}"), ""), &[]);
-    let mut sender = h2_client(strait.addr()).await;
-    let resp = sender
-        .send_request(h2_websocket(strait.addr()))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 502);
+    assert_eq!(open_h2_websocket(strait.addr()).await.status(), 502);
 }
 
 /// The bytes a switched connection moves count toward the request's kind and user in
@@ -282,10 +286,7 @@ async fn a_switched_connections_bytes_are_counted_and_logged_at_its_end() {
     let series = |dir: &str| {
         format!("strait_transfer_bytes_total{{kind=\"reverse\",user=\"-\",direction=\"{dir}\"}}")
     };
-    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
-    let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
-    s.write_all(req.as_bytes()).await.unwrap();
-    read_until(&mut s, |t| t.contains("early")).await;
+    let (s, _) = switch_to_websocket(strait.addr()).await;
     let payload = vec![b'w'; 256 * 1024];
     let (mut r, mut w) = s.into_split();
     let reading = tokio::spawn(async move {
@@ -345,21 +346,12 @@ async fn a_websocket_to_an_h2_capable_https_upstream_goes_over_http1() {
         certs.ca_pem.display()
     );
     let strait = Strait::start(&config, &[]);
-    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
-    let req = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let got = read_until(&mut s, |t| t.contains("early")).await;
+    let (mut s, got) = switch_to_websocket(strait.addr()).await;
     assert!(got.starts_with("HTTP/1.1 101 "), "{got}");
     s.write_all(b"over tls").await.unwrap();
     read_until(&mut s, |t| t.contains("over tls")).await;
     // A plain request to the same upstream negotiates h2 (which this origin refuses).
-    let plain = raw_exchange(
-        strait.addr(),
-        b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    assert!(plain.starts_with("HTTP/1.1 502 "), "{plain}");
+    assert_502(strait.addr()).await;
     let heads = heads.lock().unwrap().clone();
     assert!(heads[0].starts_with("get /chat "), "{heads:?}");
     assert!(heads.iter().any(|h| h == "(h2)"), "{heads:?}");
