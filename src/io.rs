@@ -259,6 +259,9 @@ pub struct ConnBytes<O = ()> {
     rx_taken: std::sync::atomic::AtomicU64,
     tx_taken: std::sync::atomic::AtomicU64,
     owner: std::sync::Mutex<Option<O>>,
+    /// A tunnel or switched connection took the connection over, and accounts for
+    /// its bytes when it ends.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl<O> Default for ConnBytes<O> {
@@ -269,6 +272,7 @@ impl<O> Default for ConnBytes<O> {
             rx_taken: Default::default(),
             tx_taken: Default::default(),
             owner: std::sync::Mutex::new(None),
+            handed_over: Default::default(),
         }
     }
 }
@@ -282,6 +286,17 @@ impl<O> ConnBytes<O> {
     /// Runs `f` on the owner slot (under its lock, held only for `f`).
     pub fn with_owner<R>(&self, f: impl FnOnce(&mut Option<O>) -> R) -> R {
         f(&mut self.owner.lock().expect("owner lock"))
+    }
+
+    /// Marks the connection as taken over by a tunnel or switched connection.
+    pub fn hand_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True once a tunnel or switched connection took the connection over.
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every byte read so far.

@@ -267,7 +267,7 @@ async fn an_h2_websocket_on_a_reverse_route_is_the_h1_handshake_upstream() {
 
 /// The bytes a switched connection moves count toward the request's kind and user in
 /// `strait_transfer_bytes_total`, and its access log line is written when it ends, with
-/// the whole exchange's bytes (as a tunnel's is).
+/// the whole exchange's bytes, the handshake's included (as a tunnel's is).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switched_connections_bytes_are_counted_and_logged_at_its_end() {
     let (origin, _) = upgrade_origin().await;
@@ -286,7 +286,8 @@ async fn a_switched_connections_bytes_are_counted_and_logged_at_its_end() {
     let series = |dir: &str| {
         format!("strait_transfer_bytes_total{{kind=\"reverse\",user=\"-\",direction=\"{dir}\"}}")
     };
-    let (s, _) = switch_to_websocket(strait.addr()).await;
+    let (s, answer) = switch_to_websocket(strait.addr()).await;
+    let asked = format!("GET /chat HTTP/1.1\r\nHost: x\r\n{HANDSHAKE}").len();
     let payload = vec![b'w'; 256 * 1024];
     let (mut r, mut w) = s.into_split();
     let reading = tokio::spawn(async move {
@@ -308,20 +309,18 @@ async fn a_switched_connections_bytes_are_counted_and_logged_at_its_end() {
         let tx = strait.metric(&series("tx")).await;
         let log = std::fs::read_to_string(&access).unwrap_or_default();
         let line = log.lines().find(|l| l.contains("\"/chat\""));
-        if rx >= payload.len() as f64
-            && tx >= payload.len() as f64
+        // Every byte once, the handshake's among them: the request's head in, the 101
+        // and the origin's `early` bytes out, and the echoed payload both ways.
+        let (want_rx, want_tx) = (asked + payload.len(), answer.len() + payload.len());
+        if rx >= want_rx as f64
+            && tx >= want_tx as f64
             && let Some(line) = line
         {
+            assert_eq!((rx, tx), (want_rx as f64, want_tx as f64));
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(v["status"], 101, "{line}");
-            assert!(
-                v["bytes_in"].as_u64().unwrap() >= payload.len() as u64,
-                "{line}"
-            );
-            assert!(
-                v["bytes_out"].as_u64().unwrap() >= payload.len() as u64,
-                "{line}"
-            );
+            assert_eq!(v["bytes_in"], want_rx, "{line}");
+            assert_eq!(v["bytes_out"], want_tx, "{line}");
             assert!(v["duration_ms"].as_f64().unwrap() >= 200.0, "{line}");
             break;
         }

@@ -244,30 +244,35 @@ impl Proxy {
                 refusal.into_response()
             });
             let status = resp.status().as_u16();
-            // A tunnel accounts for its bytes and logs its line when it closes; so does
-            // a switched connection, given the line's fields here.
+            // A tunnel accounts for its bytes (the request's head among them) and logs
+            // its line when it closes; so does a switched connection, given the line's
+            // fields here. An HTTP/1 connection is theirs from now on: its own end must
+            // not take the bytes.
             let tunnel = meta.kind == Kind::Connect && status == 200;
-            let switched = match (meta.switch.take(), &self.access) {
-                (Some(slot), Some(access)) if slot.is_switched() => {
-                    slot.leave_line(upgrade::Line {
-                        access: access.clone(),
-                        client: conn.peer,
-                        user: meta.user.clone(),
-                        method: method.clone(),
-                        uri: uri.clone(),
-                        version,
-                        status,
-                        start: start.unwrap_or_else(Instant::now),
-                        kind: meta.kind,
-                        route: meta.route.clone(),
-                        upstream: meta.upstream.clone(),
-                        referer: referer.clone(),
-                        user_agent: user_agent.clone(),
-                    })
-                }
+            let switch = meta.switch.take().filter(|slot| slot.is_switched());
+            let handed_over = tunnel || switch.is_some();
+            if handed_over && version < http::Version::HTTP_2 {
+                bytes.hand_over();
+            }
+            let logged_later = match (switch, &self.access) {
+                (Some(slot), Some(access)) => slot.leave_line(upgrade::Line {
+                    access: access.clone(),
+                    client: conn.peer,
+                    user: meta.user.clone(),
+                    method: method.clone(),
+                    uri: uri.clone(),
+                    version,
+                    status,
+                    start: start.unwrap_or_else(Instant::now),
+                    kind: meta.kind,
+                    route: meta.route.clone(),
+                    upstream: meta.upstream.clone(),
+                    referer: referer.clone(),
+                    user_agent: user_agent.clone(),
+                }),
                 _ => false,
             };
-            let access = if tunnel || switched {
+            let access = if tunnel || logged_later {
                 None
             } else {
                 self.access.clone()
@@ -277,7 +282,7 @@ impl Proxy {
                 Box::new(Done {
                     metrics,
                     access,
-                    bytes: (!tunnel).then(|| bytes.clone()),
+                    bytes: (!handed_over).then(|| bytes.clone()),
                     start: start.unwrap_or_else(Instant::now),
                     meta,
                     status,
@@ -332,11 +337,13 @@ impl Proxy {
     }
 }
 
-/// Why an HTTP/1 request must get 400, if it must (RFC 9112 §3.2): an HTTP/1.1 request
-/// without `Host`, and any with more than one or with one that is no host[:port], as
-/// nginx answers them. HTTP/2 carries its authority in its pseudo-headers. (Framing
-/// faults never get here: hyper answers them, and a request with both
-/// `Transfer-Encoding` and `Content-Length` reaches the proxy without the length.)
+/// Why an HTTP/1 request hyper parsed must get 400, if it must, as nginx answers them:
+/// an HTTP/1.1 request without `Host`, any with more than one or with one that is no
+/// host[:port] (RFC 9112 §3.2); a target in neither origin nor absolute form outside
+/// CONNECT; a body chunked twice (RFC 9112 §6.1). HTTP/2 carries its authority in its
+/// pseudo-headers. (Other framing faults never get here: hyper answers them, and a
+/// request with both `Transfer-Encoding` and `Content-Length` reaches the proxy without
+/// the length.)
 fn malformed(req: &Request<RequestBody>) -> Option<&'static str> {
     let version = req.version();
     if version >= http::Version::HTTP_2 {

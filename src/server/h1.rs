@@ -13,8 +13,9 @@
 //! bodies, short bodies still on their way (hyper streams them), repeated lengths, a
 //! missing, repeated or malformed `Host` (the proxy answers 400), heads that do not
 //! parse (hyper answers 400), heads longer than [`MAX_HEAD`] or with more than
-//! [`MAX_FIELDS`] fields (hyper reads on to its own limits, then answers 431). hyper serves that connection as before and gives the
-//! socket back once it sits idle between requests (park.rs).
+//! [`MAX_FIELDS`] fields (hyper reads on to its own limits, then answers 431). hyper
+//! serves that connection as before and gives the socket back once it sits idle
+//! between requests (park.rs).
 
 use std::future::{Future, poll_fn};
 use std::mem::MaybeUninit;

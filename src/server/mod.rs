@@ -246,8 +246,14 @@ async fn reload_on_hup(
     shared: Arc<Shared>,
     parts: ProxyParts,
 ) {
+    // Each wait is registered before the previous reload's work, so a SIGHUP that
+    // comes during it is not missed (the signal wakes only tasks already waiting).
+    let mut signalled = std::pin::pin!(hup.notified());
+    signalled.as_mut().enable();
     loop {
-        hup.notified().await;
+        signalled.as_mut().await;
+        signalled.set(hup.notified());
+        signalled.as_mut().enable();
         let mut next = match reload() {
             Ok(next) => next,
             Err(e) => {
@@ -598,8 +604,12 @@ async fn drive_h1(
 }
 
 /// The tail of the last response was written after its request was accounted: it goes
-/// to the connection's last owner.
+/// to the connection's last owner. A connection a tunnel or switched connection took
+/// over is theirs to account (hyper ends its side as it hands the socket over).
 fn account_connection_end(bytes: &ConnBytes) {
+    if bytes.is_handed_over() {
+        return;
+    }
     let (rx, tx) = bytes.take();
     if let Some(owner) = bytes.take_owner() {
         owner.count(rx, tx);
