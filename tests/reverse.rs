@@ -442,3 +442,75 @@ async fn te_trailers_and_trailers_cross_between_http2_hops() {
     assert_eq!(seen.version, http::Version::HTTP_11);
     assert_eq!(seen.header("te"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_post_whose_upstream_is_down_goes_whole_to_the_next() {
+    let live = Origin::start().await;
+    let dead = closed_port();
+    // The dead upstream comes first in the round-robin order.
+    let config = format!(
+        "{}[[route]]\nupstream = [\"http://{dead}\", \"{}\"]\n",
+        listen(),
+        live.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    // Larger than a read: the body streams, nothing of it is kept for a replay.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    let body: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &body).unwrap();
+    let data = format!("@{}", file.display());
+    for _ in 0..3 {
+        let out = curl(&["--data-binary", &data, &format!("{}/up", strait.url())]).await;
+        assert_eq!(
+            out.status,
+            200,
+            "a dead upstream never fails a POST: {out:?} {:?}",
+            strait.logs()
+        );
+    }
+    let seen = live.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter()
+            .all(|s| s.method == "POST" && s.body == body[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_dropped_unanswered_by_a_fresh_connection_goes_to_the_next() {
+    use tokio::io::AsyncReadExt;
+    // Takes the request, then closes without a byte of response.
+    let (dropper, dropped) = counting_origin(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+    })
+    .await;
+    let live = tagged("live").await;
+    let config = format!(
+        "{}[[route]]\nupstream = [\"http://{dropper}\", \"{}\"]\n",
+        listen(),
+        live.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    // A POST may have been acted on: it is not sent again.
+    let out = curl(&["-d", "x=1", &format!("{}/once", strait.url())]).await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 1);
+    for _ in 0..6 {
+        let out = curl(&[&format!("{}/", strait.url())]).await;
+        assert_eq!(out.status, 200, "{out:?}");
+        assert_eq!(out.text(), "live");
+    }
+    // The GET the dropper failed went to the next upstream, and the dropper was then
+    // left out of the rotation.
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(
+        strait
+            .logs()
+            .iter()
+            .any(|l| l.contains("upstream failed, trying the next")),
+        "{:?}",
+        strait.logs()
+    );
+}

@@ -171,10 +171,13 @@ impl Proxy {
                 h.insert(HOST, v);
             }
 
-            // A request without a body, or with one read whole, can be replayed on the next
-            // upstream when one cannot be reached; a streamed body is sent once (it is gone).
+            // The next upstream takes a request that reached none, whatever its body (it
+            // comes back whole). A request without a body, or with one read whole, is kept
+            // here for the next upstream, which then also takes an idempotent one that a
+            // fresh connection dropped unanswered.
             let empty = http_body::Body::is_end_stream(&body);
             let replayable = empty || matches!(body, RequestBody::Full(_));
+            let idempotent = crate::upstream::is_idempotent(&parts.method);
             let mut body = if empty { RequestBody::Empty } else { body };
             let mut last_err = None;
             let candidates = route.upstreams.len();
@@ -203,7 +206,7 @@ impl Proxy {
                 } else {
                     &route.targets
                 };
-                match self.upstream.send(req, &targets[i]).await {
+                match self.upstream.try_send(req, &targets[i]).await {
                     Ok(resp) => {
                         route.balancer.mark_ok(i);
                         if upgrading {
@@ -216,15 +219,22 @@ impl Proxy {
                         }
                         return Ok(relay_response(resp));
                     }
-                    Err(e) if e.is_unsent() => {
+                    Err(f) if f.error.is_unsent() || (f.unanswered && idempotent && replayable) => {
                         route.balancer.mark_failed(i);
-                        tracing::warn!(route = %route.label.0, upstream = %up, "upstream unreachable: {e}");
-                        last_err = Some(e);
-                        if !replayable {
-                            break;
+                        tracing::warn!(route = %route.label.0, upstream = %up, "upstream failed, trying the next: {}", f.error);
+                        last_err = Some(f.error);
+                        match f.request {
+                            Some(back) if !replayable => {
+                                let (back, back_body) = back.into_parts();
+                                parts.headers = back.headers;
+                                body = back_body;
+                            }
+                            Some(_) => {}
+                            None if !replayable => break,
+                            None => {}
                         }
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(f) => return Err(f.error.into()),
                 }
             }
             Err(last_err.map(Refusal::from).unwrap_or(Refusal::NoRoute))

@@ -1,14 +1,14 @@
 //! Spreading requests over a group of interchangeable upstreams.
 //!
-//! Round robin, with passive health: an upstream that refused a connection is skipped
-//! for [`RETRY_AFTER`] unless every upstream in the group is down, in which case the
+//! Round robin, with passive health: an upstream that refused a connection, or whose
+//! fresh connection dropped a request unanswered, is skipped for [`RETRY_AFTER`] unless every upstream in the group is down, in which case the
 //! least recently failed one is tried anyway (a request is never refused for want of a
 //! healthy peer while one might answer).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long an upstream that failed to connect is left out of the rotation.
+/// How long a failed upstream is left out of the rotation.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Round-robin state for `n` upstreams.
@@ -62,7 +62,7 @@ impl Balancer {
         healthy.chain(down.into_iter().map(|(_, i)| i))
     }
 
-    /// Records that upstream `i` could not be connected to.
+    /// Records that upstream `i` could not be connected to, or dropped a request.
     pub fn mark_failed(&self, i: usize) {
         let until = self.now_ms() + RETRY_AFTER.as_millis() as u64;
         self.down_until[i].store(until, Ordering::Relaxed);

@@ -91,6 +91,54 @@ pub enum UpstreamError {
     ClientBody(BoxError),
 }
 
+/// A failed [`Upstream::try_send`]: the error, and what another upstream of the same
+/// group may still do with the request.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: UpstreamError,
+    /// The request, whole, when no byte of it reached any upstream (no connection could
+    /// be opened or none took it): another upstream may take it, whatever its method
+    /// and body.
+    pub request: Option<Box<Request<Body>>>,
+    /// A fresh HTTP/1.1 connection closed or reset before any response byte. The
+    /// request may have been written, so only a caller holding its own copy of an
+    /// idempotent request may send it elsewhere.
+    pub unanswered: bool,
+}
+
+impl Failure {
+    fn reached_none(error: UpstreamError, out: Outgoing) -> Failure {
+        let request = match out {
+            Outgoing::Request(mut req) if error.is_unsent() => {
+                // The watcher belongs to the exchange that set it; the next one decides
+                // again.
+                let body = req.body_mut();
+                *body = match std::mem::take(body) {
+                    Body::Watched(b, _) => Body::Incoming(b),
+                    other => other,
+                };
+                Some(Box::new(req))
+            }
+            _ => None,
+        };
+        Failure {
+            error,
+            request,
+            unanswered: false,
+        }
+    }
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(error: UpstreamError) -> Failure {
+        Failure {
+            error,
+            request: None,
+            unanswered: false,
+        }
+    }
+}
+
 impl UpstreamError {
     /// True when no byte of the request reached the upstream, so another upstream may
     /// take it.
@@ -213,6 +261,17 @@ impl Upstream {
         req: Request<Body>,
         target: &'a Target,
     ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + 'a {
+        let exchange = self.try_send(req, target);
+        async move { exchange.await.map_err(|f| f.error) }
+    }
+
+    /// [`send`](Self::send), but a failure says whether another upstream may take the
+    /// request, and hands the request back when it reached none (see [`Failure`]).
+    pub fn try_send<'a>(
+        &'a self,
+        req: Request<Body>,
+        target: &'a Target,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, Failure>> + Send + 'a {
         // One box for the whole exchange: its state is large, and callers move (and
         // spawn) their futures; a pointer moves cheaply.
         Box::pin(self.exchange(req, target))
@@ -235,7 +294,7 @@ impl Upstream {
         &'a self,
         mut req: Request<Body>,
         key: &'a PoolKey,
-    ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Response<ResponseBody>, Failure>> + Send + 'a {
         // An `async move` block rather than an `async fn`: the request then lives in the
         // future once (an `async fn` keeps each argument and its moved-in copy).
         async move {
@@ -290,7 +349,10 @@ impl Upstream {
                 };
                 let mut conn = match found {
                     Some(c) => c,
-                    None => Box::pin(self.pool.checkout(key, fresh)).await?,
+                    None => match Box::pin(self.pool.checkout(key, fresh)).await {
+                        Ok(c) => c,
+                        Err(error) => return Err(Failure::reached_none(error.into(), out)),
+                    },
                 };
                 let (result, copy) = match out {
                     Outgoing::Request(mut req) => {
@@ -310,7 +372,7 @@ impl Upstream {
                 match result {
                     Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, sent_whole)),
                     Err(SendError::TimedOut) => {
-                        return Err(UpstreamError::Timeout(self.response_timeout));
+                        return Err(UpstreamError::Timeout(self.response_timeout).into());
                     }
                     Err(SendError::Unsent(back, e)) => {
                         tracing::debug!(upstream = %key, attempt, "request not sent ({e}); retrying on a fresh connection");
@@ -343,7 +405,14 @@ impl Upstream {
                             _ => None,
                         };
                         let Some(next) = retry else {
-                            return Err(exchange_error(e));
+                            return Err(Failure {
+                                error: exchange_error(e),
+                                request: None,
+                                // A fresh HTTP/1.1 connection that closed or reset before
+                                // any response byte: the upstream's fault, not a stale
+                                // connection's.
+                                unanswered: unprocessed && !conn.is_h2() && !conn.reused,
+                            });
                         };
                         if !conn.is_h2() {
                             replays_left -= 1;
@@ -355,9 +424,10 @@ impl Upstream {
                 self.pool.count_retry();
                 fresh = true;
             }
-            Err(UpstreamError::BadTarget(format!(
+            let error = UpstreamError::BadTarget(format!(
                 "{key}: no connection took the request in {MAX_ATTEMPTS} attempts"
-            )))
+            ));
+            Err(Failure::reached_none(error, out))
         }
     }
 }
