@@ -128,6 +128,7 @@ fn parse_quick_route(spec: &str) -> Result<RouteConfig, ConfigError> {
         upstream: Upstreams(upstream),
         version: Version::Auto,
         preserve_host: false,
+        rewrite_location: true,
         tls_ca: None,
         tls_server_name: None,
         tls_insecure: false,

@@ -178,6 +178,10 @@ pub struct RouteConfig {
     pub version: Version,
     #[serde(default)]
     pub preserve_host: bool,
+    /// Rewrite a `Location` that points at the upstream into the route's own path, as
+    /// nginx's `proxy_redirect default` does.
+    #[serde(default = "yes")]
+    pub rewrite_location: bool,
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
     #[serde(default)]
@@ -194,6 +198,10 @@ impl RouteConfig {
             None => self.path.0.clone(),
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_path() -> PathPrefix {

@@ -514,3 +514,32 @@ async fn a_get_dropped_unanswered_by_a_fresh_connection_goes_to_the_next() {
         strait.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_the_upstreams_own_url_is_rewritten_like_nginx_proxy_redirect() {
+    // The origin redirects to its own URL, as an app that trusts its Host does.
+    let origin = Origin::with(|s| {
+        let host = s.header("host").unwrap_or("").to_owned();
+        async move {
+            let mut r = status(302, "moved");
+            let to = format!("http://{host}/v1/login?next=%2F");
+            r.headers_mut().insert("location", to.parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let u = origin.url();
+    let config = format!(
+        "{}[[route]]\npath = \"/api/\"\nupstream = \"{u}/v1/\"\n[[route]]\npath = \"/raw/\"\nupstream = \"{u}/v1/\"\nrewrite_location = false\n",
+        listen()
+    );
+    let strait = Strait::start(&config, &[]);
+    let out = curl(&[&format!("{}/api/x", strait.url())]).await;
+    assert_eq!(out.status, 302);
+    assert_eq!(out.header("location"), Some("/api/login?next=%2F"));
+    let out = curl(&[&format!("{}/raw/x", strait.url())]).await;
+    assert_eq!(
+        out.header("location"),
+        Some(format!("{u}/v1/login?next=%2F").as_str())
+    );
+}

@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use http::header::{HOST, HeaderValue};
+use http::header::{HOST, HeaderValue, LOCATION};
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderMap, Request, Response, Uri};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
 
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::{ConnInfo, Meta, Proxy, Refusal, relay_response, upgrade};
@@ -35,6 +35,63 @@ pub struct Route {
     upgrade_targets: Vec<Target>,
     balancer: Balancer,
     preserve_host: bool,
+    /// Per upstream, how a `Location` pointing at it is rewritten (empty with
+    /// `rewrite_location = false`).
+    locations: Vec<LocationRewrite>,
+}
+
+/// nginx's `proxy_redirect default`: a `Location` that begins with the upstream's URL
+/// (its path included, or `/` when it has none) begins with the route's prefix (or `/`)
+/// instead. The result is a path the client resolves against the URL it asked for, so
+/// scheme, host and port stay the client's.
+struct LocationRewrite {
+    /// `scheme://authority` (lower case) followed by the upstream's path, or `/`.
+    from: Box<str>,
+    /// How much of `from` compares without regard to case.
+    origin_len: usize,
+    to: Box<str>,
+}
+
+impl LocationRewrite {
+    fn new(up: &UpstreamUrl, prefix: &str) -> LocationRewrite {
+        let origin = format!(
+            "{}://{}",
+            up.scheme.as_str(),
+            up.authority.to_ascii_lowercase()
+        );
+        let (path, to) = match &up.path {
+            Some(base) => (base.as_str(), prefix),
+            None => ("/", "/"),
+        };
+        LocationRewrite {
+            origin_len: origin.len(),
+            from: (origin + path).into(),
+            to: to.into(),
+        }
+    }
+
+    /// Out of line: redirects are rare, and the request's future stays small.
+    #[inline(never)]
+    fn apply(&self, headers: &mut HeaderMap) {
+        let Some(rewritten) = headers
+            .get(LOCATION)
+            .and_then(|v| self.rewrite(v.as_bytes()))
+        else {
+            return;
+        };
+        if let Ok(v) = HeaderValue::from_bytes(&rewritten) {
+            headers.insert(LOCATION, v);
+        }
+    }
+
+    fn rewrite(&self, location: &[u8]) -> Option<Vec<u8>> {
+        let from = self.from.as_bytes();
+        let (origin, path) = from.split_at(self.origin_len);
+        let rest = location.get(from.len()..)?;
+        let matches = location[..origin.len()].eq_ignore_ascii_case(origin)
+            && &location[origin.len()..from.len()] == path;
+        matches.then(|| [self.to.as_bytes(), rest].concat())
+    }
 }
 
 impl Route {
@@ -100,6 +157,15 @@ impl Route {
             upgrade_targets,
             balancer: Balancer::new(cfg.upstream.0.len()),
             preserve_host: cfg.preserve_host,
+            locations: if cfg.rewrite_location {
+                cfg.upstream
+                    .0
+                    .iter()
+                    .map(|u| LocationRewrite::new(u, &cfg.path.0))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -207,8 +273,14 @@ impl Proxy {
                     &route.targets
                 };
                 match self.upstream.try_send(req, &targets[i]).await {
-                    Ok(resp) => {
+                    Ok(mut resp) => {
                         route.balancer.mark_ok(i);
+                        let status = resp.status();
+                        if (status.is_redirection() || status == StatusCode::CREATED)
+                            && let Some(rewrite) = route.locations.get(i)
+                        {
+                            rewrite.apply(resp.headers_mut());
+                        }
                         if upgrading {
                             return self.answer_upgrade(
                                 resp,
@@ -270,5 +342,35 @@ mod tests {
         assert_eq!(strip_port("example.com:8080"), "example.com");
         assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+
+    fn rewrite(upstream: &str, prefix: &str, location: &str) -> Option<String> {
+        let up: UpstreamUrl = upstream.parse().unwrap();
+        LocationRewrite::new(&up, prefix)
+            .rewrite(location.as_bytes())
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn a_location_at_the_upstream_becomes_one_at_the_route() {
+        let with_path = |l| rewrite("http://b:8080/v1/", "/api/", l);
+        assert_eq!(
+            with_path("http://b:8080/v1/login?next=/x").as_deref(),
+            Some("/api/login?next=/x")
+        );
+        // Scheme and host compare without case, the path with it.
+        assert_eq!(with_path("HTTP://B:8080/v1/").as_deref(), Some("/api/"));
+        assert_eq!(with_path("http://b:8080/V1/x"), None);
+        assert_eq!(with_path("http://b:8080/v2/x"), None);
+        assert_eq!(with_path("http://b/v1/x"), None);
+        assert_eq!(with_path("https://b:8080/v1/x"), None);
+        assert_eq!(with_path("/v1/x"), None);
+        assert_eq!(with_path("http://b:80"), None);
+
+        let without = |l| rewrite("https://b", "/api/", l);
+        assert_eq!(without("https://b/api/x").as_deref(), Some("/api/x"));
+        assert_eq!(without("https://b/").as_deref(), Some("/"));
+        assert_eq!(without("https://bb/x"), None);
+        assert_eq!(without("https://b.evil/x"), None);
     }
 }
