@@ -477,8 +477,19 @@ async fn a_streamed_post_whose_upstream_is_down_goes_whole_to_the_next() {
     );
 }
 
+/// Two routes over the same two upstreams, `bad` first: each route has its own
+/// round-robin order and health, so each sees `bad` first.
+fn bad_then_live(bad: std::net::SocketAddr, live: &Origin, extra: &str) -> String {
+    let pair = format!("[\"http://{bad}\", \"{}\"]", live.url());
+    format!(
+        "{}{extra}[[route]]\npath = \"/get/\"\nupstream = {pair}\n[[route]]\npath = \"/post/\"\nupstream = {pair}\n",
+        listen()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_dropped_unanswered_by_a_fresh_connection_goes_to_the_next() {
+    use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::AsyncReadExt;
     // Takes the request, then closes without a byte of response.
     let (dropper, dropped) = counting_origin(|mut s| async move {
@@ -487,24 +498,15 @@ async fn a_get_dropped_unanswered_by_a_fresh_connection_goes_to_the_next() {
     })
     .await;
     let live = tagged("live").await;
-    let config = format!(
-        "{}[[route]]\nupstream = [\"http://{dropper}\", \"{}\"]\n",
-        listen(),
-        live.url()
-    );
-    let strait = Strait::start(&config, &[]);
-    // A POST may have been acted on: it is not sent again.
-    let out = curl(&["-d", "x=1", &format!("{}/once", strait.url())]).await;
-    assert_eq!(out.status, 502, "{out:?}");
-    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let strait = Strait::start(&bad_then_live(dropper, &live, ""), &[]);
     for _ in 0..6 {
-        let out = curl(&[&format!("{}/", strait.url())]).await;
+        let out = curl(&[&format!("{}/get/", strait.url())]).await;
         assert_eq!(out.status, 200, "{out:?}");
         assert_eq!(out.text(), "live");
     }
-    // The GET the dropper failed went to the next upstream, and the dropper was then
-    // left out of the rotation.
-    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // The first GET went to the dropper, then to the next upstream; the dropper was
+    // then left out of the rotation.
+    assert_eq!(dropped.load(SeqCst), 1);
     assert!(
         strait
             .logs()
@@ -513,6 +515,55 @@ async fn a_get_dropped_unanswered_by_a_fresh_connection_goes_to_the_next() {
         "{:?}",
         strait.logs()
     );
+    // A POST may have been acted on: it is not sent again.
+    let out = curl(&["-d", "x=1", &format!("{}/post/", strait.url())]).await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert_eq!(dropped.load(SeqCst), 2);
+    for _ in 0..3 {
+        let out = curl(&["-d", "x=1", &format!("{}/post/", strait.url())]).await;
+        assert_eq!(
+            out.status, 200,
+            "the dropper is left out after failing: {out:?}"
+        );
+    }
+    assert_eq!(dropped.load(SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_an_upstream_never_answers_goes_to_the_next_after_upstream_response() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::AsyncReadExt;
+    // Reads requests and never answers.
+    let (staller, stalled) = counting_origin(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    let live = tagged("live").await;
+    let timeouts = "[timeouts]\nupstream_response = \"300ms\"\n";
+    let strait = Strait::start(&bad_then_live(staller, &live, timeouts), &[]);
+    let started = std::time::Instant::now();
+    let out = curl(&[&format!("{}/get/", strait.url())]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "live");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    for _ in 0..4 {
+        let out = curl(&[&format!("{}/get/", strait.url())]).await;
+        assert_eq!(out.text(), "live");
+    }
+    assert_eq!(
+        stalled.load(SeqCst),
+        1,
+        "the staller is left out after failing"
+    );
+    // A POST is not sent twice: the client gets the 504.
+    let out = curl(&["-d", "x=1", &format!("{}/post/", strait.url())]).await;
+    assert_eq!(out.status, 504, "{out:?}");
+    assert_eq!(stalled.load(SeqCst), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
 use crate::metrics::{Kind, Label};
 use crate::upstream::balance::Balancer;
-use crate::upstream::{ProfileSettings, Target, TlsSettings, Upstream};
+use crate::upstream::{ProfileSettings, Target, TlsSettings, Upstream, UpstreamError};
 
 /// A route, ready to serve: its upstreams, their balancer and connection profile.
 pub struct Route {
@@ -240,7 +240,7 @@ impl Proxy {
             // The next upstream takes a request that reached none, whatever its body (it
             // comes back whole). A request without a body, or with one read whole, is kept
             // here for the next upstream, which then also takes an idempotent one that a
-            // fresh connection dropped unanswered.
+            // fresh connection dropped unanswered or that got no response head in time.
             let empty = http_body::Body::is_end_stream(&body);
             let replayable = empty || matches!(body, RequestBody::Full(_));
             let idempotent = crate::upstream::is_idempotent(&parts.method);
@@ -291,8 +291,21 @@ impl Proxy {
                         }
                         return Ok(relay_response(resp));
                     }
-                    Err(f) if f.error.is_unsent() || (f.unanswered && idempotent && replayable) => {
+                    Err(f) => {
+                        // The upstream's own failures (no connection, a fresh one dropped,
+                        // no response head in time) leave it out of the rotation for a
+                        // while, as nginx counts them against `max_fails`.
+                        let timed_out = matches!(f.error, UpstreamError::Timeout(_));
+                        let reached_none = f.error.is_unsent();
+                        if !(reached_none || f.unanswered || timed_out) {
+                            return Err(f.error.into());
+                        }
                         route.balancer.mark_failed(i);
+                        let moves_on = reached_none
+                            || ((f.unanswered || timed_out) && idempotent && replayable);
+                        if !moves_on || last {
+                            return Err(f.error.into());
+                        }
                         tracing::warn!(route = %route.label.0, upstream = %up, "upstream failed, trying the next: {}", f.error);
                         last_err = Some(f.error);
                         match f.request {
@@ -306,7 +319,6 @@ impl Proxy {
                             None => {}
                         }
                     }
-                    Err(f) => return Err(f.error.into()),
                 }
             }
             Err(last_err.map(Refusal::from).unwrap_or(Refusal::NoRoute))

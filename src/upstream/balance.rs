@@ -1,7 +1,8 @@
 //! Spreading requests over a group of interchangeable upstreams.
 //!
-//! Round robin, with passive health: an upstream that refused a connection, or whose
-//! fresh connection dropped a request unanswered, is skipped for [`RETRY_AFTER`] unless every upstream in the group is down, in which case the
+//! Round robin, with passive health: an upstream that refused a connection, whose
+//! fresh connection dropped a request unanswered, or that did not answer in time, is
+//! skipped for [`RETRY_AFTER`] unless every upstream in the group is down, in which case the
 //! least recently failed one is tried anyway (a request is never refused for want of a
 //! healthy peer while one might answer).
 
@@ -62,7 +63,8 @@ impl Balancer {
         healthy.chain(down.into_iter().map(|(_, i)| i))
     }
 
-    /// Records that upstream `i` could not be connected to, or dropped a request.
+    /// Records that upstream `i` could not be connected to, dropped a request or did
+    /// not answer in time.
     pub fn mark_failed(&self, i: usize) {
         let until = self.now_ms() + RETRY_AFTER.as_millis() as u64;
         self.down_until[i].store(until, Ordering::Relaxed);
