@@ -195,6 +195,28 @@ async fn an_idle_keep_alive_client_is_closed_after_timeouts_idle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_header_list_over_16_kib_gets_431_and_the_connection_goes_on() {
+    let origin = Origin::start().await;
+    let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    let mut sender = h2_client::<http_body_util::Empty<bytes::Bytes>>(strait.addr()).await;
+    let get = |big: usize| {
+        http::Request::get(format!("http://{}/", strait.addr()))
+            .header("x-big", "a".repeat(big))
+            .body(http_body_util::Empty::new())
+            .unwrap()
+    };
+    let resp = sender.send_request(get(20 * 1024)).await.unwrap();
+    assert_eq!(resp.status(), 431);
+    let resp = sender.send_request(get(8 * 1024)).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the same connection serves the next stream"
+    );
+    assert_eq!(origin.seen().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_head_is_refused_without_harm() {
     let origin = Origin::start().await;
     let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
