@@ -127,6 +127,7 @@ pub struct Metrics {
     pub client_connections_parked: Gauge,
     pub connect_duration: Histogram,
     pub tunnels_active: Gauge,
+    pub upgraded_active: Gauge,
     pub tls_handshake_failures: Counter,
     pub reloads: Family<ReloadLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -159,6 +160,7 @@ impl Metrics {
         let client_connections_parked = Gauge::default();
         let connect_duration = latency_histogram();
         let tunnels_active = Gauge::default();
+        let upgraded_active = Gauge::default();
         let tls_handshake_failures = Counter::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let access_log_dropped = Counter::default();
@@ -217,6 +219,11 @@ impl Metrics {
             tunnels_active.clone(),
         );
         r.register(
+            "strait_upgraded_active",
+            "Open connections that switched protocols (WebSocket)",
+            upgraded_active.clone(),
+        );
+        r.register(
             "strait_tls_handshake_failures",
             "Client TLS handshakes that failed or timed out",
             tls_handshake_failures.clone(),
@@ -246,6 +253,7 @@ impl Metrics {
             client_connections_parked,
             connect_duration,
             tunnels_active,
+            upgraded_active,
             tls_handshake_failures,
             reloads,
             access_log_dropped,

@@ -300,6 +300,7 @@ async fn a_switched_connections_bytes_are_counted_and_logged_at_its_end() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = std::fs::read_to_string(&access).unwrap_or_default();
     assert!(!before.contains("/chat"), "logged before the end: {before}");
+    assert_eq!(strait.metric("strait_upgraded_active").await, 1.0);
     w.shutdown().await.unwrap();
     assert_eq!(reading.await.unwrap(), payload.len());
 
@@ -322,6 +323,7 @@ async fn a_switched_connections_bytes_are_counted_and_logged_at_its_end() {
             assert_eq!(v["bytes_in"], want_rx, "{line}");
             assert_eq!(v["bytes_out"], want_tx, "{line}");
             assert!(v["duration_ms"].as_f64().unwrap() >= 200.0, "{line}");
+            assert_eq!(strait.metric("strait_upgraded_active").await, 0.0);
             break;
         }
         assert!(

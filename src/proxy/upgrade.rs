@@ -179,6 +179,9 @@ impl Proxy {
             kind: meta.kind,
             user: meta.user.clone(),
         };
+        if let Some(m) = &end.metrics {
+            m.upgraded_active.inc();
+        }
         self.tasks.spawn(async move {
             let _end = end;
             let mut down = match on.await {
@@ -279,6 +282,9 @@ struct SwitchedEnd {
 
 impl Drop for SwitchedEnd {
     fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.upgraded_active.dec();
+        }
         let Some(slot) = &self.slot else { return };
         let line = {
             let mut state = slot.state();
