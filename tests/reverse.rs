@@ -594,3 +594,24 @@ async fn a_redirect_to_the_upstreams_own_url_is_rewritten_like_nginx_proxy_redir
         Some(format!("{u}/v1/login?next=%2F").as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_client_gets_a_chunked_body_delimited_by_close_and_told_so() {
+    let origin =
+        raw_origin(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            .await;
+    let strait = Strait::start(&route_to(&format!("http://{origin}"), ""), &[]);
+    let reply = raw_exchange(
+        strait.addr(),
+        b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 200"), "{reply}");
+    assert!(head.contains("connection: close"), "{reply}");
+    assert!(!head.contains("keep-alive"), "{reply}");
+    assert!(!head.contains("transfer-encoding"), "{reply}");
+    assert_eq!(body, "hello");
+}

@@ -239,10 +239,13 @@ impl Proxy {
             } else {
                 self.reverse(req, conn, &mut meta).await
             };
-            let resp = result.unwrap_or_else(|refusal| {
+            let mut resp = result.unwrap_or_else(|refusal| {
                 refusal.log(&method, &uri, conn);
                 refusal.into_response()
             });
+            if version == http::Version::HTTP_10 {
+                close_if_unframed(&mut resp);
+            }
             let status = resp.status().as_u16();
             // A tunnel accounts for its bytes (the request's head among them) and logs
             // its line when it closes; so does a switched connection, given the line's
@@ -527,6 +530,24 @@ impl From<UpstreamError> for Refusal {
 }
 
 /// Removes hop-by-hop fields from an upstream response and hands it to the client.
+/// An HTTP/1.0 client has no chunked coding: a body of unknown length ends with the
+/// connection. Saying so, in an HTTP/1.0 head, keeps hyper from announcing
+/// `keep-alive` for a connection it is about to close (it adds that to heads marked
+/// HTTP/1.1 whatever their `Connection` says).
+#[cold]
+fn close_if_unframed(resp: &mut Response<Body>) {
+    let bodiless = resp.status().is_informational()
+        || matches!(
+            resp.status(),
+            http::StatusCode::NO_CONTENT | http::StatusCode::NOT_MODIFIED
+        );
+    if !bodiless && http_body::Body::size_hint(resp.body()).exact().is_none() {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        *resp.version_mut() = http::Version::HTTP_10;
+    }
+}
+
 fn relay_response(resp: Response<ResponseBody>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
