@@ -67,33 +67,98 @@ pub async fn connect_tcp(
                 .collect(),
         };
         let mut denied = None;
-        let mut last_err = None;
-        for addr in addrs {
-            if let Some(_block) = deny.iter().find(|c| c.contains(addr.ip())) {
-                denied.get_or_insert(addr.ip());
-                continue;
-            }
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    // Requests are written whole; waiting for more bytes only adds latency.
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
+        let allowed: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(|addr| {
+                let deny = deny.iter().any(|c| c.contains(addr.ip()));
+                if deny {
+                    denied.get_or_insert(addr.ip());
                 }
-                Err(e) => last_err = Some(ConnectError::Refused(addr, Arc::new(e))),
-            }
-        }
-        Err(last_err
-            .or(denied.map(ConnectError::Denied))
-            .unwrap_or_else(|| {
+                !deny
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(denied.map(ConnectError::Denied).unwrap_or_else(|| {
                 ConnectError::Resolve(
                     host.to_owned(),
                     Arc::new(io::Error::new(io::ErrorKind::NotFound, "no addresses")),
                 )
-            }))
+            }));
+        }
+        let stream = connect_first(interleave_families(allowed)).await?;
+        // Requests are written whole; waiting for more bytes only adds latency.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| Err(ConnectError::TimedOut(format!("{host}:{port}"))))
+}
+
+/// How long a connection attempt runs alone before the next address is tried beside it
+/// (RFC 8305's "Connection Attempt Delay", whose recommended value this is).
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// Connects to the first of `addrs` that answers. An attempt that fails starts the
+/// next at once; one that hangs (an address that drops packets) gets
+/// [`ATTEMPT_DELAY`] alone, then the next runs beside it, and the first to connect
+/// wins (RFC 8305, "Happy Eyeballs"). A hanging address so costs a name with several
+/// addresses 250 ms, not all of `timeouts.connect`.
+async fn connect_first(addrs: Vec<SocketAddr>) -> Result<TcpStream, ConnectError> {
+    if let [addr] = addrs[..] {
+        return TcpStream::connect(addr)
+            .await
+            .map_err(|e| ConnectError::Refused(addr, Arc::new(e)));
+    }
+    let mut last_err = ConnectError::Refused(
+        addrs[0],
+        Arc::new(io::Error::other("connection attempt failed")),
+    );
+    let mut waiting = addrs.into_iter();
+    // Dropped (and so aborted) with the losers still running when one wins.
+    let mut attempts = tokio::task::JoinSet::new();
+    loop {
+        match waiting.next() {
+            Some(addr) => {
+                attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
+            }
+            None if attempts.is_empty() => return Err(last_err),
+            None => {}
+        }
+        // Until an attempt ends, or the delay passes while addresses are left.
+        let more = waiting.len() > 0;
+        tokio::select! {
+            Some(done) = attempts.join_next() => match done {
+                Ok((_, Ok(stream))) => return Ok(stream),
+                Ok((addr, Err(e))) => last_err = ConnectError::Refused(addr, Arc::new(e)),
+                // A task that panicked or was cancelled: as good as refused.
+                Err(_) => {}
+            },
+            () = tokio::time::sleep(ATTEMPT_DELAY), if more => {}
+            else => {}
+        }
+    }
+}
+
+/// The addresses in the resolver's order, but alternating IPv6 and IPv4 from the
+/// resolver's first family on (RFC 8305 §4), so that a family that does not work
+/// costs one attempt delay, not one per address.
+fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return addrs;
+    };
+    let first_v6 = first.is_ipv6();
+    let (mut same, mut other): (Vec<_>, Vec<_>) =
+        addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(same.len() + other.len());
+    let (mut a, mut b) = (same.drain(..), other.drain(..));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => break,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+    out
 }
 
 /// How to speak TLS to an upstream: roots, name and ALPN, resolved once.
@@ -355,5 +420,85 @@ impl AsyncWrite for Stream {
             #[cfg(test)]
             Stream::Duplex(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_alternate_from_the_resolvers_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let (v6a, v6b, v4a, v4b) = (a("[::1]:1"), a("[::2]:1"), a("10.0.0.1:1"), a("10.0.0.2:1"));
+        assert_eq!(
+            interleave_families(vec![v6a, v6b, v4a, v4b]),
+            vec![v6a, v4a, v6b, v4b]
+        );
+        assert_eq!(
+            interleave_families(vec![v4a, v4b, v6a]),
+            vec![v4a, v6a, v4b]
+        );
+        assert_eq!(interleave_families(vec![v4a, v4b]), vec![v4a, v4b]);
+    }
+
+    /// A listener whose accept queue is full drops new SYNs: connecting to it hangs, as
+    /// to an address that drops packets.
+    async fn hanging_address() -> (tokio::net::TcpListener, Vec<TcpStream>, SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let attempt =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr));
+            if let Ok(Ok(s)) = attempt.await {
+                queued.push(s);
+            }
+        }
+        (listener, queued, addr)
+    }
+
+    #[tokio::test]
+    async fn an_address_that_hangs_costs_one_attempt_delay_not_the_connect_timeout() {
+        let (_full, _queued, hangs) = hanging_address().await;
+        let alone = tokio::time::timeout(Duration::from_millis(600), TcpStream::connect(hangs));
+        assert!(
+            alone.await.is_err(),
+            "the address must hang for this test to mean anything"
+        );
+
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let started = std::time::Instant::now();
+        let stream = tokio::time::timeout(
+            Duration::from_secs(3),
+            connect_first(vec![hangs, good_addr]),
+        )
+        .await
+        .expect("the second address is tried beside the hanging first")
+        .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good_addr);
+        assert!(started.elapsed() >= ATTEMPT_DELAY);
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_starts_the_next_at_once() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let started = std::time::Instant::now();
+        let stream = connect_first(vec![closed, good_addr]).await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good_addr);
+        assert!(started.elapsed() < ATTEMPT_DELAY);
+        let err = connect_first(vec![closed, closed]).await.unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Refused(a, _) if a == closed),
+            "{err}"
+        );
     }
 }
