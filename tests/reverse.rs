@@ -615,3 +615,46 @@ async fn an_http10_client_gets_a_chunked_body_delimited_by_close_and_told_so() {
     assert!(!head.contains("transfer-encoding"), "{reply}");
     assert_eq!(body, "hello");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_at_max_conns_per_host_is_passed_over_while_another_has_room() {
+    let slow = Origin::with(|_| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        ok("slow")
+    })
+    .await;
+    let fast = tagged("fast").await;
+    let config = format!(
+        "{}[pool]\nmax_conns_per_host = 1\nwait_timeout = \"5s\"\n[[route]]\nupstream = [\"{}\", \"{}\"]\n",
+        listen(),
+        slow.url(),
+        fast.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    let url = format!("{}/", strait.url());
+    // The first request takes the slow upstream's one connection for 1.5 s.
+    let held = {
+        let url = url.clone();
+        tokio::spawn(async move { curl(&[&url]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        slow.seen().len(),
+        1,
+        "the first request went to the slow upstream"
+    );
+    // Round robin puts the slow upstream first for one of these two; it is full, so
+    // that request goes to the fast one instead of waiting.
+    let started = std::time::Instant::now();
+    for _ in 0..2 {
+        let out = curl(&[&url]).await;
+        assert_eq!(out.status, 200, "{out:?}");
+        assert_eq!(out.text(), "fast");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "waited {:?} for the full upstream",
+        started.elapsed()
+    );
+    assert_eq!(held.await.unwrap().text(), "slow");
+}

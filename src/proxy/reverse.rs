@@ -40,6 +40,23 @@ pub struct Route {
     locations: Vec<LocationRewrite>,
 }
 
+/// See [`Route::order`].
+enum Order<I> {
+    AsBalanced(I),
+    RoomFirst(std::iter::Chain<std::vec::IntoIter<usize>, std::vec::IntoIter<usize>>),
+}
+
+impl<I: Iterator<Item = usize>> Iterator for Order<I> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            Order::AsBalanced(i) => i.next(),
+            Order::RoomFirst(i) => i.next(),
+        }
+    }
+}
+
 /// nginx's `proxy_redirect default`: a `Location` that begins with the upstream's URL
 /// (its path included, or `/` when it has none) begins with the route's prefix (or `/`)
 /// instead. The result is a path the client resolves against the URL it asked for, so
@@ -169,6 +186,24 @@ impl Route {
         })
     }
 
+    /// The order in which to try the route's upstreams: the balancer's, except that
+    /// with `max_conns_per_host` set, upstreams at their cap come after those with
+    /// room, so a request waits for a connection only when every upstream is full
+    /// (nginx's `max_conns` skips a full server the same way).
+    fn order<'r>(
+        &'r self,
+        upstream: &Upstream,
+        targets: &[Target],
+    ) -> Order<impl Iterator<Item = usize> + 'r> {
+        let order = self.balancer.order();
+        if self.upstreams.len() < 2 || !upstream.caps_conns() {
+            return Order::AsBalanced(order);
+        }
+        let (room, full): (Vec<usize>, Vec<usize>) =
+            order.partition(|&i| upstream.has_room(&targets[i]));
+        Order::RoomFirst(room.into_iter().chain(full))
+    }
+
     /// The path and query to send to `up` for a request to `uri` (nginx's rule).
     fn upstream_path(&self, up: &UpstreamUrl, uri: &Uri) -> Result<PathAndQuery, Refusal> {
         let Some(base) = &up.path else {
@@ -247,7 +282,12 @@ impl Proxy {
             let mut body = if empty { RequestBody::Empty } else { body };
             let mut last_err = None;
             let candidates = route.upstreams.len();
-            for (attempt, i) in route.balancer.order().enumerate() {
+            let targets = if upgrading {
+                &route.upgrade_targets
+            } else {
+                &route.targets
+            };
+            for (attempt, i) in route.order(&self.upstream, targets).enumerate() {
                 // The headers are copied only while another upstream may still need them.
                 let last = attempt + 1 == candidates;
                 let up = &route.upstreams[i];
@@ -267,11 +307,6 @@ impl Proxy {
                     req.headers_mut().insert(HOST, route.host_values[i].clone());
                 }
                 meta.upstream = Some(route.names[i].clone());
-                let targets = if upgrading {
-                    &route.upgrade_targets
-                } else {
-                    &route.targets
-                };
                 match self.upstream.try_send(req, &targets[i]).await {
                     Ok(mut resp) => {
                         route.balancer.mark_ok(i);

@@ -225,6 +225,16 @@ impl Upstream {
         self.connect_timeout
     }
 
+    /// Whether `max_conns_per_host` caps connections (else every target has room).
+    pub fn caps_conns(&self) -> bool {
+        self.pool.caps_conns()
+    }
+
+    /// False when a request for `target` would wait for a connection to free up.
+    pub fn has_room(&self, target: &Target) -> bool {
+        self.pool.has_room(target)
+    }
+
     /// The pool's counters and gauges.
     pub fn stats(&self) -> &Arc<pool::Stats> {
         self.pool.stats()

@@ -833,6 +833,30 @@ impl Pool {
         }
     }
 
+    /// Whether `max_conns_per_host` caps connections at all.
+    pub fn caps_conns(&self) -> bool {
+        self.inner.limits.max_conns_per_host != 0
+    }
+
+    /// False when `key` is at `max_conns_per_host` with no idle connection and no free
+    /// HTTP/2 stream: a request for it now would wait.
+    pub fn has_room(&self, key: &PoolKey) -> bool {
+        let max = self.inner.limits.max_conns_per_host;
+        if max == 0 {
+            return true;
+        }
+        let state = self.inner.state.lock().expect("pool lock");
+        let Some(host) = state.hosts.get(key) else {
+            return true;
+        };
+        host.open < max
+            || !host.idle.is_empty()
+            || host.h2.iter().any(|c| {
+                c.shared.streams.load(Ordering::Relaxed)
+                    < c.shared.max_streams.load(Ordering::Relaxed)
+            })
+    }
+
     /// Idle connections across all keys (for tests and metrics).
     pub fn idle_count(&self) -> usize {
         self.inner.state.lock().expect("pool lock").idle_total
