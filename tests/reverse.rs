@@ -658,3 +658,20 @@ async fn an_upstream_at_max_conns_per_host_is_passed_over_while_another_has_room
     );
     assert_eq!(held.await.unwrap().text(), "slow");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_clients_cookie_fields_reach_http1_as_one() {
+    let origin = Origin::start().await;
+    let strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    let mut sender = h2_client::<http_body_util::Empty<Bytes>>(strait.addr()).await;
+    let req = http::Request::get(format!("http://{}/", strait.addr()))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    let seen = origin.last();
+    let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"]);
+}

@@ -113,7 +113,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let switch = upgrade::asked(&parts);
         let trailers = headers::strip_hop_by_hop(&mut parts.headers);
-        headers::keep_te_trailers(&mut parts, trailers);
+        headers::from_http2(&mut parts, trailers);
         parts.headers.insert(HOST, host);
         // hyper's handle on the client connection stays here: the request moves on.
         let upgrading = switch.is_some();

@@ -85,14 +85,43 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     trailers
 }
 
-/// An HTTP/2 client's `TE: trailers` goes on (RFC 9113 §8.2.2 lets that one value
-/// cross, and gRPC servers want it); Strait relays trailers, and its HTTP/1.1 client
-/// never sends `TE` (there it would be a hop-by-hop field of Strait's own).
-pub fn keep_te_trailers(parts: &mut http::request::Parts, trailers: bool) {
-    if trailers && parts.version == http::Version::HTTP_2 {
+/// What an HTTP/2 client's request needs to go on, to an upstream of either version:
+///
+/// - its `TE: trailers` (RFC 9113 §8.2.2 lets that one value cross, and gRPC servers
+///   want it). Strait relays trailers, and its HTTP/1.1 client never sends `TE` (there
+///   it would be a hop-by-hop field of Strait's own);
+/// - one `Cookie` field. HTTP/2 clients split cookies into a field each for HPACK, and
+///   RFC 9113 §8.2.3 wants them joined with `; ` before they reach HTTP/1.1, where
+///   servers read only one `Cookie` line or join them with `, `.
+pub fn from_http2(parts: &mut http::request::Parts, trailers: bool) {
+    if parts.version != http::Version::HTTP_2 {
+        return;
+    }
+    if trailers {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    join_cookies(&mut parts.headers);
+}
+
+fn join_cookies(headers: &mut HeaderMap) {
+    let header::Entry::Occupied(mut field) = headers.entry(header::COOKIE) else {
+        return;
+    };
+    let mut values = field.iter();
+    if values.nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in field.iter() {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        field.insert(v);
     }
 }
 

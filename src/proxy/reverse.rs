@@ -253,7 +253,7 @@ impl Proxy {
             let switch = upgrade::asked(&parts);
             let upgrading = switch.is_some();
             let trailers = headers::strip_hop_by_hop(&mut parts.headers);
-            headers::keep_te_trailers(&mut parts, trailers);
+            headers::from_http2(&mut parts, trailers);
             if let Some(switch) = switch {
                 upgrade::restore(&mut parts, switch);
             }
