@@ -90,6 +90,38 @@ async fn a_slow_upstream_is_504_after_upstream_response() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_after_upstream_response_without_a_byte() {
+    for version in ["h1", "h2"] {
+        let origin = Origin::with(|_| async {
+            http::Response::new(OriginBody::Stall(Some(bytes::Bytes::from_static(
+                b"first part",
+            ))))
+        })
+        .await;
+        let config = format!(
+            "listen = [{{ addr = \"127.0.0.1:0\" }}]\n[timeouts]\nupstream_response = \"500ms\"\n[[route]]\nupstream = \"{}\"\nversion = \"{version}\"\n",
+            origin.url()
+        );
+        let strait = Strait::start(&config, &[]);
+        let started = std::time::Instant::now();
+        let out = curl(&[&format!("{}/stream", strait.url())]).await;
+        // The head and the first bytes went out; the body then ends short, never as
+        // if complete.
+        assert_eq!(out.status, 200, "{version}: {out:?}");
+        assert_eq!(out.text(), "first part", "{version}");
+        assert_ne!(out.exit, 0, "{version}: a cut body must not look complete");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{version}: {:?}",
+            started.elapsed()
+        );
+        strait
+            .wait_for_log("no byte of the response body for 500ms")
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_h2_upstream_is_504_too() {
     let origin = Origin::with(|_| async {
         tokio::time::sleep(Duration::from_secs(30)).await;

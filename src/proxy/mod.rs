@@ -654,6 +654,14 @@ pub fn protocol_name(v: http::Version) -> &'static str {
     }
 }
 
+/// A response body that failed after its head went out: the client's response is cut
+/// short (its HTTP/1 connection closed, its HTTP/2 stream reset), and the log says why.
+#[cold]
+fn body_failed(done: Option<&Done>, e: &crate::upstream::BoxError) {
+    let upstream = done.and_then(|d| d.meta.upstream.as_deref()).unwrap_or("-");
+    tracing::warn!(upstream, "response body cut short: {e}");
+}
+
 impl http_body::Body for Tracked {
     type Data = Bytes;
     type Error = crate::upstream::BoxError;
@@ -670,8 +678,12 @@ impl http_body::Body for Tracked {
                     done.body_sent += data.len() as u64;
                 }
             }
+            Poll::Ready(Some(Err(e))) => {
+                body_failed(this.done.as_deref(), e);
+                this.done = None;
+            }
             // The end: account now rather than when hyper drops the body.
-            Poll::Ready(_) => this.done = None,
+            Poll::Ready(None) => this.done = None,
             Poll::Pending => {}
         }
         polled

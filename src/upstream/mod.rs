@@ -211,6 +211,7 @@ impl Upstream {
             max_conns_per_host: pool.max_conns_per_host,
             wait_timeout: pool.wait_timeout,
             deadline_check: (timeouts.upstream_response / 4).max(Duration::from_millis(10)),
+            read_timeout: timeouts.upstream_response,
         };
         Upstream {
             pool: Pool::new(limits, connector),

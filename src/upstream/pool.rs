@@ -156,7 +156,41 @@ pub struct Limits {
     /// way (a quarter of `upstream_response`): a late head is cut off that much late at
     /// most, and no request arms a timer of its own.
     pub deadline_check: Duration,
+    /// `upstream_response`, also the longest an HTTP/1.1 response body may go without
+    /// a byte (nginx's `proxy_read_timeout`); enforced by the same sweep.
+    pub read_timeout: Duration,
 }
+
+/// An HTTP/2 response body, and its stall timer, made when the reader first waits.
+#[derive(Debug)]
+pub struct H2Reply {
+    body: hyper::body::Incoming,
+    stall: Option<StallTimer>,
+}
+
+/// How long an HTTP/2 response body has waited for its next frame: armed when the
+/// reader waits, disarmed when a frame comes (HTTP/1.1 bodies use the sweep instead).
+#[derive(Debug)]
+pub struct StallTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+/// An HTTP/1.1 response body that went `read_timeout` without a byte.
+#[derive(Debug)]
+pub struct BodyStalled(pub Duration);
+
+impl fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the upstream sent no byte of the response body for {} (timeouts.upstream_response)",
+            humantime::format_duration(self.0)
+        )
+    }
+}
+
+impl std::error::Error for BodyStalled {}
 
 /// Errors of any kind, as a response body reports them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -253,8 +287,8 @@ struct ConnShared {
     /// Idle beyond `max_idle_per_host`: `hint_deadline` is its retirement; cleared when
     /// it is checked in again.
     surplus: std::sync::atomic::AtomicBool,
-    /// HTTP/1.1: pool-clock millisecond by which the response head must arrive; 0 when
-    /// no request waits for one. The sweep enforces it.
+    /// HTTP/1.1: pool-clock millisecond by which the response head, or the body's next
+    /// byte, must arrive; 0 when nothing waits for the upstream. The sweep enforces it.
     head_deadline: AtomicU64,
     /// Set by the sweep when `head_deadline` passed.
     timed_out: std::sync::atomic::AtomicBool,
@@ -419,8 +453,9 @@ pub enum SendError {
 /// A response body as it comes off a checked-out connection.
 #[derive(Debug)]
 pub enum Reply {
-    /// An HTTP/2 stream: hyper's connection task feeds it.
-    H2(hyper::body::Incoming),
+    /// An HTTP/2 stream: hyper's connection task feeds it. Boxed: HTTP/1.1 replies,
+    /// the common case, move through the exchange smaller.
+    H2(Box<H2Reply>),
     /// Read from the HTTP/1.1 connection by whoever polls it.
     H1(h1::Framing),
     /// A whole HTTP/1.1 body that came with its head (`None` once taken); the
@@ -431,7 +466,7 @@ pub enum Reply {
 impl Reply {
     pub fn is_end_stream(&self) -> bool {
         match self {
-            Reply::H2(b) => http_body::Body::is_end_stream(b),
+            Reply::H2(b) => http_body::Body::is_end_stream(&b.body),
             Reply::H1(f) => f.is_end(),
             Reply::Buffered(b) => b.is_none(),
         }
@@ -447,21 +482,48 @@ impl Reply {
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         use std::task::Poll;
         match self {
-            Reply::H2(body) => http_body::Body::poll_frame(Pin::new(body), cx)
-                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Reply::H2(h2) => {
+                let H2Reply { body, stall } = &mut **h2;
+                let polled = http_body::Body::poll_frame(Pin::new(body), cx)
+                    .map(|f| f.map(|r| r.map_err(BoxError::from)));
+                if polled.is_ready() {
+                    if let Some(t) = stall {
+                        t.armed = false;
+                    }
+                    return polled;
+                }
+                let Some(timeout) = conn
+                    .and_then(|c| c.pool.upgrade())
+                    .map(|p| p.limits.read_timeout)
+                else {
+                    return polled;
+                };
+                let t = stall.get_or_insert_with(|| StallTimer {
+                    sleep: Box::pin(tokio::time::sleep(timeout)),
+                    armed: true,
+                });
+                if !t.armed {
+                    t.armed = true;
+                    t.sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + timeout);
+                }
+                match t.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(timeout))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
             Reply::Buffered(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Reply::H1(framing) => match conn.and_then(|c| c.sender.as_mut()) {
-                Some(Sender::H1(conn)) => conn
-                    .poll_body(framing, cx)
-                    .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
-                _ => Poll::Ready(None),
+            Reply::H1(framing) => match conn {
+                Some(c) => c.poll_h1_body(framing, cx),
+                None => Poll::Ready(None),
             },
         }
     }
 
     pub fn size_hint(&self) -> http_body::SizeHint {
         match self {
-            Reply::H2(b) => http_body::Body::size_hint(b),
+            Reply::H2(b) => http_body::Body::size_hint(&b.body),
             Reply::H1(f) => f.size_hint(),
             Reply::Buffered(Some(b)) => http_body::SizeHint::with_exact(b.len() as u64),
             Reply::Buffered(None) => http_body::SizeHint::with_exact(0),
@@ -470,6 +532,46 @@ impl Reply {
 }
 
 impl Checkout {
+    /// The next frame of an HTTP/1.1 body. While it waits for the upstream, the body's
+    /// next byte is due within `read_timeout`: the sweep marks a late one and wakes this
+    /// reader, which then fails the body (no timer per response).
+    fn poll_h1_body(
+        &mut self,
+        framing: &mut h1::Framing,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let Some(Sender::H1(conn)) = self.sender.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let shared = &*self.shared;
+        if shared.timed_out.load(Ordering::Relaxed) {
+            let waited = self.pool.upgrade().map(|p| p.limits.read_timeout);
+            return Poll::Ready(Some(Err(Box::new(BodyStalled(waited.unwrap_or_default())))));
+        }
+        let polled = conn
+            .poll_body(framing, cx)
+            .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)));
+        if polled.is_pending() {
+            if shared.head_deadline.load(Ordering::Relaxed) == 0
+                && let Some(pool) = self.pool.upgrade()
+            {
+                let due = pool.now_ms() + pool.limits.read_timeout.as_millis() as u64;
+                shared.head_deadline.store(due, Ordering::Relaxed);
+            }
+            let mut waiter = shared.waiter.lock().expect("waiter lock");
+            if !waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waiter = Some(cx.waker().clone());
+            }
+        } else if shared.head_deadline.load(Ordering::Relaxed) != 0 {
+            // Bytes came: nothing is due until the reader waits again. A waker keeps
+            // its task's memory alive, so it goes too.
+            shared.head_deadline.store(0, Ordering::Relaxed);
+            shared.waiter.lock().expect("waiter lock").take();
+        }
+        polled
+    }
+
     pub fn is_h2(&self) -> bool {
         matches!(self.sender, Some(Sender::H2(_)))
     }
@@ -511,7 +613,9 @@ impl Checkout {
                         sender
                             .try_send_request(req)
                             .await
-                            .map(|resp| resp.map(Reply::H2))
+                            .map(|resp| {
+                                resp.map(|body| Reply::H2(Box::new(H2Reply { body, stall: None })))
+                            })
                             .map_err(|mut e| match e.take_message() {
                                 Some(req) => {
                                     SendError::Unsent(Box::new(req), Box::new(e.into_error()))
@@ -1579,6 +1683,7 @@ mod tests {
             max_conns_per_host: 0,
             wait_timeout: Duration::from_secs(5),
             deadline_check: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(60),
         }
     }
 
