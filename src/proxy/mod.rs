@@ -516,6 +516,9 @@ impl Refusal {
             Refusal::Upstream(UpstreamError::ClientBody(e)) => {
                 tracing::info!(%client, %method, %uri, status, "bad request body: {e}")
             }
+            Refusal::Upstream(e @ UpstreamError::Connect(ConnectError::Denied(_))) => {
+                tracing::info!(%client, %method, %uri, status, "target denied: {e}")
+            }
             Refusal::Upstream(e) => {
                 tracing::warn!(%client, %method, %uri, status, "upstream failed: {e}")
             }
@@ -529,7 +532,6 @@ impl From<UpstreamError> for Refusal {
     }
 }
 
-/// Removes hop-by-hop fields from an upstream response and hands it to the client.
 /// An HTTP/1.0 client has no chunked coding: a body of unknown length ends with the
 /// connection. Saying so, in an HTTP/1.0 head, keeps hyper from announcing
 /// `keep-alive` for a connection it is about to close (it adds that to heads marked
@@ -548,6 +550,7 @@ fn close_if_unframed(resp: &mut Response<Body>) {
     }
 }
 
+/// Removes hop-by-hop fields from an upstream response and hands it to the client.
 fn relay_response(resp: Response<ResponseBody>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
