@@ -129,6 +129,8 @@ fn parse_quick_route(spec: &str) -> Result<RouteConfig, ConfigError> {
         version: Version::Auto,
         preserve_host: false,
         rewrite_location: true,
+        health_check: None,
+        health_interval: std::time::Duration::from_secs(5),
         tls_ca: None,
         tls_server_name: None,
         tls_insecure: false,

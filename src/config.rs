@@ -182,6 +182,12 @@ pub struct RouteConfig {
     /// nginx's `proxy_redirect default` does.
     #[serde(default = "yes")]
     pub rewrite_location: bool,
+    /// Active health checks: each upstream gets `GET` of this path every
+    /// `health_interval`; off when absent.
+    #[serde(default)]
+    pub health_check: Option<PathPrefix>,
+    #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
+    pub health_interval: Duration,
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
     #[serde(default)]
@@ -198,6 +204,10 @@ impl RouteConfig {
             None => self.path.0.clone(),
         }
     }
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn yes() -> bool {
@@ -678,6 +688,13 @@ impl Config {
                 )
                 .at(format!("route[{i}].upstream")));
             }
+            if r.health_interval < MIN_HEALTH_INTERVAL {
+                return Err(ConfigError::new(format!(
+                    "health_interval must be at least {}",
+                    humantime::format_duration(MIN_HEALTH_INTERVAL)
+                ))
+                .at(format!("route[{i}].health_interval")));
+            }
             if let Some(name) = &r.tls_server_name
                 && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
             {
@@ -710,6 +727,10 @@ impl Config {
         Ok(())
     }
 }
+
+/// The shortest `health_interval`: probes more often than this would be load, not
+/// checks.
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 
 fn check_readable(path: &Path) -> Result<(), ConfigError> {
     std::fs::File::open(path)

@@ -62,6 +62,26 @@ fn check_names_the_route_of_a_bad_upstream() {
 }
 
 #[test]
+fn check_names_a_health_check_setting_out_of_bounds() {
+    let (code, err) = check(
+        "[[route]]\nupstream = \"http://a\"\nhealth_check = \"/healthz\"\nhealth_interval = \"10ms\"\n",
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(
+            "strait.toml:4: route[0].health_interval: health_interval must be at least 100ms"
+        ),
+        "{err}"
+    );
+    let (code, err) = check("[[route]]\nupstream = \"http://a\"\nhealth_check = \"healthz\"\n");
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("strait.toml:3: route[0].health_check"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_names_a_missing_certificate_file() {
     let (code, err) = check(
         "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = { cert = \"nope.pem\", key = \"nope.key\" }\n",

@@ -675,3 +675,61 @@ async fn an_http2_clients_cookie_fields_reach_http1_as_one() {
     let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
     assert_eq!(cookies, ["a=1; b=2; c=3"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_failing_its_health_checks_leaves_the_rotation_until_it_passes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let sick = Arc::new(AtomicBool::new(true));
+    let flag = sick.clone();
+    let wobbly = Origin::with(move |s| {
+        let checked = s.uri == "/healthz";
+        let ill = flag.load(SeqCst);
+        async move {
+            match (checked, ill) {
+                (true, true) => status(503, "ill"),
+                _ => ok("wobbly"),
+            }
+        }
+    })
+    .await;
+    let steady = tagged("steady").await;
+    let config = format!(
+        "{}[[route]]\nupstream = [\"{}\", \"{}\"]\nhealth_check = \"/healthz\"\nhealth_interval = \"100ms\"\n",
+        listen(),
+        wobbly.url(),
+        steady.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    strait
+        .wait_for_log("health check failed: out of rotation")
+        .await;
+    for _ in 0..6 {
+        assert_eq!(
+            curl(&[&format!("{}/", strait.url())]).await.text(),
+            "steady"
+        );
+    }
+    let probe = wobbly
+        .seen()
+        .into_iter()
+        .find(|s| s.uri == "/healthz")
+        .unwrap();
+    assert_eq!(probe.method, "GET");
+    assert_eq!(probe.header("user-agent"), Some("strait-health-check"));
+    assert_eq!(
+        probe.header("host"),
+        Some(wobbly.url().trim_start_matches("http://"))
+    );
+
+    sick.store(false, SeqCst);
+    strait
+        .wait_for_log("health check passed: back in rotation")
+        .await;
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(curl(&[&format!("{}/", strait.url())]).await.text());
+    }
+    assert!(answers.iter().any(|a| a == "wobbly"), "{answers:?}");
+    assert!(answers.iter().any(|a| a == "steady"), "{answers:?}");
+}

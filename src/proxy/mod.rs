@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod forward;
 pub mod headers;
+mod health;
 pub mod reverse;
 pub mod tunnel;
 mod upgrade;

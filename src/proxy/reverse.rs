@@ -13,7 +13,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
-use super::{ConnInfo, Meta, Proxy, Refusal, relay_response, upgrade};
+use super::{ConnInfo, Meta, Proxy, Refusal, health, relay_response, upgrade};
 use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
 use crate::metrics::{Kind, Label};
@@ -33,11 +33,13 @@ pub struct Route {
     targets: Vec<Target>,
     /// The same upstreams over HTTP/1.1 only, for requests that switch protocols.
     upgrade_targets: Vec<Target>,
-    balancer: Balancer,
+    balancer: Arc<Balancer>,
     preserve_host: bool,
     /// Per upstream, how a `Location` pointing at it is rewritten (empty with
     /// `rewrite_location = false`).
     locations: Vec<LocationRewrite>,
+    /// The route's health checks, which stop with it.
+    _probes: Option<health::Probes>,
 }
 
 /// See [`Route::order`].
@@ -112,7 +114,7 @@ impl LocationRewrite {
 }
 
 impl Route {
-    pub fn new(cfg: &RouteConfig, upstream: &Upstream) -> Result<Route, String> {
+    pub fn new(cfg: &RouteConfig, upstream: &Arc<Upstream>) -> Result<Route, String> {
         let any_https = cfg.upstream.0.iter().any(|u| u.scheme == Scheme::Https);
         let tls = if any_https {
             if cfg.tls_insecure {
@@ -151,28 +153,49 @@ impl Route {
             .iter()
             .map(|t| t.with_profile(upgrade_profile.clone()))
             .collect();
+        let names: Vec<Arc<str>> = cfg
+            .upstream
+            .0
+            .iter()
+            .map(|u| Arc::from(u.to_string().as_str()))
+            .collect();
+        let host_values = cfg
+            .upstream
+            .0
+            .iter()
+            .map(|u| {
+                HeaderValue::from_str(&u.authority)
+                    .map_err(|_| format!("invalid upstream host {}", u.authority))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let balancer = Arc::new(Balancer::new(cfg.upstream.0.len()));
+        let probes = cfg.health_check.as_ref().and_then(|path| {
+            let probes = (0..names.len())
+                .map(|index| health::Probe {
+                    index,
+                    name: names[index].clone(),
+                    target: targets[index].clone(),
+                    host: host_values[index].clone(),
+                })
+                .collect();
+            health::start(
+                &cfg.label(),
+                &path.0,
+                cfg.health_interval,
+                probes,
+                upstream,
+                &balancer,
+            )
+        });
         Ok(Route {
             label: Label::from(cfg.label().as_str()),
-            names: cfg
-                .upstream
-                .0
-                .iter()
-                .map(|u| Arc::from(u.to_string().as_str()))
-                .collect(),
+            names,
             prefix_len: cfg.path.0.len(),
             upstreams: cfg.upstream.0.clone(),
-            host_values: cfg
-                .upstream
-                .0
-                .iter()
-                .map(|u| {
-                    HeaderValue::from_str(&u.authority)
-                        .map_err(|_| format!("invalid upstream host {}", u.authority))
-                })
-                .collect::<Result<_, _>>()?,
+            host_values,
             targets,
             upgrade_targets,
-            balancer: Balancer::new(cfg.upstream.0.len()),
+            balancer,
             preserve_host: cfg.preserve_host,
             locations: if cfg.rewrite_location {
                 cfg.upstream
@@ -183,6 +206,7 @@ impl Route {
             } else {
                 Vec::new()
             },
+            _probes: probes,
         })
     }
 

@@ -64,10 +64,16 @@ impl Balancer {
     }
 
     /// Records that upstream `i` could not be connected to, dropped a request or did
-    /// not answer in time.
+    /// not answer in time. It never shortens a longer exclusion (a failed health check).
     pub fn mark_failed(&self, i: usize) {
         let until = self.now_ms() + RETRY_AFTER.as_millis() as u64;
-        self.down_until[i].store(until, Ordering::Relaxed);
+        self.down_until[i].fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Leaves upstream `i` out of the rotation until [`mark_ok`](Self::mark_ok): it
+    /// failed its health checks. Requests still reach it when every upstream is down.
+    pub fn mark_down(&self, i: usize) {
+        self.down_until[i].store(u64::MAX, Ordering::Relaxed);
     }
 
     /// Records that upstream `i` answered.
@@ -100,5 +106,18 @@ mod tests {
         }
         b.mark_ok(1);
         assert!((0..3).any(|_| b.order().next() == Some(1)));
+    }
+
+    #[test]
+    fn a_health_check_exclusion_outlasts_a_request_failure() {
+        let b = Balancer::new(3);
+        b.mark_down(2);
+        b.mark_failed(0);
+        b.mark_failed(2);
+        // Both down: the one a request failed comes back first, the one that failed
+        // its health checks last.
+        assert_eq!(b.order().skip(1).collect::<Vec<_>>(), vec![0, 2]);
+        b.mark_ok(2);
+        assert!((0..3).any(|_| b.order().next() == Some(2)));
     }
 }
