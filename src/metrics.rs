@@ -107,6 +107,11 @@ pub struct ListenerLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteOnly {
+    pub route: Label,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct EventLabels {
     pub event: &'static str,
 }
@@ -128,6 +133,7 @@ pub struct Metrics {
     pub connect_duration: Histogram,
     pub tunnels_active: Gauge,
     pub upgraded_active: Gauge,
+    pub upstreams_down: Family<RouteOnly, Gauge>,
     pub tls_handshake_failures: Counter,
     pub reloads: Family<ReloadLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -161,6 +167,7 @@ impl Metrics {
         let connect_duration = latency_histogram();
         let tunnels_active = Gauge::default();
         let upgraded_active = Gauge::default();
+        let upstreams_down = Family::<RouteOnly, Gauge>::default();
         let tls_handshake_failures = Counter::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let access_log_dropped = Counter::default();
@@ -219,6 +226,11 @@ impl Metrics {
             tunnels_active.clone(),
         );
         r.register(
+            "strait_upstreams_down",
+            "Upstreams that failed their health checks and are out of the rotation, by route",
+            upstreams_down.clone(),
+        );
+        r.register(
             "strait_upgraded_active",
             "Open connections that switched protocols (WebSocket)",
             upgraded_active.clone(),
@@ -254,6 +266,7 @@ impl Metrics {
             connect_duration,
             tunnels_active,
             upgraded_active,
+            upstreams_down,
             tls_handshake_failures,
             reloads,
             access_log_dropped,

@@ -15,7 +15,10 @@ use http::header::{HOST, HeaderValue, USER_AGENT};
 use http::{Method, Request, Uri};
 use http_body_util::BodyExt;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::body::RequestBody;
+use crate::metrics::{Label, Metrics, RouteOnly};
 use crate::upstream::balance::Balancer;
 use crate::upstream::{Target, Upstream};
 
@@ -50,16 +53,23 @@ impl Drop for Probes {
 /// Starts one probe task per upstream. `None` outside a runtime (`--check` builds no
 /// proxy, but tests may).
 pub fn start(
-    route: &str,
+    route: &Label,
     path: &str,
     every: Duration,
     probes: Vec<Probe>,
     upstream: &Arc<Upstream>,
     balancer: &Arc<Balancer>,
+    metrics: Option<&Metrics>,
 ) -> Option<Probes> {
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let path: Uri = path.parse().ok()?;
-    let route: Arc<str> = route.into();
+    let gauge = metrics.map(|m| {
+        m.upstreams_down
+            .get_or_create(&RouteOnly {
+                route: route.clone(),
+            })
+            .clone()
+    });
     let tasks = probes
         .into_iter()
         .map(|probe| {
@@ -70,6 +80,10 @@ pub fn start(
                 probe,
                 upstream: upstream.clone(),
                 balancer: balancer.clone(),
+                down: Down {
+                    gauge: gauge.clone(),
+                    counted: false,
+                },
             };
             runtime.spawn(watch.run()).abort_handle()
         })
@@ -78,19 +92,48 @@ pub fn start(
 }
 
 struct Watch {
-    route: Arc<str>,
+    route: Label,
     path: Uri,
     every: Duration,
     probe: Probe,
     upstream: Arc<Upstream>,
     balancer: Arc<Balancer>,
+    down: Down,
+}
+
+/// Whether the upstream is out of the rotation, counted in `strait_upstreams_down`
+/// while it is, and uncounted when its probe stops (a reload replaced the route).
+struct Down {
+    gauge: Option<Gauge>,
+    counted: bool,
+}
+
+impl Down {
+    fn set(&mut self, down: bool) {
+        if down != self.counted {
+            self.counted = down;
+            if let Some(g) = &self.gauge {
+                if down {
+                    g.inc();
+                } else {
+                    g.dec();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        self.set(false);
+    }
 }
 
 impl Watch {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut failed, mut passed, mut down) = (0u32, 0u32, false);
+        let (mut failed, mut passed) = (0u32, 0u32);
         loop {
             tick.tick().await;
             let outcome = tokio::time::timeout(self.every, self.check())
@@ -106,10 +149,10 @@ impl Watch {
                 Ok(()) => {
                     failed = 0;
                     passed += 1;
-                    if down && passed >= RISE {
-                        down = false;
+                    if self.down.counted && passed >= RISE {
+                        self.down.set(false);
                         self.balancer.mark_ok(self.probe.index);
-                        tracing::info!(route = %self.route, upstream = name, "health check passed: back in rotation");
+                        tracing::info!(route = %self.route.0, upstream = name, "health check passed: back in rotation");
                     }
                 }
                 Err(why) => {
@@ -119,12 +162,12 @@ impl Watch {
                         // Marked again on every failure: a request that succeeded on it
                         // meanwhile (when all were down) brought it back.
                         self.balancer.mark_down(self.probe.index);
-                        if !down {
-                            down = true;
-                            tracing::warn!(route = %self.route, upstream = name, "health check failed: out of rotation: {why}");
+                        if !self.down.counted {
+                            self.down.set(true);
+                            tracing::warn!(route = %self.route.0, upstream = name, "health check failed: out of rotation: {why}");
                         }
                     } else {
-                        tracing::debug!(route = %self.route, upstream = name, "health check failed: {why}");
+                        tracing::debug!(route = %self.route.0, upstream = name, "health check failed: {why}");
                     }
                 }
             }

@@ -167,7 +167,8 @@ impl Proxy {
             .route
             .iter()
             .map(|r| {
-                let route = reverse::Route::new(r, &upstream)?;
+                let metrics = config.admin.is_some().then_some(&*metrics);
+                let route = reverse::Route::new(r, &upstream, metrics)?;
                 Ok((r.host.clone(), r.path.0.clone(), route))
             })
             .collect::<Result<Vec<_>, String>>()?;

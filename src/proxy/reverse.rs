@@ -16,7 +16,7 @@ use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::{ConnInfo, Meta, Proxy, Refusal, health, relay_response, upgrade};
 use crate::body::{Body, RequestBody};
 use crate::config::{RouteConfig, Scheme, UpstreamUrl};
-use crate::metrics::{Kind, Label};
+use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::balance::Balancer;
 use crate::upstream::{ProfileSettings, Target, TlsSettings, Upstream, UpstreamError};
 
@@ -114,7 +114,11 @@ impl LocationRewrite {
 }
 
 impl Route {
-    pub fn new(cfg: &RouteConfig, upstream: &Arc<Upstream>) -> Result<Route, String> {
+    pub fn new(
+        cfg: &RouteConfig,
+        upstream: &Arc<Upstream>,
+        metrics: Option<&Metrics>,
+    ) -> Result<Route, String> {
         let any_https = cfg.upstream.0.iter().any(|u| u.scheme == Scheme::Https);
         let tls = if any_https {
             if cfg.tls_insecure {
@@ -168,6 +172,7 @@ impl Route {
                     .map_err(|_| format!("invalid upstream host {}", u.authority))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let label = Label::from(cfg.label().as_str());
         let balancer = Arc::new(Balancer::new(cfg.upstream.0.len()));
         let probes = cfg.health_check.as_ref().and_then(|path| {
             let probes = (0..names.len())
@@ -179,16 +184,17 @@ impl Route {
                 })
                 .collect();
             health::start(
-                &cfg.label(),
+                &label,
                 &path.0,
                 cfg.health_interval,
                 probes,
                 upstream,
                 &balancer,
+                metrics,
             )
         });
         Ok(Route {
-            label: Label::from(cfg.label().as_str()),
+            label,
             names,
             prefix_len: cfg.path.0.len(),
             upstreams: cfg.upstream.0.clone(),
