@@ -185,7 +185,7 @@ pub struct RouteConfig {
     /// Active health checks: each upstream gets `GET` of this path every
     /// `health_interval`; off when absent.
     #[serde(default)]
-    pub health_check: Option<PathPrefix>,
+    pub health_check: Option<ProbePath>,
     #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
     pub health_interval: Duration,
     #[serde(default)]
@@ -273,6 +273,25 @@ impl std::str::FromStr for PathPrefix {
             ));
         }
         Ok(PathPrefix(s.to_owned()))
+    }
+}
+
+/// The path (and query) a health check asks for: `/healthz`, `/status?full=1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbePath(pub String);
+
+impl std::str::FromStr for ProbePath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/')
+            || s.bytes().any(|b| b <= b' ' || b == b'#' || b == 0x7f)
+            || s.parse::<http::uri::PathAndQuery>().is_err()
+        {
+            return Err(format!(
+                "invalid health check path {s:?}: expected a path starting with \"/\", like \"/healthz\""
+            ));
+        }
+        Ok(ProbePath(s.to_owned()))
     }
 }
 
@@ -514,7 +533,7 @@ macro_rules! deserialize_from_str {
         }
     )*};
 }
-deserialize_from_str!(User, Cidr, HostPattern, PathPrefix, UpstreamUrl);
+deserialize_from_str!(User, Cidr, HostPattern, PathPrefix, ProbePath, UpstreamUrl);
 
 impl<'de> Deserialize<'de> for Upstreams {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -76,9 +76,12 @@ fn check_names_a_health_check_setting_out_of_bounds() {
     let (code, err) = check("[[route]]\nupstream = \"http://a\"\nhealth_check = \"healthz\"\n");
     assert_eq!(code, 2);
     assert!(
-        err.contains("strait.toml:3: route[0].health_check"),
+        err.contains("strait.toml:3: route[0].health_check: invalid health check path"),
         "{err}"
     );
+    let (code, err) =
+        check("[[route]]\nupstream = \"http://a\"\nhealth_check = \"/status?full=1\"\n");
+    assert_eq!(code, 0, "a query is allowed: {err}");
 }
 
 #[test]
