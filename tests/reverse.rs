@@ -733,3 +733,27 @@ async fn an_upstream_failing_its_health_checks_leaves_the_rotation_until_it_pass
     assert!(answers.iter().any(|a| a == "wobbly"), "{answers:?}");
     assert!(answers.iter().any(|a| a == "steady"), "{answers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_cannot_reach_past_a_routes_prefix() {
+    let api = Origin::start().await;
+    let config = format!(
+        "{}[[route]]\npath = \"/api/\"\nupstream = \"{}/v1/\"\n",
+        listen(),
+        api.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    let get = |path: &'static str| {
+        let url = format!("{}{path}", strait.url());
+        async move { curl(&["--path-as-is", &url]).await.status }
+    };
+    // These resolve to /admin, which no route serves; sent as they came, the upstream
+    // would have resolved /v1/../admin to its own /admin.
+    assert_eq!(get("/api/../admin").await, 404);
+    assert_eq!(get("/api/%2e%2e/admin").await, 404);
+    assert_eq!(get("/api/../../etc/passwd").await, 400);
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    // Within the route, the upstream gets the resolved path.
+    assert_eq!(get("/api/x/./../users").await, 200);
+    assert_eq!(api.last().uri, "/v1/users");
+}

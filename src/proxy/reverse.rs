@@ -269,6 +269,9 @@ impl Proxy {
         async move {
             meta.kind = Kind::Reverse;
             let (mut parts, body) = req.into_parts();
+            if has_dot_segment(parts.uri.path()) {
+                parts.uri = without_dot_segments(&parts.uri)?;
+            }
             let host_value = request_host(&parts.uri, &parts.headers);
             let host = host_value
                 .as_ref()
@@ -400,6 +403,71 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// `example.com:8080` → `example.com`; `[::1]:80` → `::1`.
+/// True when a path may hold a `.` or `..` segment, plain or percent-encoded (`%2e`):
+/// the quick test every request takes; most paths have neither `/.` nor `%2e`.
+fn has_dot_segment(path: &str) -> bool {
+    let b = path.as_bytes();
+    (1..b.len()).any(|i| match b[i] {
+        b'.' => b[i - 1] == b'/',
+        b'2' => b[i - 1] == b'%' && matches!(b.get(i + 1), Some(b'e' | b'E')),
+        _ => false,
+    })
+}
+
+/// The URI with its path's dot segments resolved (RFC 3986 §5.2.4), `%2e` counting as
+/// `.`, so that a route is chosen, and the upstream asked, by the path the upstream
+/// will resolve: `/api/../admin` is `/admin`, not a way past the `/api/` route to the
+/// upstream's `/admin`. A path that climbs above the root is refused, as nginx does.
+#[cold]
+fn without_dot_segments(uri: &Uri) -> Result<Uri, Refusal> {
+    let path = uri.path();
+    let is_dot = |seg: &str| seg == "." || seg.eq_ignore_ascii_case("%2e");
+    let is_dots = |seg: &str| {
+        let rest = seg.strip_prefix('.').or_else(|| {
+            seg.get(..3)
+                .filter(|p| p.eq_ignore_ascii_case("%2e"))
+                .map(|_| &seg[3..])
+        });
+        rest.is_some_and(is_dot)
+    };
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        if is_dot(seg) {
+            // `/a/.` is `/a/`: a trailing dot segment leaves the slash.
+            if i == last {
+                out.push("");
+            }
+        } else if is_dots(seg) {
+            if out.pop().is_none() {
+                return Err(Refusal::BadRequest("the path climbs above the root".into()));
+            }
+            if i == last {
+                out.push("");
+            }
+        } else {
+            out.push(seg);
+        }
+    }
+    let mut p = String::with_capacity(path.len() + uri.query().map_or(0, |q| q.len() + 1));
+    for seg in &out {
+        p.push('/');
+        p.push_str(seg);
+    }
+    if p.is_empty() {
+        p.push('/');
+    }
+    if let Some(q) = uri.query() {
+        p.push('?');
+        p.push_str(q);
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(p).map_err(|_| Refusal::BadRequest("unusable path".into()))?);
+    Uri::from_parts(parts).map_err(|_| Refusal::BadRequest("unusable path".into()))
+}
+
 fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
@@ -419,6 +487,41 @@ mod tests {
         assert_eq!(strip_port("example.com:8080"), "example.com");
         assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+
+    fn resolved(path: &str) -> Result<String, ()> {
+        let uri: Uri = path.parse().unwrap();
+        if !has_dot_segment(uri.path()) {
+            return Ok(uri.to_string());
+        }
+        without_dot_segments(&uri)
+            .map(|u| u.to_string())
+            .map_err(|_| ())
+    }
+
+    #[test]
+    fn dot_segments_are_resolved_before_routing() {
+        assert_eq!(resolved("/api/../admin").unwrap(), "/admin");
+        assert_eq!(resolved("/api/%2e%2e/admin").unwrap(), "/admin");
+        assert_eq!(
+            resolved("/api/%2E./admin?x=/../y").unwrap(),
+            "/admin?x=/../y"
+        );
+        assert_eq!(resolved("/api/./v/./x").unwrap(), "/api/v/x");
+        assert_eq!(resolved("/api/v/..").unwrap(), "/api/");
+        assert_eq!(resolved("/api/v/.").unwrap(), "/api/v/");
+        assert_eq!(resolved("/a/b/../../c").unwrap(), "/c");
+        assert_eq!(resolved("/..").map_err(|_| "refused"), Err("refused"));
+        assert_eq!(
+            resolved("/a/../../b").map_err(|_| "refused"),
+            Err("refused")
+        );
+        // Names that only look like dot segments stay.
+        assert_eq!(resolved("/.well-known/x").unwrap(), "/.well-known/x");
+        assert_eq!(resolved("/a/...").unwrap(), "/a/...");
+        assert_eq!(resolved("/a/..b/%2e%2ex").unwrap(), "/a/..b/%2e%2ex");
+        assert_eq!(resolved("/a%20b/c").unwrap(), "/a%20b/c");
+        assert_eq!(resolved("/static/app.js").unwrap(), "/static/app.js");
     }
 
     fn rewrite(upstream: &str, prefix: &str, location: &str) -> Option<String> {
