@@ -136,6 +136,11 @@ impl Watch {
         let (mut failed, mut passed) = (0u32, 0u32);
         loop {
             tick.tick().await;
+            // At `max_conns_per_host` with every connection busy, a probe would wait
+            // for a connection, not for the upstream: this round says nothing.
+            if !self.upstream.has_room(&self.probe.target) {
+                continue;
+            }
             let outcome = tokio::time::timeout(self.every, self.check())
                 .await
                 .unwrap_or_else(|_| {
