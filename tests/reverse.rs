@@ -757,3 +757,33 @@ async fn dot_segments_cannot_reach_past_a_routes_prefix() {
     assert_eq!(get("/api/x/./../users").await, 200);
     assert_eq!(api.last().uri, "/v1/users");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_does_not_fail_an_upstream_busy_at_max_conns_per_host() {
+    let origin = Origin::with(|s| {
+        let slow = s.uri == "/slow";
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+            ok("fine")
+        }
+    })
+    .await;
+    let config = format!(
+        "{}[pool]\nmax_conns_per_host = 1\n[[route]]\nupstream = \"{}\"\nhealth_check = \"/healthz\"\nhealth_interval = \"100ms\"\n",
+        listen(),
+        origin.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    // The one connection is busy for a second: ten probe rounds find no room.
+    let out = curl(&[&format!("{}/slow", strait.url())]).await;
+    assert_eq!(out.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = strait.logs();
+    assert!(
+        !logs.iter().any(|l| l.contains("out of rotation")),
+        "a busy upstream is not a failed one: {logs:?}"
+    );
+    assert!(origin.seen().iter().any(|s| s.uri == "/healthz"));
+}
