@@ -787,3 +787,29 @@ async fn a_health_check_does_not_fail_an_upstream_busy_at_max_conns_per_host() {
     );
     assert!(origin.seen().iter().any(|s| s.uri == "/healthz"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_response_head_passes_from_h1_and_h2_upstreams_alike() {
+    for (size, want) in [(40 * 1024, 200), (80 * 1024, 502)] {
+        let origin = Origin::with(move |_| async move {
+            let mut r = ok("big head");
+            r.headers_mut()
+                .insert("x-big", "v".repeat(size).parse().unwrap());
+            r
+        })
+        .await;
+        for version in ["h1", "h2"] {
+            let config = format!(
+                "{}[[route]]\nupstream = \"{}\"\nversion = \"{version}\"\n",
+                listen(),
+                origin.url()
+            );
+            let strait = Strait::start(&config, &[]);
+            let out = curl(&[&format!("{}/", strait.url())]).await;
+            assert_eq!(out.status, want, "{version}, {size} bytes: {out:?}");
+            if want == 200 {
+                assert_eq!(out.header("x-big").map(str::len), Some(size));
+            }
+        }
+    }
+}

@@ -1463,6 +1463,8 @@ impl Inner {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(false)
             .initial_max_send_streams(H2_DEFAULT_STREAMS)
+            // The bound HTTP/1.1 upstreams get (hyper's default would be 16 KiB).
+            .max_header_list_size(h1::MAX_HEAD as u32)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| CheckoutError::Handshake(e.to_string()))?;
