@@ -449,7 +449,7 @@ async fn a_streamed_post_whose_upstream_is_down_goes_whole_to_the_next() {
     let dead = closed_port();
     // The dead upstream comes first in the round-robin order.
     let config = format!(
-        "{}[[route]]\nupstream = [\"http://{dead}\", \"{}\"]\n",
+        "{}[admin]\naddr = \"127.0.0.1:0\"\n[[route]]\nupstream = [\"http://{dead}\", \"{}\"]\n",
         listen(),
         live.url()
     );
@@ -475,6 +475,9 @@ async fn a_streamed_post_whose_upstream_is_down_goes_whole_to_the_next() {
         seen.iter()
             .all(|s| s.method == "POST" && s.body == body[..])
     );
+    // Only the first went to the dead upstream, then once more to the live one.
+    let retries = "strait_pool_events_total{event=\"retry\"}";
+    assert_eq!(strait.metric(retries).await, 1.0);
 }
 
 /// Two routes over the same two upstreams, `bad` first: each route has its own

@@ -375,6 +375,7 @@ impl Proxy {
                             return Err(f.error.into());
                         }
                         tracing::warn!(route = %route.label.0, upstream = %up, "upstream failed, trying the next: {}", f.error);
+                        self.upstream.count_retry();
                         last_err = Some(f.error);
                         match f.request {
                             Some(back) if !replayable => {

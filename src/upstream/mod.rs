@@ -226,6 +226,12 @@ impl Upstream {
         self.connect_timeout
     }
 
+    /// Counts a request sent again, here or to another upstream of its route
+    /// (`strait_pool_events_total{event="retry"}`).
+    pub fn count_retry(&self) {
+        self.pool.count_retry();
+    }
+
     /// Whether `max_conns_per_host` caps connections (else every target has room).
     pub fn caps_conns(&self) -> bool {
         self.pool.caps_conns()
