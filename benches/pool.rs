@@ -59,6 +59,7 @@ impl StraitSide {
             version,
             tls: None,
             deny: Vec::new().into(),
+            response_timeout: None,
         });
         StraitSide {
             upstream,

@@ -131,6 +131,7 @@ fn parse_quick_route(spec: &str) -> Result<RouteConfig, ConfigError> {
         rewrite_location: true,
         health_check: None,
         health_interval: std::time::Duration::from_secs(5),
+        upstream_response: None,
         tls_ca: None,
         tls_server_name: None,
         tls_insecure: false,

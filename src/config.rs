@@ -188,6 +188,9 @@ pub struct RouteConfig {
     pub health_check: Option<ProbePath>,
     #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
     pub health_interval: Duration,
+    /// This route's `timeouts.upstream_response` (an event stream may want longer).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub upstream_response: Option<Duration>,
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
     #[serde(default)]
@@ -522,6 +525,10 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&s).map_err(de::Error::custom)
 }
 
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
 /// Deserializes any `FromStr` type from a TOML string, reporting its own message.
 macro_rules! deserialize_from_str {
     ($($t:ty),*) => {$(
@@ -706,6 +713,10 @@ impl Config {
                     "TLS settings need an https:// upstream; this route has none",
                 )
                 .at(format!("route[{i}].upstream")));
+            }
+            if r.upstream_response.is_some_and(|t| t.is_zero()) {
+                return Err(ConfigError::new("upstream_response must be more than 0")
+                    .at(format!("route[{i}].upstream_response")));
             }
             if r.health_interval < MIN_HEALTH_INTERVAL {
                 return Err(ConfigError::new(format!(

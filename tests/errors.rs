@@ -122,6 +122,36 @@ async fn a_body_that_stalls_is_cut_after_upstream_response_without_a_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_own_upstream_response_overrides_the_global_one() {
+    let origin = Origin::with(|s| {
+        let wait = if s.uri.starts_with("/quick/") { 30 } else { 1 };
+        async move {
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            ok("late")
+        }
+    })
+    .await;
+    // The global timeout is the default minute; one route allows half a second, another
+    // (an event stream, say) a whole minute more than the body needs.
+    let config = format!(
+        "listen = [{{ addr = \"127.0.0.1:0\" }}]\n[[route]]\npath = \"/quick/\"\nupstream = \"{u}\"\nupstream_response = \"500ms\"\n[[route]]\npath = \"/\"\nupstream = \"{u}\"\n",
+        u = origin.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    let started = std::time::Instant::now();
+    let out = curl(&[&format!("{}/quick/x", strait.url())]).await;
+    assert_eq!(out.status, 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    strait.wait_for_log("no response head within 500ms").await;
+    let out = curl(&[&format!("{}/slow", strait.url())]).await;
+    assert_eq!(out.status, 200, "the other route keeps the global minute");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_h2_upstream_is_504_too() {
     let origin = Origin::with(|_| async {
         tokio::time::sleep(Duration::from_secs(30)).await;

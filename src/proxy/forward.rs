@@ -46,6 +46,7 @@ impl ForwardPolicy {
             version: Version::Auto,
             tls: Some(tls),
             deny: deny.clone(),
+            response_timeout: None,
         });
         Ok(ForwardPolicy {
             upgrade_profile: upstream.upgrade_profile(&profile),

@@ -141,6 +141,7 @@ impl Route {
             tls,
             // Reverse routes go where the operator said, loopback included.
             deny: Vec::new().into(),
+            response_timeout: cfg.upstream_response,
         });
         let upgrade_profile = upstream.upgrade_profile(&profile);
         let targets = cfg

@@ -47,6 +47,15 @@ pub struct Profile {
     version: Version,
     tls: Option<TlsSettings>,
     deny: Arc<[Cidr]>,
+    /// Overrides `timeouts.upstream_response` (a route's own).
+    response_timeout: Option<Duration>,
+}
+
+impl Profile {
+    /// The response timeout of this profile's requests, or `default`.
+    pub fn response_timeout(&self, default: Duration) -> Duration {
+        self.response_timeout.unwrap_or(default)
+    }
 }
 
 impl fmt::Debug for Profile {
@@ -65,6 +74,8 @@ pub struct ProfileSettings {
     pub tls: Option<TlsSettings>,
     /// Addresses never connected to (checked after resolution).
     pub deny: Arc<[Cidr]>,
+    /// A route's own `upstream_response`; `None` keeps `timeouts.upstream_response`.
+    pub response_timeout: Option<Duration>,
 }
 
 /// Where one request goes: scheme, authority (`host[:port]`, exactly as it should
@@ -249,11 +260,15 @@ impl Upstream {
 
     /// Makes a profile: a group of targets that may share connections.
     pub fn profile(&self, settings: ProfileSettings) -> Arc<Profile> {
+        if let Some(t) = settings.response_timeout {
+            self.pool.check_deadlines_within(t);
+        }
         Arc::new(Profile {
             id: self.next_profile.fetch_add(1, Ordering::Relaxed),
             version: settings.version,
             tls: settings.tls,
             deny: settings.deny,
+            response_timeout: settings.response_timeout,
         })
     }
 
@@ -268,6 +283,7 @@ impl Upstream {
             version: Version::H1,
             tls: profile.tls.as_ref().map(TlsSettings::h1_only),
             deny: profile.deny.clone(),
+            response_timeout: profile.response_timeout,
         })
     }
 
@@ -349,7 +365,8 @@ impl Upstream {
                 }
             };
             // `upstream_response` runs from here to the response head, retries included.
-            let deadline = tokio::time::Instant::now() + self.response_timeout;
+            let response_timeout = key.profile.response_timeout(self.response_timeout);
+            let deadline = tokio::time::Instant::now() + response_timeout;
             let mut fresh = false;
             let mut replays_left = 1;
             // To an upstream that is surely HTTP/1.1, a replay resends the bytes written the
@@ -389,7 +406,7 @@ impl Upstream {
                 match result {
                     Ok(resp) => return Ok(ResponseBody::wrap(resp, conn, sent_whole)),
                     Err(SendError::TimedOut) => {
-                        return Err(UpstreamError::Timeout(self.response_timeout).into());
+                        return Err(UpstreamError::Timeout(response_timeout).into());
                     }
                     Err(SendError::Unsent(back, e)) => {
                         tracing::debug!(upstream = %key, attempt, "request not sent ({e}); retrying on a fresh connection");

@@ -387,6 +387,9 @@ struct Inner {
     next_id: AtomicU64,
     /// Set once the sweeper task runs.
     sweeping: std::sync::atomic::AtomicBool,
+    /// How late a response deadline may be seen, in ms: `limits.deadline_check`, or a
+    /// quarter of the shortest route's own `upstream_response`.
+    deadline_check_ms: AtomicU64,
     /// Idle HTTP/1.1 connections that kept their read buffer ([`KEEP_IDLE_BUFFERS`]).
     kept_buffers: Arc<crate::io::Slots>,
 }
@@ -492,10 +495,7 @@ impl Reply {
                     }
                     return polled;
                 }
-                let Some(timeout) = conn
-                    .and_then(|c| c.pool.upgrade())
-                    .map(|p| p.limits.read_timeout)
-                else {
+                let Some(timeout) = conn.and_then(|c| c.read_timeout()) else {
                     return polled;
                 };
                 let t = stall.get_or_insert_with(|| StallTimer {
@@ -532,6 +532,13 @@ impl Reply {
 }
 
 impl Checkout {
+    /// The longest a response body may go without a byte: the route's own
+    /// `upstream_response`, or `timeouts.upstream_response`.
+    fn read_timeout(&self) -> Option<Duration> {
+        let pool = self.pool.upgrade()?;
+        Some(self.key.profile.response_timeout(pool.limits.read_timeout))
+    }
+
     /// The next frame of an HTTP/1.1 body. While it waits for the upstream, the body's
     /// next byte is due within `read_timeout`: the sweep marks a late one and wakes this
     /// reader, which then fails the body (no timer per response).
@@ -546,8 +553,8 @@ impl Checkout {
         };
         let shared = &*self.shared;
         if shared.timed_out.load(Ordering::Relaxed) {
-            let waited = self.pool.upgrade().map(|p| p.limits.read_timeout);
-            return Poll::Ready(Some(Err(Box::new(BodyStalled(waited.unwrap_or_default())))));
+            let waited = self.read_timeout().unwrap_or_default();
+            return Poll::Ready(Some(Err(Box::new(BodyStalled(waited)))));
         }
         let polled = conn
             .poll_body(framing, cx)
@@ -556,7 +563,8 @@ impl Checkout {
             if shared.head_deadline.load(Ordering::Relaxed) == 0
                 && let Some(pool) = self.pool.upgrade()
             {
-                let due = pool.now_ms() + pool.limits.read_timeout.as_millis() as u64;
+                let timeout = self.key.profile.response_timeout(pool.limits.read_timeout);
+                let due = pool.now_ms() + timeout.as_millis() as u64;
                 shared.head_deadline.store(due, Ordering::Relaxed);
             }
             let mut waiter = shared.waiter.lock().expect("waiter lock");
@@ -830,6 +838,7 @@ fn h2_unprocessed(e: &hyper::Error) -> bool {
 
 impl Pool {
     pub fn new(limits: Limits, connector: Connector) -> Pool {
+        let deadline_check_ms = limits.deadline_check.as_millis() as u64;
         Pool {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -845,6 +854,7 @@ impl Pool {
                 epoch: Instant::now(),
                 next_id: AtomicU64::new(1),
                 sweeping: std::sync::atomic::AtomicBool::new(false),
+                deadline_check_ms: AtomicU64::new(deadline_check_ms),
                 kept_buffers: Arc::new(crate::io::Slots::new(KEEP_IDLE_BUFFERS)),
             }),
         }
@@ -937,6 +947,15 @@ impl Pool {
         }
     }
 
+    /// Makes the sweep see response deadlines of `timeout` to within a quarter of it
+    /// (a route's own `upstream_response`, shorter than `timeouts.upstream_response`).
+    pub fn check_deadlines_within(&self, timeout: Duration) {
+        let quarter = (timeout / 4).max(Duration::from_millis(10)).as_millis() as u64;
+        self.inner
+            .deadline_check_ms
+            .fetch_min(quarter, Ordering::Relaxed);
+    }
+
     /// Whether `max_conns_per_host` caps connections at all.
     pub fn caps_conns(&self) -> bool {
         self.inner.limits.max_conns_per_host != 0
@@ -985,6 +1004,11 @@ impl Inner {
     /// The pool-clock millisecond of an instant (see `now_ms`).
     fn ms_at(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    fn sweep_every(&self) -> Duration {
+        let check = Duration::from_millis(self.deadline_check_ms.load(Ordering::Relaxed));
+        sweep_every(&self.limits, check)
     }
 
     fn now_ms(&self) -> u64 {
@@ -1120,12 +1144,15 @@ impl Inner {
             return;
         }
         let pool = Arc::downgrade(self);
-        let every = sweep_every(&self.limits);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                // Read each round: a route with a shorter `upstream_response` may have
+                // come with a reload.
+                let every = match pool.upgrade() {
+                    Some(inner) => inner.sweep_every(),
+                    None => return,
+                };
+                tokio::time::sleep(every).await;
                 let Some(inner) = pool.upgrade() else {
                     return;
                 };
@@ -1492,12 +1519,12 @@ impl Inner {
 /// grace and a hint's margin to within half of the shortest (checkouts check idle
 /// deadlines themselves, so a late sweep only holds a socket a little longer), and
 /// response deadlines to within `deadline_check`.
-fn sweep_every(limits: &Limits) -> Duration {
+fn sweep_every(limits: &Limits, deadline_check: Duration) -> Duration {
     let shortest = limits
         .idle_timeout
         .min(SURPLUS_GRACE)
         .min(HINT_MARGIN)
-        .min(limits.deadline_check * 2);
+        .min(deadline_check * 2);
     (shortest / 2).max(Duration::from_millis(10))
 }
 
@@ -1696,6 +1723,7 @@ mod tests {
                 version: Version::Auto,
                 tls: None,
                 deny: Vec::new().into(),
+                response_timeout: None,
             }),
             Scheme::Http,
             authority.parse().unwrap(),
