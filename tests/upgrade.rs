@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use support::*;
 
@@ -21,15 +21,9 @@ type Heads = Arc<Mutex<Vec<String>>>;
 /// An origin that switches to an echo on `Upgrade: websocket` (sending `early` bytes
 /// right after its 101, in the same write), and answers anything else with 426.
 async fn upgrade_origin() -> (SocketAddr, Heads) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let heads = Heads::default();
     let seen = heads.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(serve_upgrade(s, heads.clone()));
-        }
-    });
+    let (addr, _) = counting_origin(move |s| serve_upgrade(s, heads.clone())).await;
     (addr, seen)
 }
 
@@ -38,25 +32,22 @@ async fn upgrade_origin() -> (SocketAddr, Heads) {
 async fn tls_upgrade_origin(certs: &Certs) -> (SocketAddr, Heads) {
     let acceptor =
         tokio_rustls::TlsAcceptor::from(Arc::new(certs.server_config(&[b"h2", b"http/1.1"])));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let heads = Heads::default();
     let seen = heads.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let (acceptor, heads) = (acceptor.clone(), heads.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    heads.lock().unwrap().push("(h2)".into());
-                    return;
-                }
-                serve_upgrade(tls, heads).await;
-            });
+    let (addr, _) = counting_origin(move |s| {
+        let (acceptor, heads) = (acceptor.clone(), heads.clone());
+        async move {
+            let Ok(tls) = acceptor.accept(s).await else {
+                return;
+            };
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                heads.lock().unwrap().push("(h2)".into());
+                return;
+            }
+            serve_upgrade(tls, heads).await;
         }
-    });
+    })
+    .await;
     (addr, seen)
 }
 
