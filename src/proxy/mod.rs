@@ -163,12 +163,12 @@ impl Proxy {
             .enabled
             .then(|| forward::ForwardPolicy::new(&config.forward, &upstream))
             .transpose()?;
+        let route_metrics = config.admin.is_some().then_some(&*metrics);
         let routes = config
             .route
             .iter()
             .map(|r| {
-                let metrics = config.admin.is_some().then_some(&*metrics);
-                let route = reverse::Route::new(r, &upstream, metrics)?;
+                let route = reverse::Route::new(r, &upstream, route_metrics)?;
                 Ok((r.host.clone(), r.path.0.clone(), route))
             })
             .collect::<Result<Vec<_>, String>>()?;

@@ -416,6 +416,22 @@ fn has_dot_segment(path: &str) -> bool {
     })
 }
 
+/// How many dots a path segment is made of, each `.` or `%2e`; `None` when it holds
+/// anything else.
+fn dots(seg: &str) -> Option<usize> {
+    let mut rest = seg.as_bytes();
+    let mut n = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', more @ ..] => more,
+            [b'%', b'2', b'e' | b'E', more @ ..] => more,
+            _ => return None,
+        };
+        n += 1;
+    }
+    Some(n)
+}
+
 /// The URI with its path's dot segments resolved (RFC 3986 §5.2.4), `%2e` counting as
 /// `.`, so that a route is chosen, and the upstream asked, by the path the upstream
 /// will resolve: `/api/../admin` is `/admin`, not a way past the `/api/` route to the
@@ -423,33 +439,24 @@ fn has_dot_segment(path: &str) -> bool {
 #[cold]
 fn without_dot_segments(uri: &Uri) -> Result<Uri, Refusal> {
     let path = uri.path();
-    let is_dot = |seg: &str| seg == "." || seg.eq_ignore_ascii_case("%2e");
-    let is_dots = |seg: &str| {
-        let rest = seg.strip_prefix('.').or_else(|| {
-            seg.get(..3)
-                .filter(|p| p.eq_ignore_ascii_case("%2e"))
-                .map(|_| &seg[3..])
-        });
-        rest.is_some_and(is_dot)
-    };
     let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    let last = segments.len().saturating_sub(1);
-    for (i, seg) in segments.iter().enumerate() {
-        if is_dot(seg) {
-            // `/a/.` is `/a/`: a trailing dot segment leaves the slash.
-            if i == last {
-                out.push("");
-            }
-        } else if is_dots(seg) {
-            if out.pop().is_none() {
+    let mut segments = path.split('/').skip(1).peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        match dots(seg) {
+            Some(1) => {}
+            Some(2) if out.pop().is_none() => {
                 return Err(Refusal::BadRequest("the path climbs above the root".into()));
             }
-            if i == last {
-                out.push("");
+            Some(2) => {}
+            _ => {
+                out.push(seg);
+                continue;
             }
-        } else {
-            out.push(seg);
+        }
+        // `/a/.` and `/a/b/..` are `/a/`: a trailing dot segment leaves its slash.
+        if last {
+            out.push("");
         }
     }
     let mut p = String::with_capacity(path.len() + uri.query().map_or(0, |q| q.len() + 1));

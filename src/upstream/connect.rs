@@ -148,10 +148,9 @@ fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
         return addrs;
     };
     let first_v6 = first.is_ipv6();
-    let (mut same, mut other): (Vec<_>, Vec<_>) =
-        addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    let (same, other): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
     let mut out = Vec::with_capacity(same.len() + other.len());
-    let (mut a, mut b) = (same.drain(..), other.drain(..));
+    let (mut a, mut b) = (same.into_iter(), other.into_iter());
     loop {
         match (a.next(), b.next()) {
             (None, None) => break,

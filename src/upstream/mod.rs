@@ -444,7 +444,8 @@ impl Upstream {
                                 request: None,
                                 // A fresh HTTP/1.1 connection that closed or reset before
                                 // any response byte: the upstream's fault, not a stale
-                                // connection's.
+                                // connection's (nor the client's: a broken request body
+                                // never counts as unprocessed).
                                 unanswered: unprocessed && !conn.is_h2() && !conn.reused,
                             });
                         };

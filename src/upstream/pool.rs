@@ -296,6 +296,23 @@ struct ConnShared {
     waiter: Mutex<Option<std::task::Waker>>,
 }
 
+impl ConnShared {
+    /// Lets the sweep wake the task behind `cx` when `head_deadline` passes.
+    fn wake_on_deadline(&self, cx: &std::task::Context<'_>) {
+        let mut waiter = self.waiter.lock().expect("waiter lock");
+        if !waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waiter = Some(cx.waker().clone());
+        }
+    }
+
+    /// Nothing is due any more. The waker goes too: it keeps its task's memory alive,
+    /// and an idle connection holds none.
+    fn disarm(&self) {
+        self.head_deadline.store(0, Ordering::Relaxed);
+        self.waiter.lock().expect("waiter lock").take();
+    }
+}
+
 /// An idle HTTP/1.1 connection.
 struct IdleConn {
     conn: Box<H1Conn>,
@@ -567,15 +584,10 @@ impl Checkout {
                 let due = pool.now_ms() + timeout.as_millis() as u64;
                 shared.head_deadline.store(due, Ordering::Relaxed);
             }
-            let mut waiter = shared.waiter.lock().expect("waiter lock");
-            if !waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waiter = Some(cx.waker().clone());
-            }
+            shared.wake_on_deadline(cx);
         } else if shared.head_deadline.load(Ordering::Relaxed) != 0 {
-            // Bytes came: nothing is due until the reader waits again. A waker keeps
-            // its task's memory alive, so it goes too.
-            shared.head_deadline.store(0, Ordering::Relaxed);
-            shared.waiter.lock().expect("waiter lock").take();
+            // Bytes came: nothing is due until the reader waits again.
+            shared.disarm();
         }
         polled
     }
@@ -793,10 +805,7 @@ async fn h1_exchange(
         }
         let polled = conn.poll_exchange(cx, head_only);
         if polled.is_pending() {
-            let mut waiter = shared.waiter.lock().expect("waiter lock");
-            if !waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waiter = Some(cx.waker().clone());
-            }
+            shared.wake_on_deadline(cx);
             registered = true;
         }
         polled.map(|r| match r {
