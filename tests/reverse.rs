@@ -816,3 +816,27 @@ async fn a_large_response_head_passes_from_h1_and_h2_upstreams_alike() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_broken_body_does_not_take_an_upstream_out_of_the_rotation() {
+    use tokio::io::AsyncWriteExt;
+    let (a, b) = (tagged("a").await, tagged("b").await);
+    let config = format!(
+        "{}[[route]]\nupstream = [\"{}\", \"{}\"]\n",
+        listen(),
+        a.url(),
+        b.url()
+    );
+    let strait = Strait::start(&config, &[]);
+    // The round-robin turn is `a`'s; the body breaks while it streams there.
+    let mut s = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(b"POST /broken HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\nzz\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_to_close(&mut s).await.starts_with("HTTP/1.1 400 "));
+    let answers = [
+        curl(&[&format!("{}/", strait.url())]).await.text(),
+        curl(&[&format!("{}/", strait.url())]).await.text(),
+    ];
+    assert_eq!(answers, ["b", "a"], "the client's fault is not `a`'s");
+}
