@@ -236,29 +236,55 @@ fn json_line(e: &Entry<'_>) -> String {
     json_str(&mut o, e.route);
     o.push_str(",\"upstream\":");
     json_str(&mut o, e.upstream);
+    o.push_str(",\"referer\":");
+    json_str(&mut o, e.referer);
+    o.push_str(",\"user_agent\":");
+    json_str(&mut o, e.user_agent);
     o.push_str("}\n");
     o
 }
 
-/// Apache's combined format, plus duration, route and upstream at the end.
+/// Apache's combined format (`%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-agent}i"`,
+/// with the time as `[04/Dec/2026:00:45:01 +0000]`, which log tools parse), plus the
+/// duration, the route and the upstream at the end. What a client sent is escaped as
+/// nginx escapes it, so a quote in a field cannot end it early.
 fn combined_line(e: &Entry<'_>) -> String {
-    let time = humantime::format_rfc3339_seconds(SystemTime::now());
-    format!(
-        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {:.3} {} {}\n",
-        e.client.ip(),
-        e.user,
-        time,
-        e.method,
-        e.target,
-        e.protocol,
-        e.status,
-        e.bytes_out,
-        e.referer,
-        e.user_agent,
+    let mut o = String::with_capacity(256);
+    let _ = write!(o, "{} - ", e.client.ip());
+    clf_str(&mut o, e.user);
+    o.push_str(" [");
+    o.push_str(std::str::from_utf8(&crate::date::clf_now()).unwrap_or("-"));
+    let _ = write!(o, "] \"{} ", e.method);
+    clf_str(&mut o, e.target);
+    let _ = write!(o, " {}\" {} {} \"", e.protocol, e.status, e.bytes_out);
+    clf_str(&mut o, e.referer);
+    o.push_str("\" \"");
+    clf_str(&mut o, e.user_agent);
+    let _ = writeln!(
+        o,
+        "\" {:.3} {} {}",
         e.duration.as_secs_f64(),
         e.route,
         e.upstream
-    )
+    );
+    o
+}
+
+/// `s` with `"`, `\`, control bytes and bytes beyond ASCII written as `\xHH`, as
+/// nginx writes variables into its access log.
+fn clf_str(out: &mut String, s: &str) {
+    let escaped = |b: u8| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\';
+    if !s.bytes().any(escaped) {
+        out.push_str(s);
+        return;
+    }
+    for b in s.bytes() {
+        if escaped(b) {
+            let _ = write!(out, "\\x{b:02X}");
+        } else {
+            out.push(char::from(b));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -289,6 +315,36 @@ mod tests {
         assert!(
             line.contains(r#""status":200,"bytes_in":10,"bytes_out":20"#),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn combined_lines_keep_their_fields_whatever_a_client_sends() {
+        let e = Entry {
+            client: "10.0.0.1:5".parse().unwrap(),
+            user: "-",
+            method: "GET",
+            target: "/a\"b",
+            protocol: "HTTP/1.1",
+            status: 200,
+            bytes_in: 10,
+            bytes_out: 20,
+            duration: Duration::from_millis(5),
+            kind: "reverse",
+            route: "/",
+            upstream: "http://u",
+            referer: "-",
+            user_agent: "x\" 500 1 \"\\y\t",
+        };
+        let line = combined_line(&e);
+        let (head, rest) = line.split_once(" [").unwrap();
+        assert_eq!(head, "10.0.0.1 - -");
+        let (time, rest) = rest.split_once("] ").unwrap();
+        assert_eq!(time.len(), crate::date::CLF_LEN, "{time}");
+        assert!(time.ends_with(" +0000"), "{time}");
+        assert_eq!(
+            rest,
+            "\"GET /a\\x22b HTTP/1.1\" 200 20 \"-\" \"x\\x22 500 1 \\x22\\x5Cy\\x09\" 0.005 / http://u\n"
         );
     }
 }

@@ -18,6 +18,7 @@
 //! - [`io`]: stream wrappers (idle timeout, byte counting).
 //! - [`metrics`]: the Prometheus registry and its bounded label sets.
 //! - [`access`]: the access log writer (bounded queue, never blocks a request).
+//! - [`date`]: the dates Strait writes (the HTTP `Date` field, the access log's time).
 //! - [`body`]: the body type that crosses the proxy.
 //! - [`config`] and [`cli`]: the TOML schema and the command line, turned into typed
 //!   values once.
@@ -26,6 +27,7 @@ pub mod access;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod date;
 pub mod io;
 pub mod metrics;
 pub mod proxy;

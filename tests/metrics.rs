@@ -230,6 +230,8 @@ async fn every_access_log_line_is_json_with_the_fields_and_the_file_reopens_on_s
             "upstream",
             "protocol",
             "kind",
+            "referer",
+            "user_agent",
         ] {
             assert!(l.get(field).is_some(), "{field} missing in {l}");
         }
@@ -238,6 +240,11 @@ async fn every_access_log_line_is_json_with_the_fields_and_the_file_reopens_on_s
     assert_eq!(reverse["target"], "/api/a?b=c");
     assert_eq!(reverse["route"], "/api/");
     assert_eq!(reverse["status"], 200);
+    assert!(
+        reverse["user_agent"].as_str().unwrap().starts_with("curl/"),
+        "{reverse}"
+    );
+    assert_eq!(reverse["referer"], "-");
     assert_eq!(lines[1]["user"], "alice");
     assert_eq!(lines[1]["kind"], "forward");
     assert_eq!(lines[2]["status"], 407);
@@ -278,11 +285,35 @@ async fn the_combined_format_is_one_apache_style_line() {
         &format!("{}/api/c", strait.url()),
     ])
     .await;
+    // A quote in a field would end it early for every log parser: escaped as nginx does.
+    curl(&["-A", "evil\" 500 1 \"x", &format!("{}/api/d", strait.url())]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let first = lines[0];
     assert!(
-        text.starts_with("127.0.0.1 - - [")
-            && text.contains("\"GET /api/c HTTP/1.1\" 200 14 \"http://ref/\" \"tester/1\""),
-        "{text}"
+        first.starts_with("127.0.0.1 - - [")
+            && first.contains("\"GET /api/c HTTP/1.1\" 200 14 \"http://ref/\" \"tester/1\""),
+        "{first}"
+    );
+    // The time as Apache and nginx write it: [04/Dec/2026:00:45:01 +0000].
+    let time = &first[first.find('[').unwrap() + 1..first.find(']').unwrap()];
+    let b = time.as_bytes();
+    assert_eq!(b.len(), 26, "{time}");
+    assert!(
+        b[..2].iter().all(u8::is_ascii_digit)
+            && b[2] == b'/'
+            && b[3..6].iter().all(u8::is_ascii_alphabetic)
+            && b[6] == b'/'
+            && b[7..11].iter().all(u8::is_ascii_digit)
+            && b[11] == b':'
+            && time.ends_with(" +0000"),
+        "{time}"
+    );
+    assert!(
+        lines[1].contains("\"GET /api/d HTTP/1.1\" 200 14 \"-\" \"evil\\x22 500 1 \\x22x\""),
+        "{}",
+        lines[1]
     );
 }

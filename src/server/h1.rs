@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
-use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end, date};
+use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end};
 use crate::body::RequestBody;
 use crate::io::{CountingIo, IdleTimeoutIo, Slots};
 use crate::proxy::{ConnBytes, ConnInfo, Tracked};
@@ -487,7 +487,7 @@ fn encode_head(
     };
     if !has_date {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(&date::now());
+        out.extend_from_slice(&crate::date::http_now());
         out.extend_from_slice(b"\r\n");
     }
     close |= says_close;

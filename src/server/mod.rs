@@ -8,7 +8,6 @@
 //! [`Proxy`]. This module knows nothing of routes or upstreams.
 
 mod admin;
-mod date;
 mod h1;
 pub mod park;
 mod shutdown;
