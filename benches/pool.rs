@@ -54,12 +54,14 @@ impl StraitSide {
             max_idle_per_host: 128,
             ..Default::default()
         };
-        let upstream = Upstream::new(&pool, &config::Timeouts::default());
+        let timeouts = config::Timeouts::default();
+        let upstream = Upstream::new(&pool, &timeouts);
         let profile = upstream.profile(ProfileSettings {
             version,
             tls: None,
             deny: Vec::new().into(),
-            response_timeout: None,
+            connect_timeout: timeouts.connect,
+            response_timeout: timeouts.upstream_response,
         });
         StraitSide {
             upstream,

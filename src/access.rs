@@ -41,12 +41,25 @@ pub struct Entry<'a> {
     pub user_agent: &'a str,
 }
 
-/// The sending side of the access log.
+/// The sending side of the access log. The writer thread ends once every clone is
+/// gone and it has written what they queued (a reload that changes `[log]` starts a new
+/// one; requests under way finish their lines on the old).
 #[derive(Clone)]
 pub struct AccessLog {
     tx: SyncSender<Message>,
     format: LogFormat,
     dropped: Counter,
+    _reopener: Arc<Reopener>,
+}
+
+/// The task that passes SIGHUP on to the writer; it holds a sender of its own, so it
+/// is stopped with the last [`AccessLog`] clone.
+struct Reopener(tokio::task::AbortHandle);
+
+impl Drop for Reopener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 enum Message {
@@ -69,7 +82,7 @@ impl AccessLog {
             .expect("starting the access log thread");
         // SIGHUP reaches the writer as a message in its queue.
         let reopen = tx.clone();
-        tokio::spawn(async move {
+        let reopener = tokio::spawn(async move {
             loop {
                 hup.notified().await;
                 if reopen.send(Message::Reopen).is_err() {
@@ -81,6 +94,7 @@ impl AccessLog {
             tx,
             format: cfg.format,
             dropped,
+            _reopener: Arc::new(Reopener(reopener.abort_handle())),
         })
     }
 

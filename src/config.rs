@@ -64,7 +64,7 @@ fn default_listeners() -> Vec<Listen> {
 }
 
 /// One `[[listen]]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub addr: SocketAddr,
@@ -73,7 +73,7 @@ pub struct Listen {
 }
 
 /// A certificate chain and its private key, both PEM files.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub cert: PathBuf,
@@ -464,14 +464,14 @@ impl Default for Timeouts {
 }
 
 /// `[admin]`: the metrics and health listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub addr: SocketAddr,
 }
 
 /// `[log]`: the access log.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
     pub access: AccessLog,

@@ -39,14 +39,19 @@ pub enum Access {
 }
 
 impl ForwardPolicy {
-    pub fn new(cfg: &config::Forward, upstream: &Upstream) -> Result<Self, String> {
+    pub fn new(
+        cfg: &config::Forward,
+        timeouts: &config::Timeouts,
+        upstream: &Upstream,
+    ) -> Result<Self, String> {
         let deny: Arc<[Cidr]> = cfg.deny_targets.clone().into();
         let tls = TlsSettings::new(Version::Auto, None, None, false)?;
         let profile = upstream.profile(ProfileSettings {
             version: Version::Auto,
             tls: Some(tls),
             deny: deny.clone(),
-            response_timeout: None,
+            connect_timeout: timeouts.connect,
+            response_timeout: timeouts.upstream_response,
         });
         Ok(ForwardPolicy {
             upgrade_profile: upstream.upgrade_profile(&profile),

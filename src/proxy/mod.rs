@@ -161,14 +161,14 @@ impl Proxy {
         let forward = config
             .forward
             .enabled
-            .then(|| forward::ForwardPolicy::new(&config.forward, &upstream))
+            .then(|| forward::ForwardPolicy::new(&config.forward, &config.timeouts, &upstream))
             .transpose()?;
         let route_metrics = config.admin.is_some().then_some(&*metrics);
         let routes = config
             .route
             .iter()
             .map(|r| {
-                let route = reverse::Route::new(r, &upstream, route_metrics)?;
+                let route = reverse::Route::new(r, &config.timeouts, &upstream, route_metrics)?;
                 Ok((r.host.clone(), r.path.0.clone(), route))
             })
             .collect::<Result<Vec<_>, String>>()?;

@@ -15,7 +15,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::{ConnInfo, Meta, Proxy, Refusal, health, relay_response, upgrade};
 use crate::body::{Body, RequestBody};
-use crate::config::{RouteConfig, Scheme, UpstreamUrl};
+use crate::config::{RouteConfig, Scheme, Timeouts, UpstreamUrl};
 use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::balance::Balancer;
 use crate::upstream::{ProfileSettings, Target, TlsSettings, Upstream, UpstreamError};
@@ -116,6 +116,7 @@ impl LocationRewrite {
 impl Route {
     pub fn new(
         cfg: &RouteConfig,
+        timeouts: &Timeouts,
         upstream: &Arc<Upstream>,
         metrics: Option<&Metrics>,
     ) -> Result<Route, String> {
@@ -141,7 +142,8 @@ impl Route {
             tls,
             // Reverse routes go where the operator said, loopback included.
             deny: Vec::new().into(),
-            response_timeout: cfg.upstream_response,
+            connect_timeout: timeouts.connect,
+            response_timeout: cfg.upstream_response.unwrap_or(timeouts.upstream_response),
         });
         let upgrade_profile = upstream.upgrade_profile(&profile);
         let targets = cfg

@@ -78,7 +78,7 @@ impl Proxy {
                 "port {port} is not in connect_ports"
             )));
         }
-        let upstream = connect_tcp(&host, port, &policy.deny, self.upstream.connect_timeout())
+        let upstream = connect_tcp(&host, port, &policy.deny, policy.profile.connect_timeout())
             .await
             .map_err(|e| Refusal::Upstream(UpstreamError::Connect(e)))?;
 

@@ -3,7 +3,6 @@
 //! queues behind proxy traffic and the proxy's own requests never show in it.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,14 +11,25 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use super::Shutdown;
 use crate::metrics::Metrics;
 
-/// Serves the admin endpoints until the process ends.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Shutdown) {
+/// Serves the admin endpoints until the process ends, or until `stop` (a reload that
+/// moved or removed `[admin]`); connections already open finish on their own.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    stop: CancellationToken,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => return,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
@@ -68,11 +78,4 @@ fn answer(
         header::HeaderValue::from_static(content_type),
     );
     resp
-}
-
-/// Binds the admin address; the error names it.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, super::RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| super::RunError::Bind(addr, e))
 }

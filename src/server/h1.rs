@@ -72,7 +72,8 @@ pub(super) async fn serve(
     shutdown: Shutdown,
 ) {
     let bytes = Arc::new(ConnBytes::default());
-    let mut io: PlainIo = IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), shared.idle);
+    let idle = shared.settings.load().idle;
+    let mut io: PlainIo = IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), idle);
     let mut buf = BytesMut::new();
     // The response head's bytes, and a header map for the next request (the last
     // response's, emptied): kept while the connection is busy.
@@ -180,7 +181,7 @@ pub(super) async fn serve(
                     let Some(since) = head_since else {
                         return Poll::Pending;
                     };
-                    let deadline = since + shared.handshake_timeout;
+                    let deadline = since + shared.settings.load().header_read;
                     let timer = head_timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                     if timer.deadline() != deadline {

@@ -5,11 +5,15 @@
 //! socket back once idle ([`park`]). TLS connections and HTTP/2 (by prior knowledge or
 //! ALPN) are served by hyper throughout, with the header-read timeout armed. An
 //! [`IdleTimeoutIo`] is underneath every connection. Requests go to the shared
-//! [`Proxy`]. This module knows nothing of routes or upstreams.
+//! [`Proxy`]. The sockets are bound and served by [`listeners`], and a SIGHUP puts a
+//! new configuration in service through [`reload`]. This module knows nothing of routes
+//! or upstreams.
 
 mod admin;
 mod h1;
+mod listeners;
 pub mod park;
+mod reload;
 mod shutdown;
 pub mod tls;
 
@@ -18,6 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,7 +42,7 @@ use crate::access::AccessLog;
 use crate::body::RequestBody;
 use crate::config::{Config, ConfigError};
 use crate::io::{CountingIo, IdleTimeoutIo};
-use crate::metrics::{Label, ListenerLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::proxy::{ConnBytes, ConnInfo, Proxy};
 use crate::upstream::Upstream;
 use park::{Lent, PARK_AFTER, Parking, ServerBody, Sessions};
@@ -81,17 +86,37 @@ impl std::error::Error for RunError {}
 struct Shared {
     /// Replaced whole on a reload; each request takes the one current when it starts.
     proxy: ArcSwap<Proxy>,
-    /// TLS connections and plain ones that open with the HTTP/2 preface.
-    http: auto::Builder<TokioExecutor>,
+    /// Replaced whole on a reload; each connection takes the one current when it
+    /// starts (and again for each request head it waits for).
+    settings: ArcSwap<Settings>,
     /// Plain HTTP/1.1 connections' hyper sessions, which give the socket back when idle.
     h1: http1::Builder,
     /// Plain HTTP/1.1 connections that hyper serves right now.
     sessions: Sessions,
     /// Parked plain HTTP/1.1 connections that kept their buffers ([`h1::KEEP_BUFFERS`]).
     kept_buffers: crate::io::Slots,
-    idle: Duration,
-    handshake_timeout: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// What client connections take from `[timeouts]`.
+struct Settings {
+    /// `timeouts.idle`.
+    idle: Duration,
+    /// `timeouts.header_read`, which also bounds a TLS handshake.
+    header_read: Duration,
+    /// hyper's builder for TLS connections and plain ones that open with the HTTP/2
+    /// preface (it carries `header_read`).
+    http: auto::Builder<TokioExecutor>,
+}
+
+impl Settings {
+    fn new(config: &Config) -> Settings {
+        Settings {
+            idle: config.timeouts.idle,
+            header_read: config.timeouts.header_read,
+            http: http_builder(config),
+        }
+    }
 }
 
 /// Reads the configuration again (the file, with the command line's flags applied).
@@ -102,8 +127,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     run_reloading(config, None).await
 }
 
-/// [`run`], and on SIGHUP `reload` is called and what can change without a restart
-/// (routes, `[forward]`) takes effect for new requests ([`reload_on_hup`]).
+/// [`run`], and on SIGHUP `reload` is called and the configuration it returns is put
+/// in service, all of it but `[pool]` and `[runtime]` ([`reload`]).
 pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(), RunError> {
     let shutdown = Shutdown::new();
     let tasks = TaskTracker::new();
@@ -112,30 +137,14 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
     let metrics = Arc::new(Metrics::new(upstream.stats().clone()));
     let hup = Arc::new(tokio::sync::Notify::new());
 
-    let mut listeners = Vec::with_capacity(config.listen.len());
+    let mut bound = Vec::with_capacity(config.listen.len());
     for l in &config.listen {
-        let acceptor = match &l.tls {
-            Some(files) => Some(tls::Acceptor::load(files).map_err(RunError::Config)?),
-            None => None,
-        };
-        let listener = TcpListener::bind(l.addr)
-            .await
-            .map_err(|e| RunError::Bind(l.addr, e))?;
-        let gauge = metrics
-            .client_connections
-            .get_or_create(&ListenerLabels {
-                listener: Label::from(l.addr.to_string().as_str()),
-            })
-            .clone();
-        listeners.push((listener, acceptor, gauge));
+        bound.push(listeners::bind(l).await?);
     }
     let admin = match &config.admin {
-        Some(a) => Some(admin::bind(a.addr).await?),
+        Some(a) => Some((a.addr, listeners::bind_admin(a.addr).await?)),
         None => None,
     };
-    for acceptor in listeners.iter().filter_map(|(_, a, _)| a.clone()) {
-        tokio::spawn(acceptor.watch(hup.clone(), metrics.clone()));
-    }
 
     let access = AccessLog::start(&config.log, hup.clone(), metrics.access_log_dropped.clone());
     let proxy = Proxy::new(
@@ -148,64 +157,54 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
     .map_err(RunError::Config)?;
     let shared = Arc::new(Shared {
         proxy: ArcSwap::from_pointee(proxy),
-        http: http_builder(&config),
+        settings: ArcSwap::from_pointee(Settings::new(&config)),
         h1: h1_builder(),
         sessions: Sessions::default(),
         kept_buffers: crate::io::Slots::new(h1::KEEP_BUFFERS),
-        idle: config.timeouts.idle,
-        handshake_timeout: config.timeouts.header_read,
         metrics: metrics.clone(),
     });
 
-    if let Some(listener) = admin {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!("admin listening on {addr}");
-        }
-        tokio::spawn(admin::serve(listener, metrics.clone(), shutdown.clone()));
-    }
-    for (listener, acceptor, gauge) in listeners {
-        let local = listener
-            .local_addr()
-            .map_err(|e| RunError::Setup(e.to_string()))?;
-        let kind = if acceptor.is_some() { "https" } else { "http" };
-        tracing::info!("listening on {local} ({kind})");
-        tokio::spawn(accept_loop(
-            listener,
-            acceptor,
-            gauge,
-            shared.clone(),
-            shutdown.clone(),
-            tasks.clone(),
-        ));
-    }
+    let admin = admin.map(|(addr, l)| listeners::serve_admin(addr, l, &metrics, &shutdown));
+    let ctx = listeners::Context {
+        shared: shared.clone(),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+        hup: hup.clone(),
+        metrics: metrics.clone(),
+    };
+    let serving: Vec<_> = bound.into_iter().map(|b| ctx.serve(b)).collect();
 
+    let grace = Arc::new(AtomicU64::new(reload::grace_nanos(
+        config.timeouts.shutdown_grace,
+    )));
     if let Some(reload) = reload {
-        let parts = ProxyParts {
+        let running = reload::Running {
+            config: config.clone(),
+            listeners: serving,
+            admin,
+            access,
+            grace: grace.clone(),
+        };
+        let parts = reload::ProxyParts {
             tasks: tasks.clone(),
             upstream,
             metrics: metrics.clone(),
-            access,
         };
-        tokio::spawn(reload_on_hup(
-            reload,
-            config.clone(),
-            hup.clone(),
-            shared.clone(),
-            parts,
-        ));
+        tokio::spawn(reload::on_hup(reload, running, ctx, parts));
+    } else {
+        // Nothing will change them: they serve until the process ends.
+        drop((serving, admin));
     }
 
     let signal = shutdown::wait_for_signal(&hup).await;
     shutdown.trigger();
+    let grace = Duration::from_nanos(grace.load(Ordering::Relaxed));
     tracing::info!(
         "{signal}: draining, up to {} for in-flight requests",
-        humantime::format_duration(config.timeouts.shutdown_grace)
+        humantime::format_duration(grace)
     );
     tasks.close();
-    if tokio::time::timeout(config.timeouts.shutdown_grace, tasks.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         tracing::warn!(
             remaining = tasks.len(),
             "shutdown grace passed with connections still open; closing them"
@@ -213,83 +212,6 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Puts back a section a reload cannot change, and names a change to it in the log.
-fn keep_as_started<T: Clone + std::fmt::Debug>(section: &str, running: &T, next: &mut T) {
-    if format!("{running:?}") != format!("{next:?}") {
-        tracing::warn!("SIGHUP: [{section}] changed; it takes effect after a restart");
-    }
-    *next = running.clone();
-}
-
-/// What every [`Proxy`] of a run shares: reloads replace routes and policies, not the
-/// pool, the metrics or the access log.
-struct ProxyParts {
-    tasks: TaskTracker,
-    upstream: Arc<Upstream>,
-    metrics: Arc<Metrics>,
-    access: Option<AccessLog>,
-}
-
-/// On each SIGHUP: reads the configuration again and, when it is valid, puts a proxy
-/// built from it in place for new requests (requests under way finish on the old one;
-/// kept-alive connections take the new one with their next request). What was bound or
-/// sized at start (listeners, `[pool]`, `[timeouts]`, `[admin]`, `[log]`, `[runtime]`)
-/// stays; a change there is named in the log as needing a restart. A configuration that
-/// does not load changes nothing, and the error names the file, line and key.
-async fn reload_on_hup(
-    reload: Reload,
-    mut running: Config,
-    hup: Arc<tokio::sync::Notify>,
-    shared: Arc<Shared>,
-    parts: ProxyParts,
-) {
-    // Each wait is registered before the previous reload's work, so a SIGHUP that
-    // comes during it is not missed (the signal wakes only tasks already waiting).
-    let mut signalled = std::pin::pin!(hup.notified());
-    signalled.as_mut().enable();
-    loop {
-        signalled.as_mut().await;
-        signalled.set(hup.notified());
-        signalled.as_mut().enable();
-        let mut next = match reload() {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::error!("SIGHUP: configuration not reloaded: {e}");
-                parts.metrics.count_reload("config", false);
-                continue;
-            }
-        };
-        keep_as_started("listen", &running.listen, &mut next.listen);
-        keep_as_started("pool", &running.pool, &mut next.pool);
-        keep_as_started("timeouts", &running.timeouts, &mut next.timeouts);
-        keep_as_started("admin", &running.admin, &mut next.admin);
-        keep_as_started("log", &running.log, &mut next.log);
-        keep_as_started("runtime", &running.runtime, &mut next.runtime);
-        match Proxy::new(
-            &next,
-            parts.tasks.clone(),
-            parts.upstream.clone(),
-            parts.metrics.clone(),
-            parts.access.clone(),
-        ) {
-            Ok(proxy) => {
-                shared.proxy.store(Arc::new(proxy));
-                parts.metrics.count_reload("config", true);
-                tracing::info!(
-                    routes = next.route.len(),
-                    forward = next.forward.enabled,
-                    "SIGHUP: configuration reloaded"
-                );
-                running = next;
-            }
-            Err(e) => {
-                tracing::error!("SIGHUP: configuration not reloaded: {e}");
-                parts.metrics.count_reload("config", false);
-            }
-        }
-    }
 }
 
 fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
@@ -318,6 +240,8 @@ fn h1_builder() -> http1::Builder {
     builder
 }
 
+/// Accepts connections and serves each in a task of its own, until shutdown (the
+/// listener closes) or `stop` (a reload: the listener is handed back).
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<tls::Acceptor>,
@@ -325,12 +249,17 @@ async fn accept_loop(
     shared: Arc<Shared>,
     shutdown: Shutdown,
     tasks: TaskTracker,
-) {
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<TcpListener> {
     let local = listener.local_addr().ok();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = shutdown.triggered() => break,
+            () = shutdown.triggered() => {
+                tracing::debug!(listener = ?local, "stopped accepting");
+                return None;
+            }
+            () = stop.cancelled() => break,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -366,7 +295,8 @@ async fn accept_loop(
                 Some(acceptor) => {
                     Box::pin(async move {
                         let handshake = acceptor.accept(stream);
-                        match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+                        let within = shared.settings.load().header_read;
+                        match tokio::time::timeout(within, handshake).await {
                             Ok(Ok(tls)) => {
                                 let info = ConnInfo {
                                     peer,
@@ -391,6 +321,7 @@ async fn accept_loop(
         });
     }
     tracing::debug!(listener = ?local, "stopped accepting");
+    Some(listener)
 }
 
 /// RFC 9113 §3.4: what an HTTP/2 client with prior knowledge sends first.
@@ -400,7 +331,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// auto builder, HTTP/1.1 through Strait's own server ([`h1`]). Until the first bytes arrive (at most
 /// `header_read`), the connection holds nothing but its socket.
 async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown) {
-    let deadline = Instant::now() + shared.handshake_timeout;
+    let deadline = Instant::now() + shared.settings.load().header_read;
     let mut head = [0u8; H2_PREFACE.len()];
     // `peek` waits for bytes (readiness alone can be a false positive) and leaves
     // them for whoever serves the connection.
@@ -514,7 +445,7 @@ async fn drive_h1(
 ) -> Served {
     let (_session, eager) = shared.sessions.enter();
     parking.set_eager(eager);
-    let header_read = shared.handshake_timeout;
+    let header_read = shared.settings.load().header_read;
     let every = PARK_AFTER
         .min(header_read / 2)
         .max(Duration::from_millis(10));
@@ -622,14 +553,15 @@ where
 {
     let bytes = Arc::new(ConnBytes::default());
     let counted = CountingIo::new(stream, bytes.clone());
-    let io = TokioIo::new(IdleTimeoutIo::new(counted, shared.idle));
+    let settings = shared.settings.load_full();
+    let io = TokioIo::new(IdleTimeoutIo::new(counted, settings.idle));
     let service = ConnService {
         shared: shared.clone(),
         info,
         bytes: bytes.clone(),
         parking: None,
     };
-    let conn = shared.http.serve_connection_with_upgrades(io, service);
+    let conn = settings.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -40,21 +40,30 @@ pub const REPLAY_BUFFER: u64 = 64 * 1024;
 /// HTTP/1.1 connection happens at most once.
 const MAX_ATTEMPTS: usize = 8;
 
-/// Connection settings shared by a group of targets: protocol, TLS and address policy.
-/// Two targets only ever share a connection when they share a profile.
+/// Connection settings shared by a group of targets: protocol, TLS, address policy and
+/// timeouts. Two targets only ever share a connection when they share a profile.
+///
+/// The timeouts live here, not in the pool, so a configuration reload changes them
+/// with the routes that carry them: requests under way keep the ones they began with.
 pub struct Profile {
     id: u32,
     version: Version,
     tls: Option<TlsSettings>,
     deny: Arc<[Cidr]>,
-    /// Overrides `timeouts.upstream_response` (a route's own).
-    response_timeout: Option<Duration>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
 }
 
 impl Profile {
-    /// The response timeout of this profile's requests, or `default`.
-    pub fn response_timeout(&self, default: Duration) -> Duration {
-        self.response_timeout.unwrap_or(default)
+    /// `timeouts.connect`: TCP connect plus TLS handshake.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Until the response head, and the longest a body may go without a byte: the
+    /// route's own `upstream_response`, or `timeouts.upstream_response`.
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
     }
 }
 
@@ -74,8 +83,10 @@ pub struct ProfileSettings {
     pub tls: Option<TlsSettings>,
     /// Addresses never connected to (checked after resolution).
     pub deny: Arc<[Cidr]>,
-    /// A route's own `upstream_response`; `None` keeps `timeouts.upstream_response`.
-    pub response_timeout: Option<Duration>,
+    /// `timeouts.connect`.
+    pub connect_timeout: Duration,
+    /// A route's own `upstream_response`, or `timeouts.upstream_response`.
+    pub response_timeout: Duration,
 }
 
 /// Where one request goes: scheme, authority (`host[:port]`, exactly as it should
@@ -205,16 +216,15 @@ impl From<CheckoutError> for UpstreamError {
 #[derive(Debug)]
 pub struct Upstream {
     pool: Pool,
-    connect_timeout: Duration,
-    response_timeout: Duration,
     next_profile: AtomicU32,
 }
 
 impl Upstream {
+    /// The pool, sized by `[pool]`; its sweep starts at a quarter of
+    /// `timeouts.upstream_response` (profiles with shorter timeouts make it check more
+    /// often).
     pub fn new(pool: &config::Pool, timeouts: &config::Timeouts) -> Self {
-        let connect_timeout = timeouts.connect;
-        let connector: pool::Connector =
-            Arc::new(move |key: &PoolKey| Box::pin(open(key.clone(), connect_timeout)));
+        let connector: pool::Connector = Arc::new(|key: &PoolKey| Box::pin(open(key.clone())));
         let limits = pool::Limits {
             idle_timeout: pool.idle_timeout,
             max_idle_per_host: pool.max_idle_per_host,
@@ -222,19 +232,11 @@ impl Upstream {
             max_conns_per_host: pool.max_conns_per_host,
             wait_timeout: pool.wait_timeout,
             deadline_check: (timeouts.upstream_response / 4).max(Duration::from_millis(10)),
-            read_timeout: timeouts.upstream_response,
         };
         Upstream {
             pool: Pool::new(limits, connector),
-            connect_timeout,
-            response_timeout: timeouts.upstream_response,
             next_profile: AtomicU32::new(0),
         }
-    }
-
-    /// `timeouts.connect`, for callers that open raw connections (tunnels).
-    pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
     }
 
     /// Counts a request sent again, here or to another upstream of its route
@@ -260,14 +262,13 @@ impl Upstream {
 
     /// Makes a profile: a group of targets that may share connections.
     pub fn profile(&self, settings: ProfileSettings) -> Arc<Profile> {
-        if let Some(t) = settings.response_timeout {
-            self.pool.check_deadlines_within(t);
-        }
+        self.pool.check_deadlines_within(settings.response_timeout);
         Arc::new(Profile {
             id: self.next_profile.fetch_add(1, Ordering::Relaxed),
             version: settings.version,
             tls: settings.tls,
             deny: settings.deny,
+            connect_timeout: settings.connect_timeout,
             response_timeout: settings.response_timeout,
         })
     }
@@ -283,6 +284,7 @@ impl Upstream {
             version: Version::H1,
             tls: profile.tls.as_ref().map(TlsSettings::h1_only),
             deny: profile.deny.clone(),
+            connect_timeout: profile.connect_timeout,
             response_timeout: profile.response_timeout,
         })
     }
@@ -365,7 +367,7 @@ impl Upstream {
                 }
             };
             // `upstream_response` runs from here to the response head, retries included.
-            let response_timeout = key.profile.response_timeout(self.response_timeout);
+            let response_timeout = key.profile.response_timeout();
             let deadline = tokio::time::Instant::now() + response_timeout;
             let mut fresh = false;
             let mut replays_left = 1;
@@ -468,10 +470,10 @@ impl Upstream {
 }
 
 /// Opens a connection for a pool key: resolve, check, connect, TLS with ALPN.
-async fn open(key: PoolKey, timeout: Duration) -> Result<(connect::Stream, bool), ConnectError> {
+async fn open(key: PoolKey) -> Result<(connect::Stream, bool), ConnectError> {
     let profile = &key.profile;
     let (host, port) = split_authority(key.authority.as_str(), key.scheme);
-    let tcp = connect::connect_tcp(host, port, &profile.deny, timeout).await?;
+    let tcp = connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await?;
     match key.scheme {
         Scheme::Http => Ok((connect::Stream::Plain(tcp), profile.version == Version::H2)),
         Scheme::Https => {
@@ -481,7 +483,7 @@ async fn open(key: PoolKey, timeout: Duration) -> Result<(connect::Stream, bool)
                     Arc::new(std::io::Error::other("no TLS settings for an https target")),
                 ));
             };
-            let stream = tokio::time::timeout(timeout, tls.handshake(host, tcp))
+            let stream = tokio::time::timeout(profile.connect_timeout, tls.handshake(host, tcp))
                 .await
                 .unwrap_or_else(|_| Err(ConnectError::TimedOut(key.authority.to_string())))?;
             let h2 = stream.is_h2() || profile.version == Version::H2;

@@ -156,9 +156,6 @@ pub struct Limits {
     /// way (a quarter of `upstream_response`): a late head is cut off that much late at
     /// most, and no request arms a timer of its own.
     pub deadline_check: Duration,
-    /// `upstream_response`, also the longest an HTTP/1.1 response body may go without
-    /// a byte (nginx's `proxy_read_timeout`); enforced by the same sweep.
-    pub read_timeout: Duration,
 }
 
 /// An HTTP/2 response body, and its stall timer, made when the reader first waits.
@@ -512,7 +509,7 @@ impl Reply {
                     }
                     return polled;
                 }
-                let Some(timeout) = conn.and_then(|c| c.read_timeout()) else {
+                let Some(timeout) = conn.map(|c| c.read_timeout()) else {
                     return polled;
                 };
                 let t = stall.get_or_insert_with(|| StallTimer {
@@ -549,11 +546,10 @@ impl Reply {
 }
 
 impl Checkout {
-    /// The longest a response body may go without a byte: the route's own
-    /// `upstream_response`, or `timeouts.upstream_response`.
-    fn read_timeout(&self) -> Option<Duration> {
-        let pool = self.pool.upgrade()?;
-        Some(self.key.profile.response_timeout(pool.limits.read_timeout))
+    /// The longest a response body may go without a byte (nginx's
+    /// `proxy_read_timeout`): the profile's `upstream_response`.
+    fn read_timeout(&self) -> Duration {
+        self.key.profile.response_timeout()
     }
 
     /// The next frame of an HTTP/1.1 body. While it waits for the upstream, the body's
@@ -570,7 +566,7 @@ impl Checkout {
         };
         let shared = &*self.shared;
         if shared.timed_out.load(Ordering::Relaxed) {
-            let waited = self.read_timeout().unwrap_or_default();
+            let waited = self.read_timeout();
             return Poll::Ready(Some(Err(Box::new(BodyStalled(waited)))));
         }
         let polled = conn
@@ -580,8 +576,7 @@ impl Checkout {
             if shared.head_deadline.load(Ordering::Relaxed) == 0
                 && let Some(pool) = self.pool.upgrade()
             {
-                let timeout = self.key.profile.response_timeout(pool.limits.read_timeout);
-                let due = pool.now_ms() + timeout.as_millis() as u64;
+                let due = pool.now_ms() + self.read_timeout().as_millis() as u64;
                 shared.head_deadline.store(due, Ordering::Relaxed);
             }
             shared.wake_on_deadline(cx);
@@ -1721,7 +1716,6 @@ mod tests {
             max_conns_per_host: 0,
             wait_timeout: Duration::from_secs(5),
             deadline_check: Duration::from_secs(15),
-            read_timeout: Duration::from_secs(60),
         }
     }
 
@@ -1732,7 +1726,8 @@ mod tests {
                 version: Version::Auto,
                 tls: None,
                 deny: Vec::new().into(),
-                response_timeout: None,
+                connect_timeout: Duration::from_secs(5),
+                response_timeout: Duration::from_secs(60),
             }),
             Scheme::Http,
             authority.parse().unwrap(),
