@@ -201,31 +201,29 @@ async fn a_reload_puts_tls_on_a_listener_without_closing_its_socket() {
     let a = free_addr();
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new(dir.path(), &["localhost", "127.0.0.1"]);
-    let route = format!("[[route]]\nupstream = \"{}\"", origin.url());
-    let strait = Strait::start(&format!("[[listen]]\naddr = \"{a}\"\n{route}"), &[]);
+    let config = |tls: &str| {
+        format!(
+            "[[listen]]\naddr = \"{a}\"\n{tls}\n[[route]]\nupstream = \"{}\"",
+            origin.url()
+        )
+    };
+    let with_tls = |cert: &std::path::Path, key: &std::path::Path| {
+        config(&format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}",
+            cert.display(),
+            key.display()
+        ))
+    };
+    let strait = Strait::start(&config(""), &[]);
     assert_eq!(curl(&[&format!("http://{a}/")]).await.text(), "hello");
-    write_config(
-        &strait,
-        &format!(
-            "[[listen]]\naddr = \"{a}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n{route}",
-            certs.cert_pem.display(),
-            certs.key_pem.display()
-        ),
-    );
+    write_config(&strait, &with_tls(&certs.cert_pem, &certs.key_pem));
     reload(&strait, "SIGHUP: configuration reloaded").await;
     let ca = certs.ca_pem.to_str().unwrap();
     let out = curl(&["--cacert", ca, &format!("https://{a}/")]).await;
     assert_eq!((out.status, out.text().as_str()), (200, "hello"));
 
     // A certificate that does not load refuses the reload; TLS stays as it was.
-    write_config(
-        &strait,
-        &format!(
-            "[[listen]]\naddr = \"{a}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n{route}",
-            certs.ca_pem.display(),
-            certs.key_pem.display()
-        ),
-    );
+    write_config(&strait, &with_tls(&certs.ca_pem, &certs.key_pem));
     reload(&strait, "configuration not reloaded").await;
     let out = curl(&["--cacert", ca, &format!("https://{a}/")]).await;
     assert_eq!((out.status, out.text().as_str()), (200, "hello"));
