@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use super::listeners::{self, AdminServing, Bound, Context, Serving};
-use super::{Reload, RunError, Settings};
+use super::{Reload, Settings};
 use crate::access::AccessLog;
 use crate::config::{Config, Listen};
 use crate::metrics::Metrics;
@@ -97,6 +97,13 @@ enum Plan {
     Start(Bound),
 }
 
+/// What a reload has ready before anything in service changes.
+struct Prepared {
+    admin: Option<tokio::net::TcpListener>,
+    access: Option<AccessLog>,
+    proxy: Proxy,
+}
+
 /// Checks and prepares everything `next` needs (binds, certificates, routes, the log
 /// writer); only when all of it succeeded does anything in service change.
 async fn apply(
@@ -108,85 +115,31 @@ async fn apply(
     keep_as_started("pool", &running.config.pool, &mut next.pool);
     keep_as_started("runtime", &running.config.runtime, &mut next.runtime);
 
-    // Prepare. Nothing below touches what is in service until every step succeeded;
-    // what was prepared is dropped on a failure (the sockets bound so far close).
+    // Each listener in service is either planned for (kept, served again or, when the
+    // reload fails, put back) or, if still here once all succeeded, stopped.
     let mut serving: Vec<Option<Serving>> = std::mem::take(&mut running.listeners)
         .into_iter()
         .map(Some)
         .collect();
     let mut plans = Vec::with_capacity(next.listen.len());
-    let prepared: Result<(), String> = async {
-        for l in &next.listen {
-            let found = serving
-                .iter_mut()
-                .find(|s| s.as_ref().is_some_and(|s| s.cfg.addr == l.addr));
-            match found {
-                Some(slot) if slot.as_ref().is_some_and(|s| s.cfg == *l) => {
-                    plans.push(Plan::Keep(slot.take().expect("found above")));
-                }
-                Some(slot) => {
-                    let acceptor = match &l.tls {
-                        Some(files) => Some(super::tls::Acceptor::load(files)?),
-                        None => None,
-                    };
-                    let s = slot.take().expect("found above");
-                    plans.push(Plan::Retls(s, l.clone(), acceptor));
-                }
-                None => plans.push(Plan::Start(listeners::bind(l).await.map_err(stringify)?)),
-            }
-        }
-        Ok(())
-    }
-    .await;
-    // Whatever was not planned for keeps serving if the reload fails, or stops.
-    let put_back = |serving: Vec<Option<Serving>>, plans: Vec<Plan>| -> Vec<Serving> {
-        let mut back: Vec<Serving> = serving.into_iter().flatten().collect();
-        for p in plans {
-            match p {
-                Plan::Keep(s) | Plan::Retls(s, ..) => back.push(s),
-                Plan::Start(_) => {}
-            }
-        }
-        back
-    };
-    if let Err(e) = prepared {
-        running.listeners = put_back(serving, plans);
-        return Err(e);
-    }
-    let admin_bound = match &next.admin {
-        Some(a) if running.admin.as_ref().map(|s| s.addr) != Some(a.addr) => {
-            match listeners::bind_admin(a.addr).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    running.listeners = put_back(serving, plans);
-                    return Err(e.to_string());
-                }
-            }
-        }
-        _ => None,
-    };
-    let access = if next.log == running.config.log {
-        running.access.clone()
-    } else {
-        AccessLog::start(
-            &next.log,
-            ctx.hup.clone(),
-            parts.metrics.access_log_dropped.clone(),
-        )
-    };
-    let proxy = match Proxy::new(
-        &next,
-        parts.tasks.clone(),
-        parts.upstream.clone(),
-        parts.metrics.clone(),
-        access.clone(),
-    ) {
+    let prepared = match prepare(&next, running, ctx, parts, &mut serving, &mut plans).await {
         Ok(p) => p,
         Err(e) => {
-            running.listeners = put_back(serving, plans);
+            // What was bound for the reload closes; what served goes on serving.
+            running.listeners = serving.into_iter().flatten().collect();
+            for p in plans {
+                if let Plan::Keep(s) | Plan::Retls(s, ..) = p {
+                    running.listeners.push(s);
+                }
+            }
             return Err(e);
         }
     };
+    let Prepared {
+        admin: admin_bound,
+        access,
+        proxy,
+    } = prepared;
 
     // Apply: new requests and connections see the new configuration from here on.
     ctx.shared.proxy.store(Arc::new(proxy));
@@ -257,6 +210,64 @@ async fn apply(
     Ok(())
 }
 
-fn stringify(e: RunError) -> String {
-    e.to_string()
+/// The fallible half of [`apply`]: binds new listeners and the admin listener, loads
+/// certificates, starts a new log writer if `[log]` changed, builds the proxy.
+async fn prepare(
+    next: &Config,
+    running: &Running,
+    ctx: &Context,
+    parts: &ProxyParts,
+    serving: &mut [Option<Serving>],
+    plans: &mut Vec<Plan>,
+) -> Result<Prepared, String> {
+    for l in &next.listen {
+        let found = serving
+            .iter_mut()
+            .find(|s| s.as_ref().is_some_and(|s| s.cfg.addr == l.addr));
+        match found {
+            Some(slot) if slot.as_ref().is_some_and(|s| s.cfg == *l) => {
+                plans.push(Plan::Keep(slot.take().expect("found above")));
+            }
+            Some(slot) => {
+                let acceptor = match &l.tls {
+                    Some(files) => Some(super::tls::Acceptor::load(files)?),
+                    None => None,
+                };
+                let s = slot.take().expect("found above");
+                plans.push(Plan::Retls(s, l.clone(), acceptor));
+            }
+            None => plans.push(Plan::Start(
+                listeners::bind(l).await.map_err(|e| e.to_string())?,
+            )),
+        }
+    }
+    let admin = match &next.admin {
+        Some(a) if running.admin.as_ref().map(|s| s.addr) != Some(a.addr) => Some(
+            listeners::bind_admin(a.addr)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
+    let access = if next.log == running.config.log {
+        running.access.clone()
+    } else {
+        AccessLog::start(
+            &next.log,
+            ctx.hup.clone(),
+            parts.metrics.access_log_dropped.clone(),
+        )
+    };
+    let proxy = Proxy::new(
+        next,
+        parts.tasks.clone(),
+        parts.upstream.clone(),
+        parts.metrics.clone(),
+        access.clone(),
+    )?;
+    Ok(Prepared {
+        admin,
+        access,
+        proxy,
+    })
 }
