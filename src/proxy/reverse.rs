@@ -406,7 +406,6 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// `example.com:8080` → `example.com`; `[::1]:80` → `::1`.
 /// True when a path may hold a `.` or `..` segment, plain or percent-encoded (`%2e`):
 /// the quick test every request takes; most paths have neither `/.` nor `%2e`.
 fn has_dot_segment(path: &str) -> bool {
@@ -479,6 +478,7 @@ fn without_dot_segments(uri: &Uri) -> Result<Uri, Refusal> {
     Uri::from_parts(parts).map_err(|_| Refusal::BadRequest("unusable path".into()))
 }
 
+/// `example.com:8080` → `example.com`; `[::1]:80` → `::1`.
 fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
