@@ -12,6 +12,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
@@ -46,25 +47,20 @@ pub struct Entry<'a> {
 /// one; requests under way finish their lines on the old).
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: SyncSender<Message>,
+    tx: SyncSender<String>,
     format: LogFormat,
     dropped: Counter,
     _reopener: Arc<Reopener>,
 }
 
-/// The task that passes SIGHUP on to the writer; it holds a sender of its own, so it
-/// is stopped with the last [`AccessLog`] clone.
+/// The task that passes SIGHUP on to the writer (a flag, never a wait on the full
+/// queue of a stalled writer); stopped with the last [`AccessLog`] clone.
 struct Reopener(tokio::task::AbortHandle);
 
 impl Drop for Reopener {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-enum Message {
-    Line(String),
-    Reopen,
 }
 
 impl AccessLog {
@@ -76,17 +72,21 @@ impl AccessLog {
             config::AccessLog::File(p) => Sink::File(p.clone()),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        // SIGHUP reaches the writer as a flag it looks at every round.
+        let reopen = Arc::new(AtomicBool::new(false));
         std::thread::Builder::new()
             .name("strait-access-log".into())
-            .spawn(move || write_lines(rx, sink))
+            .spawn({
+                let reopen = reopen.clone();
+                move || write_lines(rx, reopen, sink)
+            })
             .expect("starting the access log thread");
-        // SIGHUP reaches the writer as a message in its queue.
-        let reopen = tx.clone();
-        let reopener = tokio::spawn(async move {
-            loop {
-                hup.notified().await;
-                if reopen.send(Message::Reopen).is_err() {
-                    break;
+        let reopener = tokio::spawn({
+            let reopen = reopen.clone();
+            async move {
+                loop {
+                    hup.notified().await;
+                    reopen.store(true, Ordering::Relaxed);
                 }
             }
         });
@@ -104,7 +104,7 @@ impl AccessLog {
             LogFormat::Json => json_line(e),
             LogFormat::Combined => combined_line(e),
         };
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(Message::Line(line)) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
             self.dropped.inc();
         }
     }
@@ -129,7 +129,7 @@ fn open(path: &PathBuf) -> Option<std::fs::File> {
     }
 }
 
-fn write_lines(rx: Receiver<Message>, sink: Sink) {
+fn write_lines(rx: Receiver<String>, reopen: Arc<AtomicBool>, sink: Sink) {
     let writer = |sink: &Sink| -> Box<dyn std::io::Write> {
         match sink {
             Sink::Stdout => Box::new(std::io::stdout()),
@@ -141,22 +141,22 @@ fn write_lines(rx: Receiver<Message>, sink: Sink) {
     };
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer(&sink));
     loop {
+        if reopen.swap(false, Ordering::Relaxed)
+            && let Sink::File(p) = &sink
+        {
+            let _ = out.flush();
+            out = std::io::BufWriter::with_capacity(64 * 1024, writer(&sink));
+            tracing::info!(path = %p.display(), "access log reopened");
+        }
         // Drain what is queued, write it, then sleep a little. The writer never blocks
         // on the queue, so senders never have to wake it: no context switch per line.
         let mut drained = 0usize;
         loop {
             match rx.try_recv() {
-                Ok(Message::Line(line)) => {
+                Ok(line) => {
                     drained += 1;
                     if let Err(e) = out.write_all(line.as_bytes()) {
                         tracing::warn!("access log write failed: {e}");
-                    }
-                }
-                Ok(Message::Reopen) => {
-                    let _ = out.flush();
-                    if let Sink::File(p) = &sink {
-                        out = std::io::BufWriter::with_capacity(64 * 1024, writer(&sink));
-                        tracing::info!(path = %p.display(), "access log reopened");
                     }
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,

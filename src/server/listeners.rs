@@ -42,7 +42,6 @@ pub(super) async fn bind(cfg: &Listen) -> Result<Bound, RunError> {
 }
 
 /// What serving a proxy listener needs besides the listener.
-#[derive(Clone)]
 pub(super) struct Context {
     pub shared: Arc<Shared>,
     pub shutdown: Shutdown,
