@@ -13,6 +13,8 @@
 //! - [`proxy`]: what a request is (forward, CONNECT, reverse) and where it goes; the one
 //!   place that turns a refusal into a status code.
 //! - [`route`]: the reverse route table (host and path prefix).
+//! - [`http1`]: the HTTP/1.1 wire format, once: framing, the chunked coding, the
+//!   response head parser and the limits every HTTP/1.1 path shares. No sockets.
 //! - [`upstream`]: pooled connections to origins, connect and TLS, load balancing. Knows
 //!   nothing of routes or users.
 //! - [`io`]: stream wrappers (idle timeout, byte counting).
@@ -28,6 +30,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod date;
+pub mod http1;
 pub mod io;
 pub mod metrics;
 pub mod proxy;

@@ -11,9 +11,12 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The fixed hop-by-hop fields (RFC 9110 §7.6.1), plus the proxy-auth pair, which only
-/// ever concern the hop between a client and its proxy. `Connection` comes first
+/// ever concern the hop between a client and its proxy, and `Expect`: Strait answers
+/// `100-continue` to its client itself (hyper does when the body is first read), and an
+/// origin that saw `Expect` could answer before reading the body, then read the body as
+/// the next request on a pooled connection (RFC 9110 §10.1.1). `Connection` comes first
 /// ([`CONNECTION_AT`]): the fields it names are removed before it.
-const HOP_BY_HOP: [&HeaderName; 9] = [
+const HOP_BY_HOP: [&HeaderName; 10] = [
     &header::CONNECTION,
     &PROXY_CONNECTION,
     &header::PROXY_AUTHORIZATION,
@@ -23,6 +26,7 @@ const HOP_BY_HOP: [&HeaderName; 9] = [
     &header::TRANSFER_ENCODING,
     &header::UPGRADE,
     &KEEP_ALIVE,
+    &header::EXPECT,
 ];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// Where `Connection` and `TE` stand in [`HOP_BY_HOP`].

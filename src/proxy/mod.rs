@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::{AccessLog, Entry};
 use crate::body::{Body, RequestBody};
 use crate::config::Config;
+use crate::http1::{self, framing::Refused};
 use crate::io::ConnBytes as Bytes_;
 use crate::metrics::{BytesLabels, Direction, Kind, Label, Metrics, RequestLabels, RouteLabels};
 use crate::route::RouteTable;
@@ -226,14 +227,21 @@ impl Proxy {
             // Strait's own HTTP/1.1 server checks `Host` as it parses (and hands a
             // request that fails to hyper); what hyper parsed, with its `Incoming` body,
             // is checked here.
-            let malformed = match req.body() {
-                RequestBody::Incoming(_) => malformed(&req),
+            let mut req = req;
+            let refused = match req.body() {
+                RequestBody::Incoming(_) => malformed(&mut req),
+                // Strait's own server refused the head's framing; it is answered here to
+                // be logged and counted as every refusal is.
+                _ if !req.extensions().is_empty() => req
+                    .extensions()
+                    .get::<Refused>()
+                    .map(|r| Refusal::Framing(*r)),
                 _ => None,
             };
             // The forward and CONNECT futures are boxed: the request's future is built and
             // moved whole, and theirs are the largest states it would otherwise hold.
-            let result = if let Some(why) = malformed {
-                Err(Refusal::BadRequest(why.into()))
+            let result = if let Some(refusal) = refused {
+                Err(refusal)
             } else if method == Method::CONNECT && !self.is_reverse_websocket(&req, conn) {
                 Box::pin(self.connect(req, conn, &mut meta, bytes)).await
             } else if self.is_forward_form(&req, conn) {
@@ -342,73 +350,89 @@ impl Proxy {
     }
 }
 
-/// Why an HTTP/1 request hyper parsed must get 400, if it must, as nginx answers them:
-/// an HTTP/1.1 request without `Host`, any with more than one or with one that is no
-/// host[:port] (RFC 9112 §3.2); a target in neither origin nor absolute form outside
-/// CONNECT; a body chunked twice (RFC 9112 §6.1). HTTP/2 carries its authority in its
-/// pseudo-headers. (Other framing faults never get here: hyper answers them, and a
-/// request with both `Transfer-Encoding` and `Content-Length` reaches the proxy without
-/// the length.)
-fn malformed(req: &Request<RequestBody>) -> Option<&'static str> {
+/// Why a request hyper parsed (HTTP/1 on hyper's path, and every HTTP/2 request) is
+/// refused, if it is, as nginx refuses them; fields with `_` in their names are dropped
+/// on the way (`http1::is_forwarded_name`).
+///
+/// HTTP/1: an HTTP/1.1 request without `Host`, any with more than one or with one that
+/// is no host[:port] (RFC 9112 §3.2); a target in neither origin nor absolute form
+/// outside CONNECT; codings other than exactly `chunked` (501, RFC 9112 §6.1: hyper
+/// decodes a final `chunked` and lets `gzip, chunked` pass as if it were plain). The
+/// other framing faults are hyper's to answer, or Strait's own server's before hyper
+/// sees the head (`server/h1.rs`).
+///
+/// HTTP/2 (RFC 9113 §8.2.1, §8.3.1): a `:path` that is not origin form (or `*` for
+/// OPTIONS), and field values with white space at either end, are malformed.
+fn malformed(req: &mut Request<RequestBody>) -> Option<Refusal> {
+    drop_underscored(req.headers_mut());
     let version = req.version();
+    let uri = req.uri();
     if version >= http::Version::HTTP_2 {
-        return None;
+        let path = uri.path_and_query().map_or("", |p| p.as_str());
+        let bad_path = req.method() != Method::CONNECT
+            && !path.starts_with('/')
+            && !(path == "*" && req.method() == Method::OPTIONS);
+        let padded = req.headers().values().any(|v| {
+            let v = v.as_bytes();
+            matches!(v.first(), Some(b' ' | b'\t')) || matches!(v.last(), Some(b' ' | b'\t'))
+        });
+        return match (bad_path, padded) {
+            (true, _) => Some(Refusal::BadRequest(":path is not origin form".into())),
+            (_, true) => Some(Refusal::BadRequest(
+                "field value with white space at either end".into(),
+            )),
+            _ => None,
+        };
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
         (None, _) if version == http::Version::HTTP_11 => Some("HTTP/1.1 request without Host"),
         (Some(_), Some(_)) => Some("more than one Host"),
-        (Some(host), None) if !is_host_port(host.as_bytes()) => Some("Host is not host[:port]"),
+        (Some(host), None) if !http1::is_host_port(host.as_bytes()) => {
+            Some("Host is not host[:port]")
+        }
         _ => None,
     };
     // hyper takes `GET host:80` (authority form) and `GET *` as targets; only CONNECT
     // names an authority, and Strait serves no `*` (RFC 9112 §3.2).
-    let uri = req.uri();
     let target =
         (req.method() != Method::CONNECT && uri.scheme().is_none() && !uri.path().starts_with('/'))
             .then_some("request target is neither origin form nor absolute form");
-    host.or(target).or_else(|| chunked_twice(req.headers()))
-}
-
-/// hyper decodes the last `chunked` of a `Transfer-Encoding` list and lets an earlier
-/// one pass; a body chunked twice is framed differently by different servers, the
-/// makings of request smuggling (RFC 9112 §6.1 forbids it).
-fn chunked_twice(headers: &http::HeaderMap) -> Option<&'static str> {
-    let codings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    let chunked = codings
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        .count();
-    (chunked > 1).then_some(CHUNKED_TWICE)
-}
-
-/// Why a request whose body's framing is in doubt is refused; its connection closes
-/// after the 400, as nginx's does.
-const CHUNKED_TWICE: &str = "Transfer-Encoding applies chunked more than once";
-
-/// True for a `Host` value made only of what a host (a name, an IPv4 address or an IPv6
-/// literal in brackets) and a port may hold; empty is allowed (RFC 9110 §7.2).
-pub(crate) fn is_host_port(v: &[u8]) -> bool {
-    v.iter().all(|&b| HOST_BYTES[b as usize])
-}
-
-/// The bytes of RFC 3986's reg-name, IPv4address and IP-literal, and ':' before a port.
-static HOST_BYTES: [bool; 256] = {
-    let mut t = [false; 256];
-    let extra = b"-._~!$&'()*+,;=%:[]";
-    let mut i = 0;
-    while i < 256 {
-        let b = i as u8;
-        t[i] = b.is_ascii_alphanumeric();
-        i += 1;
+    if let Some(why) = host.or(target) {
+        return Some(Refusal::BadRequest(why.into()));
     }
-    let mut j = 0;
-    while j < extra.len() {
-        t[extra[j] as usize] = true;
-        j += 1;
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let mut framing = http1::framing::RequestFraming::default();
+        framing.transfer_encoding(first.as_bytes());
+        for more in codings {
+            framing.transfer_encoding(more.as_bytes());
+        }
+        if let Err(refused) = framing.finish(version == http::Version::HTTP_10) {
+            return Some(Refusal::Framing(refused));
+        }
     }
-    t
-};
+    None
+}
+
+/// Removes fields whose names hold `_`; one pass over the names finds none in the
+/// usual request.
+fn drop_underscored(headers: &mut http::HeaderMap) {
+    if headers
+        .keys()
+        .all(|n| http1::is_forwarded_name(n.as_str().as_bytes()))
+    {
+        return;
+    }
+    let names: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|n| !http1::is_forwarded_name(n.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
 
 /// True when `uri`'s authority is the listener's own address (or localhost on its port).
 fn names_listener(uri: &http::Uri, local: SocketAddr) -> bool {
@@ -433,6 +457,9 @@ fn names_listener(uri: &http::Uri, local: SocketAddr) -> bool {
 pub enum Refusal {
     /// 400: the request cannot be proxied as sent.
     BadRequest(String),
+    /// 400 or 501: the head's framing fields refuse it (`http1::framing`); the
+    /// connection closes after the answer, as where its body ends is in doubt.
+    Framing(Refused),
     /// 403: `deny_targets` or `connect_ports` forbid the target.
     Denied(String),
     /// 404: no route takes the request.
@@ -450,6 +477,7 @@ impl Refusal {
             Refusal::BadRequest(_) | Refusal::Upstream(UpstreamError::ClientBody(_)) => {
                 StatusCode::BAD_REQUEST
             }
+            Refusal::Framing(r) => r.status,
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
@@ -476,6 +504,10 @@ impl Refusal {
                  setting (or not in connect_ports); change deny_targets (deny_targets = [] \
                  allows all) to allow it\n"
             }
+            Refusal::Framing(r) if r.status == StatusCode::NOT_IMPLEMENTED => {
+                "501 not implemented\n"
+            }
+            Refusal::Framing(_) => "400 bad request\n",
             Refusal::NoRoute => "404 not found\n",
             Refusal::AuthRequired => "407 proxy authentication required\n",
             Refusal::Upstream(UpstreamError::Timeout(_)) => "504 gateway timeout\n",
@@ -489,7 +521,7 @@ impl Refusal {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if matches!(&self, Refusal::BadRequest(why) if why == CHUNKED_TWICE) {
+        if let Refusal::Framing(_) = self {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Refusal::AuthRequired = self {
@@ -507,6 +539,9 @@ impl Refusal {
         match self {
             Refusal::BadRequest(why) => {
                 tracing::info!(%client, %method, %uri, status, "bad request: {why}")
+            }
+            Refusal::Framing(r) => {
+                tracing::info!(%client, %method, %uri, status, "bad request: {}", r.why)
             }
             Refusal::Denied(why) => {
                 tracing::info!(%client, %method, %uri, status, "target denied: {why}")
@@ -676,8 +711,15 @@ impl http_body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, crate::upstream::BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &mut polled {
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                // Whichever upstream sent them: no framing or routing field travels
+                // in trailers (RFC 9110 §6.5.1).
+                if let Some(trailers) = frame.trailers_mut() {
+                    http1::chunked::strip_trailers(trailers);
+                }
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(done), Some(data)) = (&mut this.done, frame.data_ref()) {
                     done.body_sent += data.len() as u64;

@@ -30,9 +30,10 @@ use super::{
 };
 use crate::access::{AccessLog, Entry};
 use crate::body::Body;
+use crate::http1::list_has;
 use crate::io::IdleTimeoutIo;
 use crate::metrics::{Kind, Label, Metrics};
-use crate::upstream::{ResponseBody, UpstreamError, list_has};
+use crate::upstream::{ResponseBody, UpstreamError};
 
 /// What a client asks to switch its connection (or stream) to.
 pub(super) enum Switch {

@@ -34,16 +34,10 @@ use tokio_util::io::poll_read_buf;
 
 use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end};
 use crate::body::RequestBody;
+use crate::http1::framing::{RequestBody as BodyFraming, RequestFraming};
+use crate::http1::{self, Framing, MAX_FIELDS, MAX_HEAD, chunked, decimal, list_has};
 use crate::io::{CountingIo, IdleTimeoutIo, Slots};
 use crate::proxy::{ConnBytes, ConnInfo, Tracked};
-use crate::upstream::{chunk_size_line, decimal, list_has};
-
-/// Fields a request head may have here; one with more goes to hyper, whose limit is
-/// the same (it answers 431).
-pub const MAX_FIELDS: usize = 100;
-/// A request head not complete within this many bytes goes to hyper, which reads on
-/// to its own limit (about 400 KiB), then answers 431.
-pub const MAX_HEAD: usize = 64 * 1024;
 /// Request bodies of at most this many bytes (by Content-Length) that are in hand with
 /// their head are taken whole; longer ones, and ones still on their way, stream
 /// through hyper.
@@ -245,7 +239,14 @@ pub(super) async fn serve(
         let sent = poll_fn(|cx| sending.poll(&mut io, &out, &mut body, cx)).await;
         // The body's end (or its drop) does the request's accounting.
         drop(body);
-        if !sent || close {
+        if !sent {
+            // The response was cut short (the upstream's body failed or broke its
+            // framing, or the client went away): a reset, so no client can take what
+            // it got for a whole response that ended cleanly (RFC 9112 §6.3 rule 5).
+            let _ = io.get_ref().get_ref().set_zero_linger();
+            break;
+        }
+        if close {
             // FIN rather than a reset: the response's tail may still be on its way.
             let _ = io.shutdown().await;
             break;
@@ -330,7 +331,7 @@ impl Sending {
             data: Bytes::new(),
             tail: b"",
             sent: 0,
-            ended: framing == Framing::None,
+            ended: framing == Framing::Done,
         }
     }
 
@@ -363,10 +364,10 @@ impl Sending {
                             return Poll::Ready(false);
                         }
                         self.ended = body.is_end_stream();
-                        if self.framing == Framing::Chunked {
+                        if matches!(self.framing, Framing::Chunked(_)) {
                             self.line.clear();
                             self.line_at = 0;
-                            chunk_size_line(&mut self.line, d.len());
+                            chunked::size_line(&mut self.line, d.len());
                             self.tail = if self.ended {
                                 b"\r\n0\r\n\r\n"
                             } else {
@@ -379,8 +380,8 @@ impl Sending {
                     Poll::Ready(Some(Err(_))) => return Poll::Ready(false),
                     Poll::Ready(None) => {
                         self.ended = true;
-                        if self.framing == Framing::Chunked {
-                            self.tail = b"0\r\n\r\n";
+                        if matches!(self.framing, Framing::Chunked(_)) {
+                            self.tail = chunked::LAST;
                         }
                         continue;
                     }
@@ -417,15 +418,6 @@ impl Sending {
     }
 }
 
-/// How a response body is framed on the wire.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Framing {
-    /// No body (HEAD, 1xx, 204, 304).
-    None,
-    Length(u64),
-    Chunked,
-}
-
 /// The response head, how its body is framed, and whether the connection closes
 /// after it. The same choices as hyper's: a known length is sent as Content-Length,
 /// an unknown one chunked; `Date` is added when missing.
@@ -456,10 +448,14 @@ fn encode_head(
             if no_length || length.is_some() {
                 continue;
             }
-            match parse_length(value.as_bytes()) {
-                Some(n) => length = Some(n),
-                None => continue,
+            // Written canonical (digits only), whatever the upstream's spelling.
+            if let Some(n) = http1::framing::parse_length(value.as_bytes()) {
+                length = Some(n);
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(decimal(n, &mut [0; 20]));
+                out.extend_from_slice(b"\r\n");
             }
+            continue;
         } else if *name == TRANSFER_ENCODING {
             // Strait frames the body itself.
             continue;
@@ -474,7 +470,7 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     let framing = if bodiless {
-        Framing::None
+        Framing::Done
     } else if let Some(n) = length {
         Framing::Length(n)
     } else if let Some(n) = body.size_hint().exact() {
@@ -484,7 +480,7 @@ fn encode_head(
         Framing::Length(n)
     } else {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        Framing::Chunked
+        Framing::CHUNKED
     };
     if !has_date {
         out.extend_from_slice(b"date: ");
@@ -497,21 +493,10 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     let framing = match framing {
-        Framing::Length(0) => Framing::None,
+        Framing::Length(0) => Framing::Done,
         f => f,
     };
     (framing, close)
-}
-
-/// A Content-Length value: digits only, no sign, no list.
-fn parse_length(v: &[u8]) -> Option<u64> {
-    let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 19 {
-        return None;
-    }
-    v.iter().try_fold(0u64, |n, &b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
 }
 
 /// What the bytes at the start of the read buffer hold.
@@ -553,21 +538,72 @@ fn parse(buf: &mut BytesMut, headers: &mut HeaderMap) -> Parsed {
 }
 
 /// Parses the head at the start of `b` and decides who serves it.
+///
+/// Every head read here has its framing fields judged by [`RequestFraming`] first,
+/// whoever goes on to serve it: a head refused there is answered (400 or 501, then the
+/// connection closes) even when hyper would have taken it, because hyper normalises
+/// what nginx refuses (it drops a `Content-Length` beside `Transfer-Encoding` and
+/// merges repeated lengths) and the proxy could no longer tell.
 fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut parsed = httparse::Request::new(&mut []);
     let len = match parsed.parse_with_uninit_headers(b, &mut fields) {
-        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
         Ok(httparse::Status::Partial) if b.len() < MAX_HEAD => return Parsed::Partial,
+        // Too long, too many fields or no parse: hyper answers 431 or 400 by the same
+        // limits (`super::http_builder`).
         _ => return Parsed::Hyper,
     };
-    let (Some(1), Some(method), Some(target)) = (parsed.version, parsed.method, parsed.path) else {
+    let (Some(version), Some(method), Some(target)) = (parsed.version, parsed.method, parsed.path)
+    else {
         return Parsed::Hyper;
     };
-    let method = match Method::from_bytes(method.as_bytes()) {
-        Ok(m) if m != Method::CONNECT => m,
-        _ => return Parsed::Hyper,
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Hyper;
     };
+    let mut framing = RequestFraming::default();
+    let mut close = false;
+    let mut host = false;
+    let mut hyper = version != 1 || method == Method::CONNECT;
+    let mut underscores = false;
+    for f in parsed.headers.iter() {
+        let name = f.name.as_bytes();
+        // By length first: most fields are none of these.
+        match name.len() {
+            // One Host, a host[:port] (RFC 9112 §3.2); otherwise hyper takes the request
+            // and the proxy answers 400.
+            4 if name.eq_ignore_ascii_case(b"host") => {
+                hyper |= host || !http1::is_host_port(f.value);
+                host = true;
+            }
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                framing.content_length(f.value);
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                framing.transfer_encoding(f.value);
+            }
+            6 if name.eq_ignore_ascii_case(b"expect") => hyper = true,
+            7 if name.eq_ignore_ascii_case(b"upgrade") => hyper = true,
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                hyper |= list_has(f.value, b"upgrade");
+                close |= list_has(f.value, b"close");
+            }
+            _ => underscores |= !http1::is_forwarded_name(name),
+        }
+    }
+    let (body, refused) = match framing.finish(version == 0) {
+        Ok(BodyFraming::None) => (0, None),
+        Ok(BodyFraming::Length(n)) if n <= MAX_BODY as u64 => (n as usize, None),
+        // Longer, or chunked: hyper streams it.
+        Ok(_) => {
+            hyper = true;
+            (0, None)
+        }
+        Err(refused) => (0, Some(refused)),
+    };
+    if refused.is_none() && (hyper || !host) {
+        return Parsed::Hyper;
+    }
     let absolute = |scheme: &str| {
         target
             .get(..scheme.len())
@@ -579,46 +615,6 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
     let Ok(uri) = Uri::from_maybe_shared(b.slice_ref(target.as_bytes())) else {
         return Parsed::Hyper;
     };
-    let mut body = None;
-    let mut close = false;
-    let mut host = false;
-    for f in parsed.headers.iter() {
-        let name = f.name.as_bytes();
-        // By length first: most fields are none of these.
-        match name.len() {
-            // One Host, a host[:port] (RFC 9112 §3.2); otherwise hyper takes the request
-            // and the proxy answers 400.
-            4 if name.eq_ignore_ascii_case(b"host") => {
-                if host || !crate::proxy::is_host_port(f.value) {
-                    return Parsed::Hyper;
-                }
-                host = true;
-            }
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
-                if body.is_some() {
-                    return Parsed::Hyper;
-                }
-                match parse_length(f.value) {
-                    Some(n) if n <= MAX_BODY as u64 => body = Some(n as usize),
-                    _ => return Parsed::Hyper,
-                }
-            }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => return Parsed::Hyper,
-            6 if name.eq_ignore_ascii_case(b"expect") => return Parsed::Hyper,
-            7 if name.eq_ignore_ascii_case(b"upgrade") => return Parsed::Hyper,
-            10 if name.eq_ignore_ascii_case(b"connection") => {
-                if list_has(f.value, b"upgrade") {
-                    return Parsed::Hyper;
-                }
-                close |= list_has(f.value, b"close");
-            }
-            _ => {}
-        }
-    }
-    if !host {
-        return Parsed::Hyper;
-    }
-    let body = body.unwrap_or(0);
     if b.len() < len + body {
         return Parsed::Body(len + body);
     }
@@ -633,6 +629,10 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
     // Room for the X-Forwarded-* fields the proxy adds.
     headers.reserve(parsed.headers.len() + 3);
     for f in parsed.headers.iter() {
+        // Names with `_` are dropped, as nginx drops them (`http1::is_forwarded_name`).
+        if underscores && !http1::is_forwarded_name(f.name.as_bytes()) {
+            continue;
+        }
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(f.name.as_bytes()),
             HeaderValue::from_maybe_shared(b.slice_ref(f.value)),
@@ -645,6 +645,16 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
     }
     *req.method_mut() = method;
     *req.uri_mut() = uri;
+    if let Some(refused) = refused {
+        // The proxy answers it (logged and counted as any refusal); the connection
+        // closes after, as what follows the head cannot be told from a body.
+        req.extensions_mut().insert(refused);
+        return Parsed::Request {
+            req,
+            len: b.len(),
+            close: true,
+        };
+    }
     Parsed::Request {
         req,
         len: len + body,
@@ -729,9 +739,7 @@ mod tests {
             "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
             "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
             "PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n\r\n",
@@ -755,21 +763,57 @@ mod tests {
     }
 
     #[test]
-    fn lengths_are_digits_only() {
-        assert_eq!(parse_length(b"0"), Some(0));
-        assert_eq!(parse_length(b" 42 "), Some(42));
-        for bad in [&b""[..], b"+1", b"1,1", b"0x10", b"99999999999999999999"] {
-            assert_eq!(parse_length(bad), None, "{bad:?}");
+    fn framing_faults_are_refused_here_whoever_would_serve() {
+        for (head, status) in [
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                501,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\nx",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n",
+                400,
+            ),
+            // With Expect (hyper's otherwise), or as HTTP/1.0.
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.0\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
+        ] {
+            let (p, rest) = parsed(head);
+            let Parsed::Request { req, close, len } = p else {
+                panic!("{head:?} not refused here")
+            };
+            let refused = req.extensions().get::<http1::framing::Refused>().unwrap();
+            assert_eq!(refused.status.as_u16(), status, "{head:?}");
+            assert!(close, "{head:?} keeps the connection");
+            assert_eq!((len, rest.len()), (head.len(), 0), "{head:?}");
         }
     }
 
     #[test]
-    fn chunk_sizes_are_hex() {
-        let mut out = Vec::new();
-        chunk_size_line(&mut out, 0x1a2b);
-        chunk_size_line(&mut out, 0);
-        assert_eq!(out, b"1a2b\r\n0\r\n");
-        assert_eq!(decimal(0, &mut [0; 20]), b"0");
-        assert_eq!(decimal(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    fn underscored_names_are_dropped() {
+        let (p, _) =
+            parsed("GET / HTTP/1.1\r\nHost: x\r\nX_Forwarded_For: 6.6.6.6\r\nA: b\r\n\r\n");
+        let Parsed::Request { req, .. } = p else {
+            panic!("not served here")
+        };
+        assert!(req.headers().get("x_forwarded_for").is_none());
+        assert_eq!(req.headers()["a"], "b");
     }
 }

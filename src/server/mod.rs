@@ -220,11 +220,16 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.timeouts.header_read)
-        .keep_alive(true);
+        .keep_alive(true)
+        // The limits of `http1`, which Strait's own server applies: a request meets
+        // the same ones whichever path serves it.
+        .max_buf_size(crate::http1::MAX_HEAD)
+        .max_headers(crate::http1::MAX_FIELDS);
     // RFC 8441 / RFC 9113 §8.5: extended CONNECT for clients that tunnel over h2.
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(crate::http1::MAX_HEAD as u32)
         .enable_connect_protocol();
     builder
 }
@@ -236,7 +241,9 @@ fn h1_builder() -> http1::Builder {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .keep_alive(true);
+        .keep_alive(true)
+        .max_buf_size(crate::http1::MAX_HEAD)
+        .max_headers(crate::http1::MAX_FIELDS);
     builder
 }
 

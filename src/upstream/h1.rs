@@ -22,27 +22,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{
-    CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::{Body as _, Frame, SizeHint};
-use std::time::Duration;
+use http::header::{CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Method, Request, Response};
+use http_body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::connect::Stream;
 use crate::body::RequestBody;
+use crate::http1::chunked::{self, Chunk};
+use crate::http1::response::Hop;
+use crate::http1::{self, Framing};
 use crate::io::{Slot, Slots};
 
-/// Largest response head (status line and fields) taken from an upstream; a longer one
-/// fails the request with 502.
-pub const MAX_HEAD: usize = 64 * 1024;
-/// Most fields in a response head (hyper's default is 100).
-pub const MAX_FIELDS: usize = 128;
-/// Longest chunk-size line (with extensions) of a chunked body.
-const MAX_CHUNK_LINE: usize = 4 * 1024;
-/// Largest trailer section of a chunked body.
-const MAX_TRAILERS: usize = 16 * 1024;
 /// Room made for the response head (and, usually, a small body with it).
 const READ_HEAD: usize = 8 * 1024;
 /// Most bytes asked of the socket by one read of a body.
@@ -59,10 +50,8 @@ pub enum Error {
     ClosedBeforeHead,
     /// The upstream closed the connection before the response body's end.
     ClosedMidBody,
-    /// The response head broke the protocol.
-    Malformed(&'static str),
-    /// The response head exceeded [`MAX_HEAD`] or [`MAX_FIELDS`].
-    HeadTooLarge,
+    /// The response broke the wire format (`http1`), or was too large.
+    Wire(http1::Error),
     /// The client's request body failed (it went away or broke its framing).
     RequestBody(hyper::Error),
     /// The request body ended before the length its `Content-Length` announced.
@@ -79,8 +68,8 @@ impl fmt::Display for Error {
             Error::ClosedMidBody => {
                 f.write_str("upstream closed the connection before the response body's end")
             }
-            Error::Malformed(what) => write!(f, "malformed response from upstream: {what}"),
-            Error::HeadTooLarge => f.write_str("upstream response head too large"),
+            Error::Wire(http1::Error::TooLarge) => f.write_str("upstream response head too large"),
+            Error::Wire(e) => write!(f, "malformed response from upstream: {e}"),
             Error::RequestBody(e) => write!(f, "reading the request body: {e}"),
             Error::ShortRequestBody => f.write_str("request body shorter than its Content-Length"),
         }
@@ -94,6 +83,12 @@ impl std::error::Error for Error {
             Error::RequestBody(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+impl From<http1::Error> for Error {
+    fn from(e: http1::Error) -> Self {
+        Error::Wire(e)
     }
 }
 
@@ -123,73 +118,6 @@ pub struct Written {
     body: Option<Bytes>,
     head_only: bool,
     upgrade: bool,
-}
-
-/// What a response head says about its connection. These hop-by-hop fields
-/// (`Connection`, `Keep-Alive`) are read while parsing and not kept in the header map,
-/// where the proxy would only remove them again; a `Connection` naming other fields is
-/// kept, so those are removed with it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Hop {
-    /// `Connection: close`.
-    pub close: bool,
-    /// `Connection: keep-alive` (what an HTTP/1.0 response needs to be reused).
-    pub keep_alive: bool,
-    /// The origin's `Keep-Alive: timeout=N`.
-    pub hint: Option<Duration>,
-}
-
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
-/// `timeout=N` in one `Keep-Alive` value.
-pub fn keep_alive_timeout(v: &[u8]) -> Option<Duration> {
-    v.split(|b| *b == b',').find_map(|part| {
-        let (k, n) = std::str::from_utf8(part).ok()?.split_once('=')?;
-        if k.trim().eq_ignore_ascii_case("timeout") {
-            n.trim().parse::<u64>().ok().map(Duration::from_secs)
-        } else {
-            None
-        }
-    })
-}
-
-/// How the rest of a response body is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// This many bytes still to come.
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the upstream closes the connection (which then cannot be reused).
-    Close,
-    /// The body ended.
-    Done,
-}
-
-/// Where a chunked body's decoder stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Chunk {
-    /// Before a chunk-size line.
-    Size,
-    /// Inside a chunk's data, with this many bytes left.
-    Data(u64),
-    /// After a chunk's data, before its CRLF.
-    DataEnd,
-    /// After the last chunk: the trailer section and the final CRLF.
-    Trailers,
-}
-
-impl Framing {
-    pub fn is_end(&self) -> bool {
-        matches!(self, Framing::Done | Framing::Length(0))
-    }
-
-    pub fn size_hint(&self) -> SizeHint {
-        match self {
-            Framing::Length(n) => SizeHint::with_exact(*n),
-            Framing::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
-    }
 }
 
 /// Bytes waiting to be written, in order (a head, then body pieces with their chunk
@@ -263,7 +191,7 @@ impl Encoder {
                     return;
                 }
                 let mut line = Vec::with_capacity(18);
-                super::chunk_size_line(&mut line, data.len());
+                http1::chunked::size_line(&mut line, data.len());
                 q.push(Bytes::from(line));
                 q.push(data);
                 q.push(Bytes::from_static(b"\r\n"));
@@ -276,7 +204,7 @@ impl Encoder {
             Encoder::Length(0) => Ok(()),
             Encoder::Length(_) => Err(Error::ShortRequestBody),
             Encoder::Chunked => {
-                q.push(Bytes::from_static(b"0\r\n\r\n"));
+                q.push(Bytes::from_static(http1::chunked::LAST));
                 Ok(())
             }
         }
@@ -449,7 +377,12 @@ impl H1Conn {
         head.reserve(256);
         head.extend_from_slice(parts.method.as_str().as_bytes());
         head.extend_from_slice(b" ");
+        // Origin form: `http://h?x=1` has an empty path, which goes as `/` (RFC 9112
+        // §3.2.1); the proxy's URIs always carry a path otherwise.
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if !target.starts_with('/') && target != "*" {
+            head.extend_from_slice(b"/");
+        }
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
         let mut has_length = None;
@@ -462,10 +395,9 @@ impl H1Conn {
                 continue;
             }
             if name == CONTENT_LENGTH {
-                has_length = value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok());
+                // Written below, canonical, from the value the client's server checked.
+                has_length = has_length.or(http1::framing::parse_length(value.as_bytes()));
+                continue;
             }
             head.extend_from_slice(name.as_str().as_bytes());
             head.extend_from_slice(b": ");
@@ -479,21 +411,22 @@ impl H1Conn {
         let mut full = None;
         let (encoder, ended) = match &mut body {
             RequestBody::Empty => {
-                if has_length.is_none() && method_wants_length(&parts.method) {
+                if has_length.is_some() || method_wants_length(&parts.method) {
                     head.extend_from_slice(b"content-length: 0\r\n");
                 }
                 (Encoder::Length(0), true)
             }
             RequestBody::Full(data) => {
                 let data = data.take().unwrap_or_default();
-                if has_length.is_none() {
-                    write_length(&mut head, data.len() as u64);
-                }
+                write_length(&mut head, data.len() as u64);
                 full = Some(data);
                 (Encoder::Length(0), true)
             }
             b => match (has_length, b.size_hint().exact()) {
-                (Some(n), _) => (Encoder::Length(n), false),
+                (Some(n), _) => {
+                    write_length(&mut head, n);
+                    (Encoder::Length(n), false)
+                }
                 (None, Some(n)) => {
                     write_length(&mut head, n);
                     (Encoder::Length(n), false)
@@ -608,6 +541,13 @@ impl H1Conn {
         match polled {
             Poll::Ready(Ok(resp)) => {
                 self.written = None;
+                // A final response before the whole request went out: the origin may
+                // not read the rest (RFC 9110 §10.1.1 lets it answer first), and what
+                // it leaves unread it would parse as the next request, another
+                // client's. The body goes on being sent; the connection is not reused.
+                if self.upload.is_some() {
+                    self.broken = true;
+                }
                 Poll::Ready(Ok(resp))
             }
             Poll::Ready(Err(e)) => {
@@ -654,19 +594,15 @@ impl H1Conn {
         head_only: bool,
     ) -> Poll<Result<Response<Framing>, Error>> {
         loop {
-            if !self.buf.is_empty() {
-                if let Some((resp, hop)) = parse_head(
-                    &mut self.buf,
-                    head_only,
-                    self.asks_upgrade,
-                    &mut self.spare_headers,
-                )? {
-                    self.hop = hop;
-                    return Poll::Ready(Ok(resp));
-                }
-                if self.buf.len() >= MAX_HEAD {
-                    return Poll::Ready(Err(Error::HeadTooLarge));
-                }
+            // `parse` answers `None` for an empty buffer.
+            if let Some((resp, hop)) = http1::response::parse(
+                &mut self.buf,
+                head_only,
+                self.asks_upgrade,
+                &mut self.spare_headers,
+            )? {
+                self.hop = hop;
+                return Poll::Ready(Ok(resp));
             }
             let n = ready!(self.poll_fill(cx, READ_HEAD))?;
             if n == 0 {
@@ -744,14 +680,16 @@ impl H1Conn {
                     }
                 }
                 Framing::Chunked(state) => {
-                    match decode_chunked(&mut self.buf, state) {
-                        Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                        Ok(Decoded::End(trailers)) => {
+                    match chunked::decode(&mut self.buf, state) {
+                        Ok(chunked::Decoded::Data(data)) => {
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Ok(chunked::Decoded::End(trailers)) => {
                             *framing = Framing::Done;
                             return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                         }
-                        Ok(Decoded::More) => {}
-                        Err(e) => return Poll::Ready(Some(Err(e))),
+                        Ok(chunked::Decoded::More) => {}
+                        Err(e) => return Poll::Ready(Some(Err(e.into()))),
                     }
                     let want = match state {
                         Chunk::Data(n) => (*n).clamp(1024, READ_BODY as u64) as usize,
@@ -782,280 +720,8 @@ fn method_wants_length(m: &Method) -> bool {
 
 fn write_length(head: &mut BytesMut, n: u64) {
     head.extend_from_slice(b"content-length: ");
-    head.extend_from_slice(super::decimal(n, &mut [0; 20]));
+    head.extend_from_slice(http1::decimal(n, &mut [0; 20]));
     head.extend_from_slice(b"\r\n");
-}
-
-/// Parses a response head at the front of `buf`: `None` while incomplete. A 1xx head
-/// (other than 101) is consumed and the next one parsed.
-fn parse_head(
-    buf: &mut BytesMut,
-    head_only: bool,
-    asks_upgrade: bool,
-    spare: &mut HeaderMap,
-) -> Result<Option<(Response<Framing>, Hop)>, Error> {
-    loop {
-        // Field positions, kept while the parser borrows the buffer: on the stack for
-        // the usual few fields (zeroing room for all 128 cost more than the rest).
-        let mut few = [(0u32, 0u32, 0u32, 0u32); 24];
-        let mut many = Vec::new();
-        let (len, status, minor, count) = {
-            let mut fields =
-                [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
-            let mut resp = httparse::Response::new(&mut []);
-            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                &mut resp,
-                buf,
-                &mut fields,
-            );
-            let len = match parsed {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge),
-                Err(_) => return Err(Error::Malformed("unparsable head")),
-            };
-            let base = buf.as_ptr() as usize;
-            let at = if resp.headers.len() <= few.len() {
-                &mut few[..]
-            } else {
-                many.resize(resp.headers.len(), (0, 0, 0, 0));
-                &mut many[..]
-            };
-            for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
-                let n = h.name.as_ptr() as usize - base;
-                let v = h.value.as_ptr() as usize - base;
-                *slot = (
-                    n as u32,
-                    h.name.len() as u32,
-                    v as u32,
-                    h.value.len() as u32,
-                );
-            }
-            let status = resp.code.ok_or(Error::Malformed("no status"))?;
-            (len, status, resp.version.unwrap_or(1), resp.headers.len())
-        };
-        if status == 101 && !asks_upgrade {
-            return Err(Error::Malformed(
-                "101 to a request that asked for no upgrade",
-            ));
-        }
-        if (100..200).contains(&status) && status != 101 {
-            buf.advance(len);
-            if buf.is_empty() {
-                return Ok(None);
-            }
-            continue;
-        }
-        let head = buf.split_to(len).freeze();
-        // The spare map (with its room) goes into the response, the response's new
-        // empty one into the spare slot: nothing is made or dropped for it.
-        let mut resp = Response::new(Framing::Done);
-        std::mem::swap(resp.headers_mut(), spare);
-        let headers = resp.headers_mut();
-        headers.reserve(count);
-        let mut length: Option<u64> = None;
-        let mut chunked = false;
-        let mut coded = false;
-        let mut hop = Hop::default();
-        let at = if count <= few.len() {
-            &few[..]
-        } else {
-            &many[..]
-        };
-        for &(n, nl, v, vl) in &at[..count] {
-            let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
-                .map_err(|_| Error::Malformed("invalid field name"))?;
-            let raw = head.slice(v as usize..(v + vl) as usize);
-            if name == CONTENT_LENGTH {
-                let n = std::str::from_utf8(&raw)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or(Error::Malformed("invalid Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(Error::Malformed("conflicting Content-Length"));
-                }
-                length = Some(n);
-            } else if name == TRANSFER_ENCODING {
-                coded = true;
-                // Only a final `chunked` coding delimits the body (RFC 9112 §6.3).
-                chunked = raw
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-                continue;
-            } else if name == CONNECTION {
-                let mut names_others = false;
-                for token in raw.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        hop.close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        hop.keep_alive = true;
-                    } else if !token.is_empty() {
-                        names_others = true;
-                    }
-                }
-                if !names_others {
-                    continue;
-                }
-            } else if name == KEEP_ALIVE {
-                if hop.hint.is_none() {
-                    hop.hint = keep_alive_timeout(&raw);
-                }
-                continue;
-            } else if name == UPGRADE && status == 101 {
-                // The protocol switched to: the proxy passes it on when the client asked.
-            } else if name == TE || name == TRAILER || name == UPGRADE || name == PROXY_AUTHENTICATE
-            {
-                // Hop-by-hop: the proxy would remove them.
-                continue;
-            }
-            // The value shares the head's memory; httparse accepted only bytes a
-            // `HeaderValue` allows, so the check here does not fail.
-            let value = HeaderValue::from_maybe_shared(raw)
-                .map_err(|_| Error::Malformed("invalid field value"))?;
-            headers.append(name, value);
-        }
-        let status =
-            StatusCode::from_u16(status).map_err(|_| Error::Malformed("invalid status code"))?;
-        let framing = if head_only
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            Framing::Done
-        } else if coded {
-            if chunked {
-                Framing::Chunked(Chunk::Size)
-            } else {
-                Framing::Close
-            }
-        } else if let Some(n) = length {
-            Framing::Length(n)
-        } else {
-            Framing::Close
-        };
-        if coded && length.is_some() {
-            // Both framings: Transfer-Encoding wins, the length is dropped (the client
-            // must not frame by it), and the connection is not trusted with another
-            // request (RFC 9112 §6.3, item 3).
-            headers.remove(CONTENT_LENGTH);
-            hop.close = true;
-        }
-        *resp.body_mut() = framing;
-        *resp.status_mut() = status;
-        *resp.version_mut() = if minor == 0 {
-            http::Version::HTTP_10
-        } else {
-            http::Version::HTTP_11
-        };
-        return Ok(Some((resp, hop)));
-    }
-}
-
-enum Decoded {
-    Data(Bytes),
-    /// The last chunk and its trailers (`None` when there were none).
-    End(Option<HeaderMap>),
-    /// More bytes are needed.
-    More,
-}
-
-/// Decodes what `buf` holds of a chunked body (RFC 9112 §7.1).
-fn decode_chunked(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, Error> {
-    loop {
-        match state {
-            Chunk::Size => {
-                let Some(eol) = buf.iter().position(|b| *b == b'\n') else {
-                    if buf.len() > MAX_CHUNK_LINE {
-                        return Err(Error::Malformed("chunk-size line too long"));
-                    }
-                    return Ok(Decoded::More);
-                };
-                if eol > MAX_CHUNK_LINE || eol == 0 || buf[eol - 1] != b'\r' {
-                    return Err(Error::Malformed("invalid chunk-size line"));
-                }
-                let line = &buf[..eol - 1];
-                let digits = line
-                    .iter()
-                    .position(|b| !b.is_ascii_hexdigit())
-                    .unwrap_or(line.len());
-                let rest = &line[digits..];
-                if digits == 0
-                    || digits > 15
-                    || !(rest.is_empty() || rest[0] == b';' || rest[0] == b' ' || rest[0] == b'\t')
-                {
-                    return Err(Error::Malformed("invalid chunk size"));
-                }
-                let size = u64::from_str_radix(
-                    std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII"),
-                    16,
-                )
-                .map_err(|_| Error::Malformed("invalid chunk size"))?;
-                buf.advance(eol + 1);
-                *state = if size == 0 {
-                    Chunk::Trailers
-                } else {
-                    Chunk::Data(size)
-                };
-            }
-            Chunk::Data(left) => {
-                if buf.is_empty() {
-                    return Ok(Decoded::More);
-                }
-                let n = (buf.len() as u64).min(*left) as usize;
-                *left -= n as u64;
-                let data = buf.split_to(n).freeze();
-                if *left == 0 {
-                    *state = Chunk::DataEnd;
-                }
-                return Ok(Decoded::Data(data));
-            }
-            Chunk::DataEnd => {
-                if buf.len() < 2 {
-                    return Ok(Decoded::More);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err(Error::Malformed("chunk data not followed by CRLF"));
-                }
-                buf.advance(2);
-                *state = Chunk::Size;
-            }
-            Chunk::Trailers => {
-                if buf.len() >= 2 && &buf[..2] == b"\r\n" {
-                    buf.advance(2);
-                    return Ok(Decoded::End(None));
-                }
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    if buf.len() > MAX_TRAILERS {
-                        return Err(Error::Malformed("trailer section too large"));
-                    }
-                    if buf.len() >= 2 && buf[0] == b'\r' && buf[1] != b'\n' {
-                        return Err(Error::Malformed("invalid trailer section"));
-                    }
-                    return Ok(Decoded::More);
-                };
-                if end + 4 > MAX_TRAILERS {
-                    return Err(Error::Malformed("trailer section too large"));
-                }
-                let section = buf.split_to(end + 4).freeze();
-                let mut fields = [httparse::EMPTY_HEADER; 32];
-                let parsed = httparse::parse_headers(&section, &mut fields)
-                    .map_err(|_| Error::Malformed("invalid trailer section"))?;
-                let mut trailers = HeaderMap::new();
-                if let httparse::Status::Complete((_, fields)) = parsed {
-                    for f in fields {
-                        if let (Ok(name), Ok(value)) = (
-                            HeaderName::from_bytes(f.name.as_bytes()),
-                            HeaderValue::from_bytes(f.value),
-                        ) {
-                            trailers.append(name, value);
-                        }
-                    }
-                }
-                return Ok(Decoded::End(Some(trailers)));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1100,177 +766,6 @@ mod tests {
         c.buf.reserve(READ_BODY);
         c.rest(&kept);
         assert_eq!((kept.taken(), c.buf.capacity()), (0, 0));
-    }
-
-    fn parse(raw: &[u8]) -> Result<Option<Response<Framing>>, Error> {
-        let mut buf = BytesMut::from(raw);
-        Ok(parse_head(&mut buf, false, false, &mut HeaderMap::new())?.map(|(r, _)| r))
-    }
-
-    fn hop(raw: &[u8]) -> Hop {
-        let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, false, false, &mut HeaderMap::new())
-            .unwrap()
-            .unwrap()
-            .1
-    }
-
-    #[test]
-    fn heads_are_parsed_with_their_framing() {
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nX-A: b\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(*r.body(), Framing::Length(12));
-        assert_eq!(r.headers()["x-a"], "b");
-
-        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(*r.body(), Framing::Chunked(Chunk::Size));
-
-        let r = parse(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
-        assert_eq!(*r.body(), Framing::Close);
-        assert_eq!(r.version(), http::Version::HTTP_10);
-
-        let r = parse(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(*r.body(), Framing::Done);
-
-        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
-    }
-
-    #[test]
-    fn a_101_is_final_only_for_a_request_that_asked() {
-        let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nbytes";
-        let mut buf = BytesMut::from(&raw[..]);
-        let (r, _) = parse_head(&mut buf, false, true, &mut HeaderMap::new())
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.status(), 101);
-        assert_eq!(r.headers()[UPGRADE], "websocket");
-        assert_eq!(*r.body(), Framing::Done);
-        assert_eq!(&buf[..], b"bytes", "the new protocol's bytes stay buffered");
-        let mut buf = BytesMut::from(&raw[..]);
-        assert!(matches!(
-            parse_head(&mut buf, false, false, &mut HeaderMap::new()),
-            Err(Error::Malformed(_))
-        ));
-    }
-
-    #[test]
-    fn informational_heads_are_passed_over() {
-        let r = parse(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(r.status(), 201);
-        let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
-        assert!(
-            parse_head(&mut buf, false, false, &mut HeaderMap::new())
-                .unwrap()
-                .is_none()
-        );
-        assert!(buf.is_empty());
-    }
-
-    #[test]
-    fn bad_heads_are_refused() {
-        assert!(matches!(
-            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
-            Err(Error::Malformed(_))
-        ));
-        assert!(matches!(
-            parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"),
-            Err(Error::Malformed(_))
-        ));
-        assert!(matches!(
-            parse(b"garbage\r\n\r\n"),
-            Err(Error::Malformed(_))
-        ));
-        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
-        for i in 0..=MAX_FIELDS {
-            many.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
-        }
-        many.extend_from_slice(b"\r\n");
-        assert!(matches!(parse(&many), Err(Error::HeadTooLarge)));
-    }
-
-    #[test]
-    fn both_framings_mark_the_connection_closing() {
-        let r =
-            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
-                .unwrap()
-                .unwrap();
-        assert_eq!(*r.body(), Framing::Chunked(Chunk::Size));
-        assert!(r.headers().get("content-length").is_none());
-        assert!(
-            hop(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
-                .close
-        );
-    }
-
-    #[test]
-    fn connection_fields_are_read_not_kept() {
-        let raw = b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nKeep-Alive: timeout=5, max=100\r\nContent-Length: 0\r\n\r\n";
-        let h = hop(raw);
-        assert!(h.keep_alive && !h.close);
-        assert_eq!(h.hint, Some(Duration::from_secs(5)));
-        assert_eq!(keep_alive_timeout(b"max=3"), None);
-        let r = parse(raw).unwrap().unwrap();
-        assert!(r.headers().get("connection").is_none());
-        assert!(r.headers().get("keep-alive").is_none());
-        // A Connection naming another field stays, so the proxy removes that one too.
-        let raw =
-            b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n";
-        assert!(hop(raw).close);
-        assert_eq!(
-            parse(raw).unwrap().unwrap().headers()["connection"],
-            "close, X-Hop"
-        );
-    }
-
-    fn decode_all(raw: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), Error> {
-        // Fed one byte at a time: every state must cope with a split anywhere.
-        let mut buf = BytesMut::new();
-        let mut state = Chunk::Size;
-        let mut out = Vec::new();
-        let mut input = raw.iter();
-        loop {
-            match decode_chunked(&mut buf, &mut state)? {
-                Decoded::Data(d) => out.extend_from_slice(&d),
-                Decoded::End(t) => {
-                    assert!(buf.is_empty() && input.next().is_none());
-                    return Ok((out, t));
-                }
-                Decoded::More => match input.next() {
-                    Some(b) => buf.extend_from_slice(&[*b]),
-                    None => return Err(Error::ClosedMidBody),
-                },
-            }
-        }
-    }
-
-    #[test]
-    fn chunked_bodies_decode_split_anywhere() {
-        let (body, t) = decode_all(b"5\r\nhello\r\n1;ext=1\r\n \r\n0\r\n\r\n").unwrap();
-        assert_eq!(body, b"hello ");
-        assert!(t.is_none());
-        let (body, t) = decode_all(b"3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n").unwrap();
-        assert_eq!(body, b"abc");
-        assert_eq!(t.unwrap()["x-sum"], "1");
-    }
-
-    #[test]
-    fn bad_chunks_are_refused() {
-        assert!(decode_all(b"z\r\n").is_err());
-        assert!(decode_all(b"3\r\nabcX\r\n").is_err());
-        assert!(decode_all(b"3\nabc\r\n").is_err());
-        assert!(decode_all(b"1000000000000000\r\n").is_err());
-        let long = [b"1;".as_slice(), &[b'x'; MAX_CHUNK_LINE + 10]].concat();
-        assert!(decode_all(&long).is_err());
     }
 
     #[test]

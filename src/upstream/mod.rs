@@ -28,6 +28,7 @@ use http_body_util::BodyExt;
 
 use crate::body::RequestBody as Body;
 use crate::config::{self, Cidr, Scheme, Version};
+use crate::http1::list_has;
 pub use connect::{ConnectError, TlsSettings};
 pub use pool::BoxError;
 pub use pool::PoolKey;
@@ -526,43 +527,6 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
     list_has(v.as_bytes(), token.as_bytes())
 }
 
-/// `n` in decimal, written into `digits` (no allocation, unlike `to_string`).
-pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &digits[i..]
-}
-
-/// A chunk's size line (RFC 9112 §7.1): `len` in hex and CRLF, appended to `out`.
-pub(crate) fn chunk_size_line(out: &mut impl Extend<u8>, len: usize) {
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    let mut n = len;
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[n & 15];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend(digits[i..].iter().copied());
-    out.extend(*b"\r\n");
-}
-
-/// True when a comma-separated field value lists `token` (ASCII case-insensitive).
-pub(crate) fn list_has(v: &[u8], token: &[u8]) -> bool {
-    v.split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 /// What an attempt sends: the request, or (a replay to an HTTP/1.1 upstream) the
 /// bytes written for it the first time.
 enum Outgoing {
@@ -646,15 +610,29 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
     } else {
         http::Version::HTTP_11
     };
-    let has_authority = req.uri().authority().is_some();
-    if h2 == has_authority {
-        return Ok(());
-    }
-    let path = req
+    // `http://h?x=1` has an empty path; origin form and `:path` want `/?x=1`
+    // (RFC 9112 §3.2.1, RFC 9113 §8.3.1).
+    let empty_path = req
         .uri()
         .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        .is_some_and(|p| p.as_str().starts_with('?'));
+    let has_authority = req.uri().authority().is_some();
+    if h2 == has_authority && !empty_path {
+        return Ok(());
+    }
+    let path = match req.uri().path_and_query() {
+        Some(p) if empty_path => PathAndQuery::try_from(format!("/{p}"))
+            .map_err(|e| UpstreamError::BadTarget(e.to_string()))?,
+        Some(p) => p.clone(),
+        None => PathAndQuery::from_static("/"),
+    };
+    if h2 && has_authority {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.path_and_query = Some(path);
+        *req.uri_mut() =
+            Uri::from_parts(parts).map_err(|e| UpstreamError::BadTarget(e.to_string()))?;
+        return Ok(());
+    }
     if h2 {
         // The Host the proxy chose becomes :authority; the key's own authority is
         // parsed once per request only when they differ.
@@ -721,13 +699,13 @@ impl ResponseBody {
         // `Keep-Alive: timeout=N` is the origin's idle hint. Strait's HTTP/1.1 client
         // read them while parsing; otherwise one pass over the fields finds them.
         let hop = conn.h1_hop().unwrap_or_else(|| {
-            let mut hop = h1::Hop::default();
+            let mut hop = crate::http1::response::Hop::default();
             for (name, v) in resp.headers() {
                 if name == CONNECTION {
                     hop.close |= has_token(v, "close");
                     hop.keep_alive |= has_token(v, "keep-alive");
                 } else if name == KEEP_ALIVE && hop.hint.is_none() {
-                    hop.hint = h1::keep_alive_timeout(v.as_bytes());
+                    hop.hint = crate::http1::response::keep_alive_timeout(v.as_bytes());
                 }
             }
             hop

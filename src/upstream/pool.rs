@@ -474,7 +474,7 @@ pub enum Reply {
     /// the common case, move through the exchange smaller.
     H2(Box<H2Reply>),
     /// Read from the HTTP/1.1 connection by whoever polls it.
-    H1(h1::Framing),
+    H1(crate::http1::Framing),
     /// A whole HTTP/1.1 body that came with its head (`None` once taken); the
     /// connection is already back in the pool.
     Buffered(Option<Bytes>),
@@ -557,7 +557,7 @@ impl Checkout {
     /// reader, which then fails the body (no timer per response).
     fn poll_h1_body(
         &mut self,
-        framing: &mut h1::Framing,
+        framing: &mut crate::http1::Framing,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         use std::task::Poll;
@@ -676,7 +676,7 @@ impl Checkout {
     }
 
     /// What the HTTP/1.1 response head just read said about its connection.
-    pub fn h1_hop(&self) -> Option<h1::Hop> {
+    pub fn h1_hop(&self) -> Option<crate::http1::response::Hop> {
         match &self.sender {
             Some(Sender::H1(conn)) => Some(conn.hop()),
             _ => None,
@@ -1495,7 +1495,7 @@ impl Inner {
             .keep_alive_while_idle(false)
             .initial_max_send_streams(H2_DEFAULT_STREAMS)
             // The bound HTTP/1.1 upstreams get (hyper's default would be 16 KiB).
-            .max_header_list_size(h1::MAX_HEAD as u32)
+            .max_header_list_size(crate::http1::MAX_HEAD as u32)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| CheckoutError::Handshake(e.to_string()))?;
