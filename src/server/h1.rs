@@ -83,7 +83,9 @@ pub(super) async fn serve(
         ReadMore,
         /// A whole head whose body (this many bytes with it) is not all in hand.
         TryBody(usize),
-        Hyper,
+        /// With the head's length when its body is chunked (hyper decodes it; Strait's
+        /// codec checks it on the way).
+        Hyper(Option<usize>),
     }
     'conn: loop {
         // A request: one already in hand, or read until one is.
@@ -98,7 +100,8 @@ pub(super) async fn serve(
                             Then::ReadMore
                         }
                         Parsed::Body(n) => Then::TryBody(n),
-                        Parsed::Hyper => Then::Hyper,
+                        Parsed::Hyper => Then::Hyper(None),
+                        Parsed::HyperChunked(head) => Then::Hyper(Some(head)),
                     };
                     // A short body already in the socket (the last read stopped short of
                     // it) is read at once; one still on its way is not waited for: hyper
@@ -111,15 +114,16 @@ pub(super) async fn serve(
                         match read.await {
                             Poll::Ready(Ok(n)) if n > 0 => continue,
                             Poll::Ready(_) => break 'conn,
-                            Poll::Pending => then = Then::Hyper,
+                            Poll::Pending => then = Then::Hyper(None),
                         }
                     }
-                    if let Then::Hyper = then {
+                    if let Then::Hyper(chunked) = then {
                         let side =
                             hyper.get_or_insert_with(|| HyperSide::new(&shared, info, &bytes));
                         let unread = buf.split().freeze();
                         // Boxed: hyper's connection state is large and rarely needed.
-                        let session = side.serve(io, unread, head_since, &shared, &shutdown);
+                        let session =
+                            side.serve(io, unread, chunked, head_since, &shared, &shutdown);
                         let Some((back, rest, since)) = Box::pin(session).await else {
                             break 'conn;
                         };
@@ -516,6 +520,8 @@ enum Parsed {
     Body(usize),
     /// A head for hyper.
     Hyper,
+    /// A head for hyper, this long, whose body is chunked.
+    HyperChunked(usize),
 }
 
 /// Takes a whole head off the front of `buf` as a request, its field values sharing
@@ -529,7 +535,7 @@ fn parse(buf: &mut BytesMut, headers: &mut HeaderMap) -> Parsed {
     let parsed = parse_frozen(&held, headers);
     let from = match &parsed {
         Parsed::Request { len, .. } => *len,
-        Parsed::Partial | Parsed::Body(_) | Parsed::Hyper => 0,
+        Parsed::Partial | Parsed::Body(_) | Parsed::Hyper | Parsed::HyperChunked(_) => 0,
     };
     if from < held.len() {
         buf.extend_from_slice(&held[from..]);
@@ -591,18 +597,23 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
             _ => underscores |= !http1::is_forwarded_name(name),
         }
     }
+    let mut chunked = false;
     let (body, refused) = match framing.finish(version == 0) {
         Ok(BodyFraming::None) => (0, None),
         Ok(BodyFraming::Length(n)) if n <= MAX_BODY as u64 => (n as usize, None),
         // Longer, or chunked: hyper streams it.
-        Ok(_) => {
+        Ok(f) => {
+            chunked = f == BodyFraming::Chunked;
             hyper = true;
             (0, None)
         }
         Err(refused) => (0, Some(refused)),
     };
     if refused.is_none() && (hyper || !host) {
-        return Parsed::Hyper;
+        return match chunked {
+            true => Parsed::HyperChunked(len),
+            false => Parsed::Hyper,
+        };
     }
     let absolute = |scheme: &str| {
         target
@@ -660,6 +671,49 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
         len: len + body,
         close,
     }
+}
+
+/// For fuzzing and differential tests: what Strait's own server makes of the bytes at
+/// the start of a connection. Never panics, whatever the bytes.
+#[doc(hidden)]
+pub fn inspect(bytes: &[u8]) -> Inspected {
+    let mut buf = BytesMut::from(bytes);
+    match parse(&mut buf, &mut HeaderMap::new()) {
+        Parsed::Request { req, len, close } => {
+            match req.extensions().get::<http1::framing::Refused>() {
+                Some(r) => Inspected::Refused(r.status.as_u16()),
+                None => Inspected::Served {
+                    len,
+                    body: match req.body() {
+                        RequestBody::Full(Some(b)) => b.len(),
+                        _ => 0,
+                    },
+                    close,
+                },
+            }
+        }
+        Parsed::Partial | Parsed::Body(_) => Inspected::Partial,
+        Parsed::Hyper | Parsed::HyperChunked(_) => Inspected::Hyper,
+    }
+}
+
+/// What [`inspect`] found.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inspected {
+    /// Served here: the message's length (head and body), its body's, and whether the
+    /// connection closes after it.
+    Served {
+        len: usize,
+        body: usize,
+        close: bool,
+    },
+    /// Refused with this status; the connection closes.
+    Refused(u16),
+    /// Not whole yet.
+    Partial,
+    /// Handed to hyper with every byte.
+    Hyper,
 }
 
 #[cfg(test)]
@@ -752,7 +806,10 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: u@x\r\n\r\n",
         ] {
             let (p, rest) = parsed(head);
-            assert!(matches!(p, Parsed::Hyper), "{head:?} served here");
+            assert!(
+                matches!(p, Parsed::Hyper | Parsed::HyperChunked(_)),
+                "{head:?} served here"
+            );
             assert_eq!(&rest[..], head.as_bytes(), "{head:?} lost bytes");
         }
         let many: String = (0..=MAX_FIELDS).map(|i| format!("x-{i}: y\r\n")).collect();

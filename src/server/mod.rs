@@ -10,7 +10,8 @@
 //! or upstreams.
 
 mod admin;
-mod h1;
+#[doc(hidden)]
+pub mod h1;
 mod listeners;
 pub mod park;
 mod reload;
@@ -20,6 +21,7 @@ pub mod tls;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -403,20 +405,26 @@ impl HyperSide {
         &self,
         io: PlainIo,
         unread: Bytes,
+        chunked: Option<usize>,
         head_since: Option<Instant>,
         shared: &Shared,
         shutdown: &Shutdown,
     ) -> Option<(PlainIo, Bytes, Option<Instant>)> {
         let parking = &self.parking;
         parking.set_keep_open(false);
-        let lent = TokioIo::new(Lent::new(io, unread, parking.clone()));
+        let fd = io.get_ref().get_ref().as_raw_fd();
+        let mut lent = Lent::new(io, unread, parking.clone());
+        if let Some(head) = chunked {
+            lent.check_chunked(head);
+        }
+        let lent = TokioIo::new(lent);
         let conn = Box::pin(
             shared
                 .h1
                 .serve_connection(lent, self.service.clone())
                 .with_upgrades(),
         );
-        let driving = drive_h1(conn, parking, &self.bytes, shared, shutdown, head_since);
+        let driving = drive_h1(conn, parking, &self.bytes, shared, shutdown, head_since, fd);
         match driving.await {
             Served::Parked(io, rest, since) => Some((io, rest, since)),
             Served::Ended(result) => {
@@ -449,6 +457,7 @@ async fn drive_h1(
     shared: &Shared,
     shutdown: &Shutdown,
     mut head_since: Option<Instant>,
+    fd: std::os::fd::RawFd,
 ) -> Served {
     let (_session, eager) = shared.sessions.enter();
     parking.set_eager(eager);
@@ -470,7 +479,17 @@ async fn drive_h1(
         let eager = parking.eager() && !draining;
         tokio::select! {
             biased;
-            r = conn.as_mut() => return Served::Ended(r),
+            r = conn.as_mut() => {
+                // A response body that failed (the upstream's broke or was cut short)
+                // ends the connection with a reset rather than a FIN: to an HTTP/1.0
+                // client, or one reading until close, a FIN would pass a truncated
+                // body off as whole (RFC 9112 §6.3 rule 8). The socket is still open
+                // here: the connection holding it is dropped on return.
+                if r.as_ref().is_err_and(hyper::Error::is_user) {
+                    reset_on_close(fd);
+                }
+                return Served::Ended(r);
+            }
             () = parking.response_ended(), if eager => {
                 if parking.may_park() {
                     break;
@@ -538,6 +557,25 @@ async fn drive_h1(
     }
     let since = (!unread.is_empty()).then(|| head_since.unwrap_or_else(Instant::now));
     Served::Parked(io, unread, since)
+}
+
+/// Sets `SO_LINGER` to zero on an open socket, so its close sends a reset.
+fn reset_on_close(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is an open socket owned by the caller's connection for the whole
+    // call, and `linger` outlives it; a failure only leaves the FIN in place.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 /// The tail of the last response was written after its request was accounted: it goes

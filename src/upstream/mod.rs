@@ -621,7 +621,7 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
         return Ok(());
     }
     let path = match req.uri().path_and_query() {
-        Some(p) if empty_path => PathAndQuery::try_from(format!("/{p}"))
+        Some(p) if empty_path => PathAndQuery::try_from(format!("/{}", p.as_str()))
             .map_err(|e| UpstreamError::BadTarget(e.to_string()))?,
         Some(p) => p.clone(),
         None => PathAndQuery::from_static("/"),
