@@ -1193,3 +1193,164 @@ async fn upstream_response_framing_on_every_client_path() {
     }
     report("responses", RESPONSES.len() * 3, failures);
 }
+
+// ---- the same rules where hyper reads the requests ------------------------------------
+
+/// Streams hyper's HTTP/1.1 server reads: what must never reach the origin, and what
+/// must (the control). Strait's own server answers these with 400/501 when it reads
+/// the head itself; here each goes through the guard in front of hyper.
+/// A stream, the paths that must never reach the origin, and those that must.
+type HyperRow = (
+    &'static str,
+    &'static [u8],
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+const HYPER_PATH_ROWS: &[HyperRow] = &[
+    (
+        "Content-Length then Transfer-Encoding",
+        b"POST /smuggle HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /hidden HTTP/1.1\r\nHost: a\r\n\r\n",
+        &["/smuggle", "/hidden"],
+        &[],
+    ),
+    (
+        "Transfer-Encoding then Content-Length",
+        b"POST /smuggle HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\nGET /hidden HTTP/1.1\r\nHost: a\r\n\r\n",
+        &["/smuggle", "/hidden"],
+        &[],
+    ),
+    (
+        "two equal lengths",
+        b"POST /smuggle HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        &["/smuggle"],
+        &[],
+    ),
+    (
+        "trailers ended by a bare LF",
+        b"POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: 1\n\nGET /hidden HTTP/1.1\r\nHost: a\r\n\r\n",
+        &["/hidden"],
+        &[],
+    ),
+    (
+        "control: a chunked POST and a GET",
+        b"POST /ok HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /after HTTP/1.1\r\nHost: a\r\n\r\n",
+        &[],
+        &["/ok", "/after"],
+    ),
+];
+
+/// Reads until the peer closes or goes quiet for 500 ms (3 s at most).
+async fn read_quiet<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16384];
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn check_hyper_row(
+    origin: &RawOrigin,
+    never: &[&str],
+    always: &[&str],
+    got: &str,
+) -> Result<(), String> {
+    let paths: Vec<String> = origin.requests().into_iter().map(|r| r.path).collect();
+    let leaked: Vec<&&str> = never
+        .iter()
+        .filter(|p| paths.iter().any(|s| s == **p))
+        .collect();
+    let missing: Vec<&&str> = always
+        .iter()
+        .filter(|p| !paths.iter().any(|s| s == **p))
+        .collect();
+    if leaked.is_empty() && missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "origin saw {paths:?} (leaked {leaked:?}, missing {missing:?}); client got {}",
+        show(got.as_bytes())
+    ))
+}
+
+/// Over TLS, every request is hyper's to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_tls_meet_the_same_framing_rules() {
+    use rustls::pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::new(dir.path(), &["localhost"]);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&certs.ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let mut failures = Vec::new();
+    for (name, bytes, never, always) in HYPER_PATH_ROWS {
+        let origin = RawOrigin::start(Mode::Ok).await;
+        let config = format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[[route]]\nupstream = \"http://{}\"\n",
+            certs.cert_pem.display(),
+            certs.key_pem.display(),
+            origin.addr
+        );
+        let strait = Strait::start(&config, &[]);
+        let tcp = TcpStream::connect(strait.addr()).await.unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(client.clone())
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let _ = s.write_all(bytes).await;
+        let got = read_quiet(&mut s).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        record(
+            "tls",
+            name,
+            check_hyper_row(&origin, never, always, &got),
+            &mut failures,
+        );
+    }
+    report("tls", HYPER_PATH_ROWS.len(), failures);
+}
+
+/// On a plain connection, a request Strait's server hands to hyper (a chunked POST)
+/// leaves the connection with hyper for the requests behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_behind_one_hyper_serves_meet_the_same_framing_rules() {
+    let first = b"POST /first HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
+    let mut failures = Vec::new();
+    for (name, bytes, never, always) in HYPER_PATH_ROWS {
+        let origin = RawOrigin::start(Mode::Ok).await;
+        let strait = strait_to(origin.addr);
+        let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+        let _ = s.write_all(&[&first[..], bytes].concat()).await;
+        let got = read_quiet(&mut s).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let always: Vec<&str> = std::iter::once("/first")
+            .chain(always.iter().copied())
+            .collect();
+        record(
+            "behind a hyper-served request",
+            name,
+            check_hyper_row(&origin, never, &always, &got),
+            &mut failures,
+        );
+    }
+    report(
+        "behind a hyper-served request",
+        HYPER_PATH_ROWS.len(),
+        failures,
+    );
+}

@@ -10,6 +10,8 @@
 //! - [`framing`]: `Content-Length`, `Transfer-Encoding` and the [`Framing`] of a body;
 //!   the verdict on a request head's framing fields ([`framing::RequestFraming`]).
 //! - [`chunked`]: the chunk decoder (both directions' rules) and the size-line encoder.
+//! - [`guard`]: follows a request stream hyper reads and holds back what these rules
+//!   refuse, so hyper's laxer parser never sees it.
 //! - [`response`]: an upstream's response head, parsed into a `Response` and what it
 //!   says about its connection ([`response::Hop`]).
 //!
@@ -17,6 +19,7 @@
 
 pub mod chunked;
 pub mod framing;
+pub mod guard;
 pub mod response;
 
 pub use framing::Framing;

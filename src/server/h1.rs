@@ -10,12 +10,15 @@
 //!
 //! Everything else is handed, with every byte read so far, to a hyper session
 //! ([`super::HyperSide`]): HTTP/1.0, CONNECT, upgrades, `Expect`, chunked or longer
-//! bodies, short bodies still on their way (hyper streams them), repeated lengths, a
-//! missing, repeated or malformed `Host` (the proxy answers 400), heads that do not
-//! parse (hyper answers 400), heads longer than [`MAX_HEAD`] or with more than
-//! [`MAX_FIELDS`] fields (hyper reads on to its own limits, then answers 431). hyper
-//! serves that connection as before and gives the socket back once it sits idle
-//! between requests (park.rs).
+//! bodies, short bodies still on their way (hyper streams them), a missing, repeated or
+//! malformed `Host` (the proxy answers 400), heads that do not parse (hyper answers
+//! 400), heads longer than [`MAX_HEAD`] or with more than [`MAX_FIELDS`] fields (hyper,
+//! given the same limits, answers 431). hyper serves that connection as before and
+//! gives the socket back once it sits idle between requests (park.rs).
+//!
+//! Framing fields are judged here for every head, before any hand-over
+//! (`http1::framing::RequestFraming`): hyper normalises what nginx refuses (a length
+//! beside `Transfer-Encoding`, repeated lengths), and after it the proxy could not tell.
 
 use std::future::{Future, poll_fn};
 use std::mem::MaybeUninit;
@@ -83,9 +86,7 @@ pub(super) async fn serve(
         ReadMore,
         /// A whole head whose body (this many bytes with it) is not all in hand.
         TryBody(usize),
-        /// With the head's length when its body is chunked (hyper decodes it; Strait's
-        /// codec checks it on the way).
-        Hyper(Option<usize>),
+        Hyper,
     }
     'conn: loop {
         // A request: one already in hand, or read until one is.
@@ -100,8 +101,7 @@ pub(super) async fn serve(
                             Then::ReadMore
                         }
                         Parsed::Body(n) => Then::TryBody(n),
-                        Parsed::Hyper => Then::Hyper(None),
-                        Parsed::HyperChunked(head) => Then::Hyper(Some(head)),
+                        Parsed::Hyper => Then::Hyper,
                     };
                     // A short body already in the socket (the last read stopped short of
                     // it) is read at once; one still on its way is not waited for: hyper
@@ -114,16 +114,15 @@ pub(super) async fn serve(
                         match read.await {
                             Poll::Ready(Ok(n)) if n > 0 => continue,
                             Poll::Ready(_) => break 'conn,
-                            Poll::Pending => then = Then::Hyper(None),
+                            Poll::Pending => then = Then::Hyper,
                         }
                     }
-                    if let Then::Hyper(chunked) = then {
+                    if let Then::Hyper = then {
                         let side =
                             hyper.get_or_insert_with(|| HyperSide::new(&shared, info, &bytes));
                         let unread = buf.split().freeze();
                         // Boxed: hyper's connection state is large and rarely needed.
-                        let session =
-                            side.serve(io, unread, chunked, head_since, &shared, &shutdown);
+                        let session = side.serve(io, unread, head_since, &shared, &shutdown);
                         let Some((back, rest, since)) = Box::pin(session).await else {
                             break 'conn;
                         };
@@ -520,8 +519,6 @@ enum Parsed {
     Body(usize),
     /// A head for hyper.
     Hyper,
-    /// A head for hyper, this long, whose body is chunked.
-    HyperChunked(usize),
 }
 
 /// Takes a whole head off the front of `buf` as a request, its field values sharing
@@ -535,7 +532,7 @@ fn parse(buf: &mut BytesMut, headers: &mut HeaderMap) -> Parsed {
     let parsed = parse_frozen(&held, headers);
     let from = match &parsed {
         Parsed::Request { len, .. } => *len,
-        Parsed::Partial | Parsed::Body(_) | Parsed::Hyper | Parsed::HyperChunked(_) => 0,
+        Parsed::Partial | Parsed::Body(_) | Parsed::Hyper => 0,
     };
     if from < held.len() {
         buf.extend_from_slice(&held[from..]);
@@ -597,23 +594,18 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
             _ => underscores |= !http1::is_forwarded_name(name),
         }
     }
-    let mut chunked = false;
     let (body, refused) = match framing.finish(version == 0) {
         Ok(BodyFraming::None) => (0, None),
         Ok(BodyFraming::Length(n)) if n <= MAX_BODY as u64 => (n as usize, None),
         // Longer, or chunked: hyper streams it.
-        Ok(f) => {
-            chunked = f == BodyFraming::Chunked;
+        Ok(_) => {
             hyper = true;
             (0, None)
         }
         Err(refused) => (0, Some(refused)),
     };
     if refused.is_none() && (hyper || !host) {
-        return match chunked {
-            true => Parsed::HyperChunked(len),
-            false => Parsed::Hyper,
-        };
+        return Parsed::Hyper;
     }
     let absolute = |scheme: &str| {
         target
@@ -693,7 +685,7 @@ pub fn inspect(bytes: &[u8]) -> Inspected {
             }
         }
         Parsed::Partial | Parsed::Body(_) => Inspected::Partial,
-        Parsed::Hyper | Parsed::HyperChunked(_) => Inspected::Hyper,
+        Parsed::Hyper => Inspected::Hyper,
     }
 }
 
@@ -806,10 +798,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: u@x\r\n\r\n",
         ] {
             let (p, rest) = parsed(head);
-            assert!(
-                matches!(p, Parsed::Hyper | Parsed::HyperChunked(_)),
-                "{head:?} served here"
-            );
+            assert!(matches!(p, Parsed::Hyper), "{head:?} served here");
             assert_eq!(&rest[..], head.as_bytes(), "{head:?} lost bytes");
         }
         let many: String = (0..=MAX_FIELDS).map(|i| format!("x-{i}: y\r\n")).collect();

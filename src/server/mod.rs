@@ -10,6 +10,7 @@
 //! or upstreams.
 
 mod admin;
+mod guard;
 #[doc(hidden)]
 pub mod h1;
 mod listeners;
@@ -47,6 +48,7 @@ use crate::io::{CountingIo, IdleTimeoutIo};
 use crate::metrics::Metrics;
 use crate::proxy::{ConnBytes, ConnInfo, Proxy};
 use crate::upstream::Upstream;
+use guard::Guarded;
 use park::{Lent, PARK_AFTER, Parking, ServerBody, Sessions};
 use prometheus_client::metrics::gauge::Gauge;
 pub use shutdown::Shutdown;
@@ -405,7 +407,6 @@ impl HyperSide {
         &self,
         io: PlainIo,
         unread: Bytes,
-        chunked: Option<usize>,
         head_since: Option<Instant>,
         shared: &Shared,
         shutdown: &Shutdown,
@@ -413,11 +414,9 @@ impl HyperSide {
         let parking = &self.parking;
         parking.set_keep_open(false);
         let fd = io.get_ref().get_ref().as_raw_fd();
-        let mut lent = Lent::new(io, unread, parking.clone());
-        if let Some(head) = chunked {
-            lent.check_chunked(head);
-        }
-        let lent = TokioIo::new(lent);
+        // Guarded from the first byte hyper gets (the head Strait's server read):
+        // every request of the session meets Strait's wire rules before hyper's.
+        let lent = TokioIo::new(Guarded::new(Lent::new(io, unread, parking.clone())));
         let conn = Box::pin(
             shared
                 .h1
@@ -438,7 +437,7 @@ impl HyperSide {
 }
 
 type H1Conn =
-    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Lent<PlainIo>>, ConnService>;
+    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Guarded<Lent<PlainIo>>>, ConnService>;
 
 /// Runs one hyper connection until it ends, or until it has waited [`PARK_AFTER`]
 /// with nothing in flight after a reusable exchange (in eager mode: until such an
@@ -534,19 +533,19 @@ async fn drive_h1(
     let Some(parts) = Pin::into_inner(conn).into_parts() else {
         return Served::Ended(Ok(()));
     };
-    let (io, prefix) = parts.io.into_inner().into_inner();
+    let (lent, held) = parts.io.into_inner().into_inner();
+    let (io, prefix) = lent.into_inner();
     // Copied: the `Bytes` hyper hands back keeps its whole read buffer alive, even
-    // when empty. Pipelined bytes are rare and short.
-    let unread = match (parts.read_buf.is_empty(), prefix.is_empty()) {
-        (true, _) => prefix,
-        (false, true) => Bytes::copy_from_slice(&parts.read_buf),
-        (false, false) => {
-            // hyper read from the prefix only: what it holds comes first.
-            let mut all = Vec::with_capacity(parts.read_buf.len() + prefix.len());
-            all.extend_from_slice(&parts.read_buf);
-            all.extend_from_slice(&prefix);
-            Bytes::from(all)
-        }
+    // when empty. Pipelined bytes are rare and short. In stream order: what hyper
+    // read, what the guard held back, what the socket's lender still had.
+    let unread = if parts.read_buf.is_empty() && held.is_empty() {
+        prefix
+    } else {
+        let mut all = Vec::with_capacity(parts.read_buf.len() + held.len() + prefix.len());
+        all.extend_from_slice(&parts.read_buf);
+        all.extend_from_slice(&held);
+        all.extend_from_slice(&prefix);
+        Bytes::from(all)
     };
     // Bytes in hand are part of a head (a whole one would have been served).
     if !unread.is_empty() {
@@ -599,7 +598,9 @@ where
     let bytes = Arc::new(ConnBytes::default());
     let counted = CountingIo::new(stream, bytes.clone());
     let settings = shared.settings.load_full();
-    let io = TokioIo::new(IdleTimeoutIo::new(counted, settings.idle));
+    // Guarded: the HTTP/1.1 requests hyper reads here (over TLS) meet Strait's wire
+    // rules first; an HTTP/2 preface ends the guard's watch at once.
+    let io = TokioIo::new(Guarded::new(IdleTimeoutIo::new(counted, settings.idle)));
     let service = ConnService {
         shared: shared.clone(),
         info,

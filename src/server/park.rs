@@ -25,7 +25,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -34,7 +34,6 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::http1::chunked::Follow;
 use crate::proxy::Tracked;
 use crate::upstream::connection_has;
 
@@ -224,9 +223,6 @@ pub struct Lent<T> {
     inner: T,
     prefix: Bytes,
     parking: Arc<Parking>,
-    /// A chunked request body hyper is about to read, checked by Strait's codec on the
-    /// way (`http1::chunked::Follow`).
-    chunked: Option<Box<Follow>>,
 }
 
 impl<T> Lent<T> {
@@ -235,16 +231,7 @@ impl<T> Lent<T> {
             inner,
             prefix,
             parking,
-            chunked: None,
         }
-    }
-
-    /// Checks the chunked body of the request whose head is the first `head` bytes
-    /// handed out, as hyper reads it: a byte this codec refuses fails hyper's read (the
-    /// request then fails with 400 and the connection closes) before hyper's laxer
-    /// decoder can take it.
-    pub fn check_chunked(&mut self, head: usize) {
-        self.chunked = Some(Box::new(Follow::new(head)));
     }
 
     /// The socket, and bytes read from it that no hyper connection has seen yet.
@@ -259,31 +246,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Lent<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
         if !self.prefix.is_empty() {
-            let mut n = self.prefix.len().min(buf.remaining());
-            // The head alone first: hyper takes the request before it meets a body
-            // the check refuses, so the refusal is a failed body (400), not a failed
-            // connection.
-            if let Some(head) = self.chunked.as_ref().map(|f| f.head_left())
-                && head > 0
-            {
-                n = n.min(head);
-            }
+            let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
-        } else {
-            ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+            return Poll::Ready(Ok(()));
         }
-        if let Some(follow) = &mut self.chunked {
-            if let Err(e) = follow.feed(&buf.filled()[before..]) {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
-            }
-            if follow.is_done() {
-                self.chunked = None;
-            }
-        }
-        Poll::Ready(Ok(()))
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 

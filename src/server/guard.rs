@@ -1,0 +1,232 @@
+//! [`Guarded`]: the IO hyper's HTTP/1.1 server reads through, so that every request it
+//! serves has met Strait's wire rules first (`http1::guard`).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
+
+use crate::http1::guard::RequestGuard;
+
+/// Reads through a [`RequestGuard`]: bytes reach the reader once judged, and where the
+/// stream breaks the rules the reader meets its end instead (hyper answers what came
+/// before, a broken body with 400, then closes the connection). Bodies of known length,
+/// and everything once the guard is off, are read straight into the reader's buffer.
+#[derive(Debug)]
+pub struct Guarded<T> {
+    inner: T,
+    guard: RequestGuard,
+    /// Read from `inner`, not yet handed on: the front `cleared` bytes are judged.
+    pending: BytesMut,
+    cleared: usize,
+    refused: Option<crate::http1::Error>,
+    /// Bytes handed to the reader.
+    handed: u64,
+}
+
+impl<T> Guarded<T> {
+    pub fn new(inner: T) -> Guarded<T> {
+        Guarded {
+            inner,
+            guard: RequestGuard::default(),
+            pending: BytesMut::new(),
+            cleared: 0,
+            refused: None,
+            handed: 0,
+        }
+    }
+
+    /// The stream, and bytes read from it that the reader has not had.
+    pub fn into_inner(self) -> (T, BytesMut) {
+        (self.inner, self.pending)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.cleared > 0 {
+                let n = this.cleared.min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                this.cleared -= n;
+                this.handed += n as u64;
+                return Poll::Ready(Ok(()));
+            }
+            if this.refused.is_some() {
+                // Never an error, which would drop the connection with the responses
+                // still owed to the requests before. A body that breaks ends the
+                // stream: hyper fails that body (400) and closes after its response.
+                // A refused head after others waits unread: hyper answers the
+                // requests before it, then closes the connection at `header_read`;
+                // one with nothing before it ends the stream at once.
+                if this.handed > 0 && this.guard.is_between_messages() {
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if !this.pending.is_empty() {
+                match this.guard.check(&this.pending) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        this.cleared = n;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!("request stream refused before hyper read it: {e}");
+                        this.refused = Some(e);
+                        continue;
+                    }
+                }
+            } else if let Some(limit) = this.direct() {
+                // Nothing to look at: straight into the reader's buffer, no copy.
+                let before = buf.filled().len();
+                if limit >= buf.remaining() {
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                } else {
+                    let mut part = buf.take(limit);
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, &mut part))?;
+                    let n = part.filled().len();
+                    // SAFETY: the read just initialised these `n` bytes of `buf`'s
+                    // unfilled part (`part` is a view of it).
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                }
+                let n = buf.filled().len() - before;
+                this.guard.passed(n);
+                this.handed += n as u64;
+                return Poll::Ready(Ok(()));
+            }
+            // A head, or a chunked body, needs more bytes to be judged.
+            if this.pending.capacity() - this.pending.len() < 1024 {
+                this.pending.reserve(8 * 1024);
+            }
+            if ready!(poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.pending
+            ))? == 0
+            {
+                // The peer closed: what is held goes on, for the reader to find it
+                // incomplete; then the end.
+                if this.pending.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                this.cleared = this.pending.len();
+            }
+        }
+    }
+}
+
+impl<T> Guarded<T> {
+    /// How many bytes may be read without a look: all once the guard is off, the rest
+    /// of a body of known length.
+    fn direct(&self) -> Option<usize> {
+        if self.guard.is_off() {
+            return Some(usize::MAX);
+        }
+        self.guard
+            .body_left()
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn judged_bytes_pass_and_the_stream_ends_where_it_breaks_the_rules() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut guarded = Guarded::new(server);
+        let good = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 70\r\n\r\n";
+        let body = [b'b'; 70];
+        let bad = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let writer = tokio::spawn(async move {
+            client.write_all(good).await.unwrap();
+            client.write_all(&body).await.unwrap();
+            client.write_all(bad).await.unwrap();
+            client
+        });
+        let mut got = vec![0u8; good.len() + body.len()];
+        guarded.read_exact(&mut got).await.unwrap();
+        assert!(got.starts_with(good) && got.ends_with(&body));
+        // The refused head waits unread: hyper still owes the first a response.
+        let mut more = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_millis(100), guarded.read(&mut more));
+        assert!(read.await.is_err(), "a refused head was handed on");
+        let (_, held) = guarded.into_inner();
+        assert_eq!(&held[..], &bad[..], "the refused head is held, not lost");
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_refused_first_head_ends_the_stream() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let mut guarded = Guarded::new(server);
+        client
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            )
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_broken_chunked_body_ends_the_stream_after_what_passed() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let mut guarded = Guarded::new(server);
+        let head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        client
+            .write_all(b"0\r\nX: 1\n\nGET /hidden HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        guarded.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(head), "{got:?}");
+        assert!(!String::from_utf8_lossy(&got).contains("hidden"), "{got:?}");
+    }
+}
