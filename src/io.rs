@@ -262,6 +262,16 @@ pub struct ConnBytes<O = ()> {
     /// A tunnel or switched connection took the connection over, and accounts for
     /// its bytes when it ends.
     handed_over: std::sync::atomic::AtomicBool,
+    /// Whether the request that might switch protocols (CONNECT, `Upgrade`) did, for
+    /// the reader of the connection that waits to know (`server::guard`).
+    switch: std::sync::Mutex<Switch>,
+}
+
+/// A decision on a protocol switch, and who waits for it.
+#[derive(Debug, Default)]
+struct Switch {
+    decided: Option<bool>,
+    waiter: Option<std::task::Waker>,
 }
 
 impl<O> Default for ConnBytes<O> {
@@ -273,6 +283,7 @@ impl<O> Default for ConnBytes<O> {
             tx_taken: Default::default(),
             owner: std::sync::Mutex::new(None),
             handed_over: Default::default(),
+            switch: Default::default(),
         }
     }
 }
@@ -292,6 +303,31 @@ impl<O> ConnBytes<O> {
     pub fn hand_over(&self) {
         self.handed_over
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Tells whoever waits in [`ConnBytes::poll_switch`] whether the request that
+    /// might switch protocols did.
+    pub fn decide_switch(&self, switched: bool) {
+        let mut s = self.switch.lock().expect("switch lock");
+        s.decided = Some(switched);
+        let waiter = s.waiter.take();
+        drop(s); // switch lock released here
+        if let Some(w) = waiter {
+            w.wake();
+        }
+    }
+
+    /// Ready with the decision once [`ConnBytes::decide_switch`] made it (and takes
+    /// it, for the next such request).
+    pub fn poll_switch(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
+        let mut s = self.switch.lock().expect("switch lock");
+        match s.decided.take() {
+            Some(switched) => std::task::Poll::Ready(switched),
+            None => {
+                s.waiter = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
     }
 
     /// True once a tunnel or switched connection took the connection over.

@@ -1233,6 +1233,18 @@ const HYPER_PATH_ROWS: &[HyperRow] = &[
         &[],
     ),
     (
+        "an Upgrade the upstream does not take up, then both framings",
+        b"GET /up HTTP/1.1\r\nHost: a\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\nPOST /smuggle HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /hidden HTTP/1.1\r\nHost: a\r\n\r\n",
+        &["/smuggle", "/hidden"],
+        &[],
+    ),
+    (
+        "a refused CONNECT, then both framings",
+        b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\nPOST /smuggle HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /hidden HTTP/1.1\r\nHost: a\r\n\r\n",
+        &["/smuggle", "/hidden"],
+        &[],
+    ),
+    (
         "control: a chunked POST and a GET",
         b"POST /ok HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /after HTTP/1.1\r\nHost: a\r\n\r\n",
         &[],

@@ -12,8 +12,9 @@
 //!
 //! Anything the guard cannot follow ends its watch, and hyper's own answer stands: a
 //! head that does not parse (hyper answers 400 and closes), one over the limits (431),
-//! an HTTP/2 preface, and everything after a request that may switch protocols
-//! (`Upgrade`, CONNECT).
+//! an HTTP/2 preface. After a request that may switch protocols (`Upgrade`, CONNECT)
+//! it waits to be told whether it did: the watch ends then, or goes on (a refused
+//! CONNECT or an ignored `Upgrade` must not open a way around it).
 
 use super::chunked::Follow;
 use super::framing::{RequestBody, RequestFraming};
@@ -28,6 +29,9 @@ enum State {
     /// In a body with this many bytes to come.
     Length(u64),
     Chunked(Follow),
+    /// After a request that may switch protocols (CONNECT, `Upgrade`): nothing passes
+    /// until [`RequestGuard::switched`] says whether it did.
+    Switching,
     /// Past what the guard can follow: everything passes.
     Off,
 }
@@ -36,7 +40,8 @@ enum State {
 #[derive(Debug, Default)]
 pub struct RequestGuard {
     state: State,
-    /// The request now in the stream ends the watch once its body has passed.
+    /// The request now in the stream may switch protocols: once its body has passed,
+    /// the guard waits to know.
     last: bool,
     /// What the stream broke, once it did: nothing more passes.
     refused: Option<Error>,
@@ -46,6 +51,19 @@ impl RequestGuard {
     /// True once the guard passes everything unread.
     pub fn is_off(&self) -> bool {
         matches!(self.state, State::Off)
+    }
+
+    /// True while waiting to be told whether a protocol switch happened.
+    pub fn is_switching(&self) -> bool {
+        matches!(self.state, State::Switching)
+    }
+
+    /// The request that might switch protocols did (the watch ends) or did not (the
+    /// next head is judged).
+    pub fn switched(&mut self, switched: bool) {
+        if let State::Switching = self.state {
+            self.state = if switched { State::Off } else { State::Head };
+        }
     }
 
     /// True where a head is next: a refusal here is of a whole request, not part of
@@ -100,6 +118,7 @@ impl RequestGuard {
             let rest = &data[*at..];
             match &mut self.state {
                 State::Off => *at = data.len(),
+                State::Switching => break,
                 State::Length(left) => {
                     let n = (*left).min(rest.len() as u64) as usize;
                     self.passed(n);
@@ -121,7 +140,11 @@ impl RequestGuard {
     }
 
     fn after_body(&self) -> State {
-        if self.last { State::Off } else { State::Head }
+        if self.last {
+            State::Switching
+        } else {
+            State::Head
+        }
     }
 
     /// A head at the start of `data`: its length once whole and accepted, `None` while
@@ -231,16 +254,38 @@ mod tests {
     }
 
     #[test]
-    fn what_switches_protocols_or_does_not_parse_ends_the_watch() {
+    fn what_does_not_parse_ends_the_watch() {
         for stream in [
-            &b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello"[..],
-            b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n\x16\x03\x01",
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00",
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"[..],
             b"GET /\x01 HTTP/1.1\r\n\r\n",
         ] {
             let mut g = RequestGuard::default();
             assert_eq!(g.check(stream), Ok(stream.len()));
             assert!(g.is_off());
+        }
+    }
+
+    #[test]
+    fn a_request_that_may_switch_holds_the_stream_until_told() {
+        let smuggle =
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for head in [
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+        ] {
+            let stream = format!("{head}{smuggle}");
+            // Switched: the rest is the new protocol's.
+            let mut g = RequestGuard::default();
+            assert_eq!(g.check(stream.as_bytes()), Ok(head.len()));
+            assert!(g.is_switching());
+            assert_eq!(g.check(&stream.as_bytes()[head.len()..]), Ok(0));
+            g.switched(true);
+            assert_eq!(g.check(&stream.as_bytes()[head.len()..]), Ok(smuggle.len()));
+            // Refused or ignored: still HTTP, still judged.
+            let mut g = RequestGuard::default();
+            assert_eq!(g.check(stream.as_bytes()), Ok(head.len()));
+            g.switched(false);
+            assert!(g.check(&stream.as_bytes()[head.len()..]).is_err());
         }
     }
 }

@@ -208,6 +208,10 @@ impl Proxy {
             let method = req.method().clone();
             let uri = req.uri().clone();
             let version = req.version();
+            // The guard in front of hyper holds the connection's next bytes until it
+            // knows whether this request switched protocols (`server::guard`).
+            let may_switch = version < http::Version::HTTP_2
+                && (method == Method::CONNECT || req.headers().contains_key(header::UPGRADE));
             let (referer, user_agent) = match &self.access {
                 Some(_) => (
                     req.headers().get(header::REFERER).cloned(),
@@ -266,6 +270,9 @@ impl Proxy {
             let handed_over = tunnel || switch.is_some();
             if handed_over && version < http::Version::HTTP_2 {
                 bytes.hand_over();
+            }
+            if may_switch {
+                bytes.decide_switch(handed_over);
             }
             let logged_later = match (switch, &self.access) {
                 (Some(slot), Some(access)) => slot.leave_line(upgrade::Line {

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
@@ -10,15 +11,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use crate::http1::guard::RequestGuard;
+use crate::proxy::ConnBytes;
 
 /// Reads through a [`RequestGuard`]: bytes reach the reader once judged, and where the
 /// stream breaks the rules the reader meets its end instead (hyper answers what came
 /// before, a broken body with 400, then closes the connection). Bodies of known length,
 /// and everything once the guard is off, are read straight into the reader's buffer.
-#[derive(Debug)]
 pub struct Guarded<T> {
     inner: T,
     guard: RequestGuard,
+    /// Where the proxy says whether a request that may switch protocols did.
+    conn: Arc<ConnBytes>,
     /// Read from `inner`, not yet handed on: the front `cleared` bytes are judged.
     pending: BytesMut,
     cleared: usize,
@@ -28,10 +31,11 @@ pub struct Guarded<T> {
 }
 
 impl<T> Guarded<T> {
-    pub fn new(inner: T) -> Guarded<T> {
+    pub fn new(inner: T, conn: Arc<ConnBytes>) -> Guarded<T> {
         Guarded {
             inner,
             guard: RequestGuard::default(),
+            conn,
             pending: BytesMut::new(),
             cleared: 0,
             refused: None,
@@ -60,6 +64,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 this.cleared -= n;
                 this.handed += n as u64;
                 return Poll::Ready(Ok(()));
+            }
+            if this.guard.is_switching() {
+                // Nothing more passes until the proxy has answered the request that may
+                // switch protocols: a refused CONNECT, or an `Upgrade` not taken up,
+                // leaves the connection HTTP, and still judged.
+                let switched = ready!(this.conn.poll_switch(cx));
+                this.guard.switched(switched);
+                continue;
             }
             if this.refused.is_some() {
                 // Never an error, which would drop the connection with the responses
@@ -178,7 +190,7 @@ mod tests {
     #[tokio::test]
     async fn judged_bytes_pass_and_the_stream_ends_where_it_breaks_the_rules() {
         let (mut client, server) = tokio::io::duplex(64);
-        let mut guarded = Guarded::new(server);
+        let mut guarded = Guarded::new(server, Arc::default());
         let good = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 70\r\n\r\n";
         let body = [b'b'; 70];
         let bad = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -203,7 +215,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_first_head_ends_the_stream() {
         let (mut client, server) = tokio::io::duplex(256);
-        let mut guarded = Guarded::new(server);
+        let mut guarded = Guarded::new(server, Arc::default());
         client
             .write_all(
                 b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
@@ -217,7 +229,7 @@ mod tests {
     #[tokio::test]
     async fn a_broken_chunked_body_ends_the_stream_after_what_passed() {
         let (mut client, server) = tokio::io::duplex(256);
-        let mut guarded = Guarded::new(server);
+        let mut guarded = Guarded::new(server, Arc::default());
         let head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
         client.write_all(head).await.unwrap();
         client

@@ -416,7 +416,10 @@ impl HyperSide {
         let fd = io.get_ref().get_ref().as_raw_fd();
         // Guarded from the first byte hyper gets (the head Strait's server read):
         // every request of the session meets Strait's wire rules before hyper's.
-        let lent = TokioIo::new(Guarded::new(Lent::new(io, unread, parking.clone())));
+        let lent = TokioIo::new(Guarded::new(
+            Lent::new(io, unread, parking.clone()),
+            self.bytes.clone(),
+        ));
         let conn = Box::pin(
             shared
                 .h1
@@ -600,7 +603,10 @@ where
     let settings = shared.settings.load_full();
     // Guarded: the HTTP/1.1 requests hyper reads here (over TLS) meet Strait's wire
     // rules first; an HTTP/2 preface ends the guard's watch at once.
-    let io = TokioIo::new(Guarded::new(IdleTimeoutIo::new(counted, settings.idle)));
+    let io = TokioIo::new(Guarded::new(
+        IdleTimeoutIo::new(counted, settings.idle),
+        bytes.clone(),
+    ));
     let service = ConnService {
         shared: shared.clone(),
         info,
