@@ -965,6 +965,9 @@ const RESPONSES: &[(&str, Upstream, Resp)] = &[
         Upstream::Once(b"HTTP/1.1 200 OK\r\nContent-Length: 010\r\n\r\n0123456789"),
         Resp::Ok { body: "0123456789", length: Some("10") },
     ),
+    // Found by fuzz/ (response_head): a status outside 100-599 is invalid (RFC 9110 §15).
+    ("status 600", Upstream::Once(b"HTTP/1.1 600 OK\r\nContent-Length: 5\r\n\r\nhello"), Resp::BadGateway),
+    ("status 999", Upstream::Once(b"HTTP/1.1 999\r\nContent-Length: 0\r\n\r\n"), Resp::BadGateway),
     (
         "garbage chunk size",
         Upstream::Once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),

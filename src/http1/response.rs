@@ -108,6 +108,11 @@ pub fn parse(
             let status = resp.code.ok_or(Error::Malformed("no status"))?;
             (len, status, resp.version.unwrap_or(1), resp.headers.len())
         };
+        // RFC 9110 §15: codes outside 100-599 are invalid (httparse and `StatusCode`
+        // take any three digits); a client would have to guess what a 600 means.
+        if !(100..=599).contains(&status) {
+            return Err(Error::Malformed("status code outside 100-599"));
+        }
         if status == 101 && !asks_upgrade {
             return Err(Error::Malformed(
                 "101 to a request that asked for no upgrade",
@@ -336,6 +341,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a\rb\r\nhello",
+            b"HTTP/1.1 600 OK\r\n\r\n",
+            b"HTTP/1.1 999\r\n\r\n",
             b"garbage\r\n\r\n",
         ] {
             assert!(
