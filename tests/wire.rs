@@ -1293,40 +1293,53 @@ fn check_hyper_row(
     ))
 }
 
-/// Over TLS, every request is hyper's to read.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_over_tls_meet_the_same_framing_rules() {
+/// A Strait serving TLS (a certificate for `localhost`) with one route to `origin`, and
+/// a client that trusts it.
+fn tls_strait(dir: &std::path::Path, origin: SocketAddr) -> (Strait, tokio_rustls::TlsConnector) {
     use rustls::pki_types::pem::PemObject;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = Certs::new(dir.path(), &["localhost"]);
+    let certs = Certs::new(dir, &["localhost"]);
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(&certs.ca_pem).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let config = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[[route]]\nupstream = \"http://{origin}\"\n",
+        certs.cert_pem.display(),
+        certs.key_pem.display(),
     );
+    (
+        Strait::start(&config, &[]),
+        tokio_rustls::TlsConnector::from(Arc::new(client)),
+    )
+}
+
+async fn tls_connect(
+    strait: &Strait,
+    connector: &tokio_rustls::TlsConnector,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(strait.addr()).await.unwrap();
+    connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Over TLS, every request is hyper's to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_tls_meet_the_same_framing_rules() {
     let mut failures = Vec::new();
     for (name, bytes, never, always) in HYPER_PATH_ROWS {
         let origin = RawOrigin::start(Mode::Ok).await;
-        let config = format!(
-            "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[[route]]\nupstream = \"http://{}\"\n",
-            certs.cert_pem.display(),
-            certs.key_pem.display(),
-            origin.addr
-        );
-        let strait = Strait::start(&config, &[]);
-        let tcp = TcpStream::connect(strait.addr()).await.unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(client.clone())
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (strait, connector) = tls_strait(dir.path(), origin.addr);
+        let mut s = tls_connect(&strait, &connector).await;
         let _ = s.write_all(bytes).await;
         let got = read_quiet(&mut s).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1338,6 +1351,45 @@ async fn requests_over_tls_meet_the_same_framing_rules() {
         );
     }
     report("tls", HYPER_PATH_ROWS.len(), failures);
+}
+
+/// A body the upstream cuts short reaches a TLS client ending in a reset: without one,
+/// a client that does not insist on close_notify would take the truncated body whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_short_over_tls_ends_in_a_reset() {
+    // The head and the first bytes go out at once; the close comes later, so what
+    // the client gets is the cut, not a response never sent.
+    let (upstream, _) = counting_origin(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (strait, connector) = tls_strait(dir.path(), upstream);
+    let mut s = tls_connect(&strait, &connector).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) => break None,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => break Some(e.kind()),
+            Err(_) => panic!("not ended within 5 s"),
+        }
+    };
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200 OK\r\n") && got.ends_with("only this"),
+        "{got}"
+    );
+    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "{got}");
 }
 
 /// On a plain connection, a request Strait's server hands to hyper (a chunked POST)

@@ -596,8 +596,9 @@ fn account_connection_end(bytes: &ConnBytes) {
 /// Serves one client connection until it closes, or until shutdown asks it to finish.
 async fn serve<S>(stream: S, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
 {
+    let fd = stream.as_raw_fd();
     let bytes = Arc::new(ConnBytes::default());
     let counted = CountingIo::new(stream, bytes.clone());
     let settings = shared.settings.load_full();
@@ -624,6 +625,13 @@ where
     };
     if let Err(e) = result {
         tracing::debug!(client = %info.peer, "connection ended: {e}");
+        // As on the plain path (`drive_h1`): a response body that failed must not end
+        // with what looks like a clean close. `conn` still holds the socket here.
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            reset_on_close(fd);
+        }
     }
     account_connection_end(&bytes);
 }
