@@ -1421,3 +1421,42 @@ async fn requests_behind_one_hyper_serves_meet_the_same_framing_rules() {
         failures,
     );
 }
+
+/// A refused request whose body is still arriving gets its answer: Strait drains what
+/// follows before it closes, so the close is no reset that destroys the 400 first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_with_a_large_body_still_gets_its_answer() {
+    let origin = RawOrigin::start(Mode::Ok).await;
+    let strait = strait_to(origin.addr);
+    let s = TcpStream::connect(strait.addr()).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sending = tokio::spawn(async move {
+        let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 524288\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let _ = w.write_all(head).await;
+        for _ in 0..64 {
+            if w.write_all(&[b'x'; 8192]).await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(5), r.read(&mut buf)).await {
+            Ok(Ok(0)) => break "eof",
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => break "reset",
+            Err(_) => break "open",
+        }
+    };
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 400 "), "{ended}: {got}");
+    assert_eq!(ended, "eof", "{got}");
+    assert!(
+        sending.await.unwrap(),
+        "the client's body was cut off by a reset"
+    );
+    assert_eq!(origin.bytes_seen(), 0);
+}

@@ -252,10 +252,34 @@ pub(super) async fn serve(
         if close {
             // FIN rather than a reset: the response's tail may still be on its way.
             let _ = io.shutdown().await;
+            linger(&mut io).await;
             break;
         }
     }
     account_connection_end(&bytes);
+}
+
+/// Most a closing connection reads and drops, and for how long, before it closes.
+const LINGER_BYTES: usize = 1 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops what the client still sends after the last response, until it
+/// closes its side (or [`LINGER_BYTES`] or [`LINGER_TIME`] pass): closing a socket with
+/// unread bytes sends a reset, which can destroy the response before the client reads
+/// it (a refused request's body still on its way). nginx's `lingering_close` does the
+/// same.
+async fn linger(io: &mut PlainIo) {
+    let mut drop_buf = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let drain = async {
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(io.get_mut(), &mut drop_buf).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// A parked connection's wait: ready with true once the client's next bytes are in
