@@ -1460,3 +1460,52 @@ async fn a_refused_request_with_a_large_body_still_gets_its_answer() {
     );
     assert_eq!(origin.bytes_seen(), 0);
 }
+
+/// A refused head held behind a request hyper still answers ends its connection at
+/// `header_read`, and at once when the client leaves: it must not hold a socket for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_refused_head_does_not_keep_its_connection() {
+    let origin = RawOrigin::start(Mode::Ok).await;
+    let strait = Strait::start(
+        &route_to(
+            &format!("http://{}", origin.addr),
+            "[timeouts]\nheader_read = \"1s\"\n",
+        ),
+        &[],
+    );
+    let stream = b"POST /pre HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nPOST /a HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello";
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(stream).await.unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(_) => panic!("still open after 5 s: {}", show(&got)),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let paths: Vec<String> = origin.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/pre"], "{}", show(&got));
+    assert!(got.starts_with(b"HTTP/1.1 200 "), "{}", show(&got));
+
+    // A client that leaves while the head is held frees its socket at once.
+    let baseline = strait.fd_count();
+    let mut s = TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(stream).await.unwrap();
+    let mut first = [0u8; 64];
+    let _ = s.read(&mut first).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        strait.fd_count() <= baseline,
+        "{} > {baseline}",
+        strait.fd_count()
+    );
+}

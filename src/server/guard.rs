@@ -1,13 +1,16 @@
 //! [`Guarded`]: the IO hyper's HTTP/1.1 server reads through, so that every request it
 //! serves has met Strait's wire rules first (`http1::guard`).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
 
 use crate::http1::guard::RequestGuard;
@@ -28,10 +31,15 @@ pub struct Guarded<T> {
     refused: Option<crate::http1::Error>,
     /// Bytes handed to the reader.
     handed: u64,
+    hold: Duration,
+    /// Runs while a refused head is held behind requests hyper still answers.
+    holding: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> Guarded<T> {
-    pub fn new(inner: T, conn: Arc<ConnBytes>) -> Guarded<T> {
+    /// `hold`: how long a refused head behind other requests is held before the
+    /// stream ends (the connection's `header_read`).
+    pub fn new(inner: T, conn: Arc<ConnBytes>, hold: Duration) -> Guarded<T> {
         Guarded {
             inner,
             guard: RequestGuard::default(),
@@ -40,6 +48,8 @@ impl<T> Guarded<T> {
             cleared: 0,
             refused: None,
             handed: 0,
+            hold,
+            holding: None,
         }
     }
 
@@ -78,10 +88,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 // still owed to the requests before. A body that breaks ends the
                 // stream: hyper fails that body (400) and closes after its response.
                 // A refused head after others waits unread: hyper answers the
-                // requests before it, then closes the connection at `header_read`;
-                // one with nothing before it ends the stream at once.
+                // requests before it; the stream ends `hold` later (or when the client
+                // leaves). One with nothing before it ends the stream at once.
                 if this.handed > 0 && this.guard.is_between_messages() {
-                    return Poll::Pending;
+                    return this.poll_hold(cx);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -138,6 +148,33 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     }
 }
 
+impl<T: AsyncRead + Unpin> Guarded<T> {
+    /// The wait behind a refused head: ends (an end of stream for hyper, which then
+    /// closes once its responses are out) when `hold` has passed, and at once when the
+    /// client closes or fails. The socket is still read meanwhile, what arrives
+    /// dropped: that keeps its idle timer and its close in view.
+    fn poll_hold(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let hold = self.hold;
+        let timer = self
+            .holding
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(hold)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        let mut scratch = [0u8; 1024];
+        // Bounded per wake: a client pouring bytes in cannot keep this task busy.
+        for _ in 0..64 {
+            let mut rb = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 impl<T> Guarded<T> {
     /// How many bytes may be read without a look: all once the guard is off, the rest
     /// of a body of known length.
@@ -184,13 +221,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn judged_bytes_pass_and_the_stream_ends_where_it_breaks_the_rules() {
         let (mut client, server) = tokio::io::duplex(64);
-        let mut guarded = Guarded::new(server, Arc::default());
+        let mut guarded = Guarded::new(server, Arc::default(), Duration::from_secs(15));
         let good = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 70\r\n\r\n";
         let body = [b'b'; 70];
         let bad = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -215,7 +251,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_first_head_ends_the_stream() {
         let (mut client, server) = tokio::io::duplex(256);
-        let mut guarded = Guarded::new(server, Arc::default());
+        let mut guarded = Guarded::new(server, Arc::default(), Duration::from_secs(15));
         client
             .write_all(
                 b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
@@ -229,7 +265,7 @@ mod tests {
     #[tokio::test]
     async fn a_broken_chunked_body_ends_the_stream_after_what_passed() {
         let (mut client, server) = tokio::io::duplex(256);
-        let mut guarded = Guarded::new(server, Arc::default());
+        let mut guarded = Guarded::new(server, Arc::default(), Duration::from_secs(15));
         let head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
         client.write_all(head).await.unwrap();
         client

@@ -419,6 +419,7 @@ impl HyperSide {
         let lent = TokioIo::new(Guarded::new(
             Lent::new(io, unread, parking.clone()),
             self.bytes.clone(),
+            shared.settings.load().header_read,
         ));
         let conn = Box::pin(
             shared
@@ -607,6 +608,7 @@ where
     let io = TokioIo::new(Guarded::new(
         IdleTimeoutIo::new(counted, settings.idle),
         bytes.clone(),
+        settings.header_read,
     ));
     let service = ConnService {
         shared: shared.clone(),
