@@ -636,11 +636,17 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
             .get(..scheme.len())
             .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
     };
-    if !(target.starts_with('/') || absolute("http://") || absolute("https://")) {
+    // A refused head is answered here whatever its target (`*`, authority form): the
+    // answer only needs one the log can show.
+    if refused.is_none()
+        && !(target.starts_with('/') || absolute("http://") || absolute("https://"))
+    {
         return Parsed::Hyper;
     }
-    let Ok(uri) = Uri::from_maybe_shared(b.slice_ref(target.as_bytes())) else {
-        return Parsed::Hyper;
+    let uri = match Uri::from_maybe_shared(b.slice_ref(target.as_bytes())) {
+        Ok(uri) => uri,
+        Err(_) if refused.is_some() => Uri::from_static("/"),
+        Err(_) => return Parsed::Hyper,
     };
     if b.len() < len + body {
         return Parsed::Body(len + body);
@@ -855,13 +861,17 @@ mod tests {
                 "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n",
                 400,
             ),
-            // With Expect (hyper's otherwise), or as HTTP/1.0.
+            // With Expect (hyper's otherwise), as HTTP/1.0, with a target hyper would take.
             (
                 "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
                 400,
             ),
             (
                 "POST / HTTP/1.0\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
+            (
+                "POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
                 400,
             ),
         ] {
