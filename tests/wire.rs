@@ -968,6 +968,13 @@ const RESPONSES: &[(&str, Upstream, Resp)] = &[
     // Found by fuzz/ (response_head): a status outside 100-599 is invalid (RFC 9110 §15).
     ("status 600", Upstream::Once(b"HTTP/1.1 600 OK\r\nContent-Length: 5\r\n\r\nhello"), Resp::BadGateway),
     ("status 999", Upstream::Once(b"HTTP/1.1 999\r\nContent-Length: 0\r\n\r\n"), Resp::BadGateway),
+    // A coding Strait cannot pass on (Transfer-Encoding is hop-by-hop): 502, not the
+    // still-coded bytes passed off as the content.
+    (
+        "TE gzip, chunked",
+        Upstream::Once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        Resp::BadGateway,
+    ),
     (
         "garbage chunk size",
         Upstream::Once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),

@@ -64,14 +64,6 @@ pub fn length_needs_canon(v: &[u8]) -> bool {
         || v.last().is_some_and(|b| !b.is_ascii_digit())
 }
 
-/// True when a response's codings end in `chunked`, which then frames its body
-/// (RFC 9112 §6.3 rule 4); a response coded otherwise is read until close.
-pub fn final_is_chunked(v: &[u8]) -> bool {
-    v.rsplit(|b| *b == b',')
-        .next()
-        .is_some_and(|last| trim_ows(last).eq_ignore_ascii_case(b"chunked"))
-}
-
 /// Why a request's framing fields refuse it, and with which status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
@@ -241,13 +233,5 @@ mod tests {
             verdict(&[("te", "chunked")], true).unwrap_err().status,
             StatusCode::BAD_REQUEST
         );
-    }
-
-    #[test]
-    fn a_response_is_chunked_when_its_last_coding_is() {
-        assert!(final_is_chunked(b"gzip, chunked"));
-        assert!(final_is_chunked(b"Chunked"));
-        assert!(!final_is_chunked(b"chunked, gzip"));
-        assert!(!final_is_chunked(b"xchunked"));
     }
 }

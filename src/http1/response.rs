@@ -9,7 +9,7 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
-use super::framing::{final_is_chunked, length_needs_canon, parse_length};
+use super::framing::{length_needs_canon, parse_length};
 use super::{Error, Framing, MAX_FIELDS, MAX_HEAD, chunked, decimal, trim_ows};
 
 /// What a response head says about its connection. These hop-by-hop fields
@@ -47,9 +47,10 @@ pub fn keep_alive_timeout(v: &[u8]) -> Option<Duration> {
 /// The framing rules (RFC 9112 §6.3), where two parsers could disagree on where the
 /// body ends:
 /// - no body for HEAD, 1xx, 204 and 304 (rule 1), whatever the head says;
-/// - `Transfer-Encoding` whose last coding is `chunked` frames the body (rule 4); any
-///   other coding means "until close". With a `Content-Length` beside it the length is
-///   dropped and the connection is not reused (rule 3);
+/// - `Transfer-Encoding: chunked` frames the body (rule 4); any other coding, which
+///   Strait could not pass on (the field is hop-by-hop), is a 502. With a
+///   `Content-Length` beside it the length is dropped and the connection is not reused
+///   (rule 3);
 /// - `Content-Length` is `1*DIGIT`; an invalid value, or a second field (even an equal
 ///   one, as nginx refuses), makes the response unusable: 502 (rule 5). The value goes
 ///   on canonical (`010` becomes `10`);
@@ -157,10 +158,10 @@ pub fn parse(
                     continue;
                 }
             } else if name == TRANSFER_ENCODING {
+                // A second field continues the list (RFC 9110 §5.3): only one field
+                // holding exactly `chunked` is taken.
+                chunked = !coded && trim_ows(&raw).eq_ignore_ascii_case(b"chunked");
                 coded = true;
-                // Only a final `chunked` coding delimits the body; a second field
-                // continues the list (RFC 9110 §5.3).
-                chunked = final_is_chunked(&raw);
                 continue;
             } else if name == CONNECTION {
                 let mut names_others = false;
@@ -203,12 +204,14 @@ pub fn parse(
         {
             Framing::Done
         } else if coded {
-            if chunked {
-                chunked::check_first_line(buf)?;
-                Framing::CHUNKED
-            } else {
-                Framing::Close
+            // Any coding but `chunked` (`gzip, chunked`) is one Strait cannot pass on:
+            // `Transfer-Encoding` is hop-by-hop, so the client would take still-coded
+            // bytes as the content. 502, as nginx (1.23 on) answers.
+            if !chunked {
+                return Err(Error::Malformed("Transfer-Encoding other than chunked"));
             }
+            chunked::check_first_line(buf)?;
+            Framing::CHUNKED
         } else if let Some(n) = length {
             Framing::Length(n)
         } else {
@@ -259,15 +262,16 @@ mod tests {
         assert_eq!(*r.body(), Framing::Length(12));
         assert_eq!(r.headers()["x-a"], "b");
 
-        let r = parse_one(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+        let r = parse_one(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(*r.body(), Framing::Chunked(Chunk::Size));
 
-        let r = parse_one(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n")
+        // A coding on a response without a body is not looked at.
+        let r = parse_one(b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(*r.body(), Framing::Close);
+        assert_eq!(*r.body(), Framing::Done);
 
         let r = parse_one(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert_eq!(*r.body(), Framing::Close);
@@ -342,6 +346,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a\rb\r\nhello",
             b"HTTP/1.1 600 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
             b"HTTP/1.1 999\r\n\r\n",
             b"garbage\r\n\r\n",
         ] {
