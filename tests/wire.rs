@@ -1516,3 +1516,23 @@ async fn a_held_refused_head_does_not_keep_its_connection() {
         strait.fd_count()
     );
 }
+
+/// Over TLS a refused first head gets the answer Strait's own server gives on plain
+/// connections (hyper, which would take it, never sees it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_first_head_over_tls_is_answered() {
+    let origin = RawOrigin::start(Mode::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (strait, connector) = tls_strait(dir.path(), origin.addr);
+    for (head, status) in [
+        (&b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..], "400"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", "400"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "501"),
+    ] {
+        let mut s = tls_connect(&strait, &connector).await;
+        s.write_all(head).await.unwrap();
+        let got = read_quiet(&mut s).await;
+        assert!(got.starts_with(&format!("HTTP/1.1 {status} ")), "{}: {got}", show(head));
+    }
+    assert_eq!(origin.bytes_seen(), 0);
+}

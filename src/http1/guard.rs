@@ -45,12 +45,20 @@ pub struct RequestGuard {
     last: bool,
     /// What the stream broke, once it did: nothing more passes.
     refused: Option<Error>,
+    /// The answer a refused head calls for (400 or 501), when a head was refused.
+    refused_head: Option<http::StatusCode>,
 }
 
 impl RequestGuard {
     /// True once the guard passes everything unread.
     pub fn is_off(&self) -> bool {
         matches!(self.state, State::Off)
+    }
+
+    /// The status a refused head calls for (400 or 501); `None` when nothing was
+    /// refused, or a body was.
+    pub fn refused_head(&self) -> Option<http::StatusCode> {
+        self.refused_head
     }
 
     /// True while waiting to be told whether a protocol switch happened.
@@ -174,9 +182,10 @@ impl RequestGuard {
                 switches = true;
             }
         }
-        let body = framing
-            .finish(req.version == Some(0))
-            .map_err(|r| Error::Malformed(r.why))?;
+        let body = framing.finish(req.version == Some(0)).map_err(|r| {
+            self.refused_head = Some(r.status);
+            Error::Malformed(r.why)
+        })?;
         self.last = switches;
         self.state = match body {
             RequestBody::None | RequestBody::Length(0) => self.after_body(),

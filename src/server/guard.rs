@@ -34,6 +34,8 @@ pub struct Guarded<T> {
     hold: Duration,
     /// Runs while a refused head is held behind requests hyper still answers.
     holding: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the answer to a refused first head written.
+    answered: usize,
 }
 
 impl<T> Guarded<T> {
@@ -50,6 +52,7 @@ impl<T> Guarded<T> {
             handed: 0,
             hold,
             holding: None,
+            answered: 0,
         }
     }
 
@@ -59,7 +62,7 @@ impl<T> Guarded<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -92,6 +95,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 // leaves). One with nothing before it ends the stream at once.
                 if this.handed > 0 && this.guard.is_between_messages() {
                     return this.poll_hold(cx);
+                }
+                if this.handed == 0
+                    && let Some(status) = this.guard.refused_head()
+                {
+                    // The first head: hyper has read nothing and owes nothing, so the
+                    // answer nginx gives goes out here, then the end of the stream.
+                    ready!(this.poll_answer(cx, status))?;
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -175,6 +185,30 @@ impl<T: AsyncRead + Unpin> Guarded<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> Guarded<T> {
+    /// Writes the short answer to a refused first head (once), as Strait's own server
+    /// would give it: 400 or 501, `Connection: close`.
+    fn poll_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+        status: http::StatusCode,
+    ) -> Poll<io::Result<()>> {
+        let answer: &[u8] = if status == http::StatusCode::NOT_IMPLEMENTED {
+            b"HTTP/1.1 501 Not Implemented\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 20\r\nconnection: close\r\n\r\n501 not implemented\n"
+        } else {
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 16\r\nconnection: close\r\n\r\n400 bad request\n"
+        };
+        while self.answered < answer.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[self.answered..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.answered += n;
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+}
+
 impl<T> Guarded<T> {
     /// How many bytes may be read without a look: all once the guard is off, the rest
     /// of a body of known length.
@@ -249,7 +283,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_first_head_ends_the_stream() {
+    async fn a_refused_first_head_is_answered_then_the_stream_ends() {
         let (mut client, server) = tokio::io::duplex(256);
         let mut guarded = Guarded::new(server, Arc::default(), Duration::from_secs(15));
         client
@@ -260,6 +294,9 @@ mod tests {
             .unwrap();
         let mut buf = [0u8; 64];
         assert_eq!(guarded.read(&mut buf).await.unwrap(), 0);
+        let mut answer = [0u8; 24];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 400 Bad Request");
     }
 
     #[tokio::test]
