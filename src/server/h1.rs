@@ -252,7 +252,9 @@ pub(super) async fn serve(
         if close {
             // FIN rather than a reset: the response's tail may still be on its way.
             let _ = io.shutdown().await;
-            linger(&mut io).await;
+            // Boxed: its read buffer would otherwise be room in every connection's
+            // future (tests/parking.rs measures what a parked connection costs).
+            Box::pin(linger(&mut io)).await;
             break;
         }
     }
