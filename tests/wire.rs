@@ -1303,6 +1303,15 @@ fn check_hyper_row(
 /// A Strait serving TLS (a certificate for `localhost`) with one route to `origin`, and
 /// a client that trusts it.
 fn tls_strait(dir: &std::path::Path, origin: SocketAddr) -> (Strait, tokio_rustls::TlsConnector) {
+    tls_strait_with(dir, origin, "")
+}
+
+/// The same, with `extra` config before the route.
+fn tls_strait_with(
+    dir: &std::path::Path,
+    origin: SocketAddr,
+    extra: &str,
+) -> (Strait, tokio_rustls::TlsConnector) {
     use rustls::pki_types::pem::PemObject;
     let certs = Certs::new(dir, &["localhost"]);
     let mut roots = rustls::RootCertStore::empty();
@@ -1317,7 +1326,7 @@ fn tls_strait(dir: &std::path::Path, origin: SocketAddr) -> (Strait, tokio_rustl
     .with_root_certificates(roots)
     .with_no_client_auth();
     let config = format!(
-        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[[route]]\nupstream = \"http://{origin}\"\n",
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n{extra}\n[[route]]\nupstream = \"http://{origin}\"\n",
         certs.cert_pem.display(),
         certs.key_pem.display(),
     );
@@ -1534,5 +1543,36 @@ async fn a_refused_first_head_over_tls_is_answered() {
         let got = read_quiet(&mut s).await;
         assert!(got.starts_with(&format!("HTTP/1.1 {status} ")), "{}: {got}", show(head));
     }
+    assert_eq!(origin.bytes_seen(), 0);
+}
+
+/// A head trickling in over TLS is cut off at `header_read`: the guard holds it whole
+/// before anyone else sees it, so the guard keeps that clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_head_over_tls_is_cut_off_at_header_read() {
+    let origin = RawOrigin::start(Mode::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (strait, connector) = tls_strait_with(
+        dir.path(),
+        origin.addr,
+        "[timeouts]\nheader_read = \"1s\"\n",
+    );
+    let mut s = tls_connect(&strait, &connector).await;
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    for b in b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: yyyyyyyyyyyyyyyy".iter() {
+        if s.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Err(_) => continue,
+            Ok(_) => break,
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
     assert_eq!(origin.bytes_seen(), 0);
 }

@@ -36,11 +36,14 @@ pub struct Guarded<T> {
     holding: Option<Pin<Box<Sleep>>>,
     /// Bytes of the answer to a refused first head written.
     answered: usize,
+    /// Runs while part of a head is held: `hold` after its first bytes, the stream ends.
+    head_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> Guarded<T> {
-    /// `hold`: how long a refused head behind other requests is held before the
-    /// stream ends (the connection's `header_read`).
+    /// `hold`: the connection's `header_read`: how long part of a head may take to
+    /// become whole, and how long a refused head behind other requests is held, before
+    /// the stream ends.
     pub fn new(inner: T, conn: Arc<ConnBytes>, hold: Duration) -> Guarded<T> {
         Guarded {
             inner,
@@ -53,6 +56,7 @@ impl<T> Guarded<T> {
             hold,
             holding: None,
             answered: 0,
+            head_timer: None,
         }
     }
 
@@ -107,8 +111,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<T> {
             }
             if !this.pending.is_empty() {
                 match this.guard.check(&this.pending) {
-                    Ok(0) => {}
+                    Ok(0) => {
+                        // Part of a head, held until whole: hyper (and hyper-util's
+                        // protocol sniffing before it) sees none of it, so its own
+                        // `header_read` timer may not be running. This one is.
+                        let hold = this.hold;
+                        let timer = this
+                            .head_timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(hold)));
+                        if timer.as_mut().poll(cx).is_ready() {
+                            tracing::debug!(
+                                "request head not complete within header_read: closing"
+                            );
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
                     Ok(n) => {
+                        this.head_timer = None;
                         this.cleared = n;
                         continue;
                     }
