@@ -252,16 +252,8 @@ async fn a_short_body_ends_the_connection() {
         .unwrap();
     // Read until the connection ends, which must be a reset: a FIN would look like
     // the end of a whole response to a client reading until close.
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let reset = loop {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-            Ok(Ok(0)) => break false,
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Ok(Err(e)) => break e.kind() == std::io::ErrorKind::ConnectionReset,
-            Err(_) => panic!("not closed within 5 s"),
-        }
-    };
+    let (got, end) = read_until_end(&mut s).await;
+    let reset = end == Some(std::io::ErrorKind::ConnectionReset);
     let got = String::from_utf8_lossy(&got);
     assert!(reset, "ended with a FIN: {got}");
     assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");

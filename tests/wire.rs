@@ -1312,19 +1312,8 @@ fn tls_strait_with(
     origin: SocketAddr,
     extra: &str,
 ) -> (Strait, tokio_rustls::TlsConnector) {
-    use rustls::pki_types::pem::PemObject;
     let certs = Certs::new(dir, &["localhost"]);
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&certs.ca_pem).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let client = tls_client_config(&certs.ca_pem);
     let config = format!(
         "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n{extra}\n[[route]]\nupstream = \"http://{origin}\"\n",
         certs.cert_pem.display(),
@@ -1390,16 +1379,7 @@ async fn a_response_cut_short_over_tls_ends_in_a_reset() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let end = loop {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-            Ok(Ok(0)) => break None,
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Ok(Err(e)) => break Some(e.kind()),
-            Err(_) => panic!("not ended within 5 s"),
-        }
-    };
+    let (got, end) = read_until_end(&mut s).await;
     let got = String::from_utf8_lossy(&got);
     assert!(
         got.starts_with("HTTP/1.1 200 OK\r\n") && got.ends_with("only this"),

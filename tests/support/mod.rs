@@ -735,3 +735,36 @@ pub fn status(code: u16, text: &'static str) -> Response<OriginBody> {
     *r.status_mut() = StatusCode::from_u16(code).unwrap();
     r
 }
+
+/// A TLS client config (ring, safe defaults) that trusts the CA certificates in `ca`.
+pub fn tls_client_config(ca: &Path) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// Reads until the peer closes or the stream fails (at most 5 s): what arrived, and
+/// how it ended (`None`: a clean end of stream; otherwise the error's kind, such as
+/// `ConnectionReset`).
+pub async fn read_until_end<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) => return (got, None),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => return (got, Some(e.kind())),
+            Err(_) => panic!("not ended within 5 s: {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+}
