@@ -29,6 +29,8 @@ pub struct Config {
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
     pub admin: Option<Admin>,
     #[serde(default)]
     pub log: Log,
@@ -44,6 +46,7 @@ impl Default for Config {
             route: Vec::new(),
             pool: Pool::default(),
             timeouts: Timeouts::default(),
+            limits: Limits::default(),
             admin: None,
             log: Log::default(),
             runtime: Runtime::default(),
@@ -89,6 +92,8 @@ pub struct Forward {
     pub hide: bool,
     pub connect_ports: Vec<u16>,
     pub deny_targets: Vec<Cidr>,
+    /// Request body limit for forward requests; overrides `limits.max_body` when set.
+    pub max_body: Option<Size>,
 }
 
 impl Default for Forward {
@@ -102,6 +107,7 @@ impl Default for Forward {
                 .iter()
                 .map(|s| Cidr(s.parse().expect("default deny_targets are valid CIDRs")))
                 .collect(),
+            max_body: None,
         }
     }
 }
@@ -197,6 +203,9 @@ pub struct RouteConfig {
     pub tls_server_name: Option<String>,
     #[serde(default)]
     pub tls_insecure: bool,
+    /// This route's request body limit; overrides `limits.max_body` when set.
+    #[serde(default)]
+    pub max_body: Option<Size>,
 }
 
 impl RouteConfig {
@@ -447,6 +456,12 @@ pub struct Timeouts {
     pub upstream_response: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub idle: Duration,
+    /// A client connection with no request in flight (HTTP/1.1 and HTTP/2).
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive: Duration,
+    /// Between two reads of a client's request body.
+    #[serde(deserialize_with = "de_duration")]
+    pub body_read: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
 }
@@ -458,7 +473,95 @@ impl Default for Timeouts {
             header_read: Duration::from_secs(15),
             upstream_response: Duration::from_secs(60),
             idle: Duration::from_secs(600),
+            keepalive: Duration::from_secs(75),
+            body_read: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[limits]`: what one client, or all of them, may hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Client connections per process, across listeners; at the cap accepting pauses.
+    pub max_connections: usize,
+    /// The listen backlog (capped by the kernel's `somaxconn`).
+    pub backlog: u32,
+    /// Request body limit; 0 = none.
+    pub max_body: Size,
+    pub h2_max_concurrent_streams: u32,
+    /// Requests on one HTTP/2 connection before it is asked to go (GOAWAY).
+    pub h2_max_requests_per_connection: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            backlog: 4096,
+            max_body: Size(0),
+            h2_max_concurrent_streams: 128,
+            h2_max_requests_per_connection: 1000,
+        }
+    }
+}
+
+impl Limits {
+    /// The body limit for a route or the forward proxy that may override it (0 = none).
+    pub fn max_body(&self, own: Option<Size>) -> u64 {
+        own.unwrap_or(self.max_body).0
+    }
+}
+
+/// A size in bytes: an integer, or a string with a `KiB`, `MiB` or `GiB` suffix.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => (&t[..i], t[i..].trim_start()),
+            None => (t, ""),
+        };
+        let shift = match unit {
+            "" | "B" => 0,
+            "KiB" => 10,
+            "MiB" => 20,
+            "GiB" => 30,
+            _ => u32::MAX,
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .filter(|_| shift != u32::MAX)
+            .and_then(|n| n.checked_mul(1u64 << shift.min(63)))
+            .map(Size)
+            .ok_or_else(|| {
+                format!(
+                    "invalid size {s:?}: expected a number of bytes, or one with a KiB, MiB or GiB suffix, like \"10MiB\""
+                )
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum IntOrStr {
+            Int(i64),
+            Str(String),
+        }
+        match IntOrStr::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a size: bytes, or a string like \"10MiB\""))?
+        {
+            IntOrStr::Int(n) => u64::try_from(n)
+                .map(Size)
+                .map_err(|_| de::Error::custom("a size cannot be negative")),
+            IntOrStr::Str(s) => s.parse().map_err(de::Error::custom),
         }
     }
 }
@@ -732,6 +835,25 @@ impl Config {
                     "invalid server name {name:?}: expected a DNS name or an IP address"
                 ))
                 .at(format!("route[{i}].tls_server_name")));
+            }
+        }
+        let l = &self.limits;
+        for (key, zero) in [
+            ("limits.max_connections", l.max_connections == 0),
+            ("limits.backlog", l.backlog == 0),
+            (
+                "limits.h2_max_concurrent_streams",
+                l.h2_max_concurrent_streams == 0,
+            ),
+            (
+                "limits.h2_max_requests_per_connection",
+                l.h2_max_requests_per_connection == 0,
+            ),
+            ("timeouts.keepalive", self.timeouts.keepalive.is_zero()),
+            ("timeouts.body_read", self.timeouts.body_read.is_zero()),
+        ] {
+            if zero {
+                return Err(ConfigError::new("must be more than 0").at(key));
             }
         }
         let mut seen = std::collections::HashSet::new();

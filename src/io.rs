@@ -26,6 +26,11 @@ pin_project! {
         sleep: LazySleep,
         timeout: Duration,
         last_active: Instant,
+        // `timeouts.keepalive` for a client connection: the limit while `between`
+        // requests. The timer is armed at most this far ahead, so parking needs no
+        // timer reset (a busy connection's timer fires once per `keepalive`).
+        keepalive: Duration,
+        between: bool,
     }
 }
 
@@ -76,7 +81,22 @@ impl<T> IdleTimeoutIo<T> {
             sleep: LazySleep::new(now + timeout),
             timeout,
             last_active: now,
+            keepalive: timeout,
+            between: false,
         }
+    }
+
+    /// A client connection: between requests ([`IdleTimeoutIo::set_between`]), the
+    /// stream ends once nothing moved for `keepalive`; otherwise `timeout` holds.
+    pub fn with_keepalive(mut self, keepalive: Duration) -> Self {
+        self.keepalive = keepalive.min(self.timeout);
+        self.sleep.reset(self.last_active + self.keepalive);
+        self
+    }
+
+    /// Marks the stream as between requests (true) or in an exchange (false).
+    pub fn set_between(&mut self, between: bool) {
+        self.between = between;
     }
 
     pub fn get_ref(&self) -> &T {
@@ -91,7 +111,13 @@ impl<T> IdleTimeoutIo<T> {
     /// Ready once nothing has moved for the timeout: for a caller that waits on the
     /// stream's readiness itself rather than reading through this wrapper.
     pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        check_idle(&mut self.sleep, self.last_active, self.timeout, cx).map(|_| ())
+        self.limits()
+            .check(&mut self.sleep, self.last_active, cx)
+            .map(|_| ())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits::of(self.between, self.timeout, self.keepalive)
     }
 }
 
@@ -154,27 +180,44 @@ impl std::fmt::Debug for LazySleep {
     }
 }
 
-/// Polls the idle timer after the inner stream returned `Pending`.
-fn check_idle(
-    sleep: &mut LazySleep,
-    last_active: Instant,
-    timeout: Duration,
-    cx: &mut Context<'_>,
-) -> Poll<io::Error> {
-    loop {
-        if sleep.poll_elapsed(cx).is_pending() {
-            return Poll::Pending;
+/// The idle limit that holds now, and the furthest the timer is armed ahead.
+#[derive(Clone, Copy)]
+struct Limits {
+    now: Duration,
+    arm: Duration,
+}
+
+impl Limits {
+    fn of(between: bool, timeout: Duration, keepalive: Duration) -> Limits {
+        Limits {
+            now: if between { keepalive } else { timeout },
+            arm: keepalive,
         }
-        let deadline = last_active + timeout;
-        if deadline <= Instant::now() {
-            return Poll::Ready(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "idle timeout: no bytes moved either way",
-            ));
+    }
+
+    /// Polls the idle timer after the inner stream returned `Pending`.
+    fn check(
+        self,
+        sleep: &mut LazySleep,
+        last_active: Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Error> {
+        loop {
+            if sleep.poll_elapsed(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let deadline = last_active + self.now;
+            if deadline <= now {
+                return Poll::Ready(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "idle timeout: no bytes moved either way",
+                ));
+            }
+            // Activity since the timer was armed: re-arm for the real deadline (at most
+            // `arm` ahead) and poll again so it is registered with this task.
+            sleep.reset(deadline.min(now.max(last_active) + self.arm));
         }
-        // Activity since the timer was armed: re-arm for the real deadline and poll again
-        // so the new deadline is registered with this task.
-        sleep.reset(deadline);
     }
 }
 
@@ -193,7 +236,9 @@ impl<T: AsyncRead> AsyncRead for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => check_idle(this.sleep, *this.last_active, *this.timeout, cx).map(Err),
+            Poll::Pending => Limits::of(*this.between, *this.timeout, *this.keepalive)
+                .check(this.sleep, *this.last_active, cx)
+                .map(Err),
         }
     }
 }
@@ -212,7 +257,9 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => check_idle(this.sleep, *this.last_active, *this.timeout, cx).map(Err),
+            Poll::Pending => Limits::of(*this.between, *this.timeout, *this.keepalive)
+                .check(this.sleep, *this.last_active, cx)
+                .map(Err),
         }
     }
 
@@ -229,7 +276,9 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => check_idle(this.sleep, *this.last_active, *this.timeout, cx).map(Err),
+            Poll::Pending => Limits::of(*this.between, *this.timeout, *this.keepalive)
+                .check(this.sleep, *this.last_active, cx)
+                .map(Err),
         }
     }
 

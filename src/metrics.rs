@@ -107,6 +107,12 @@ pub struct ListenerLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AcceptErrorLabels {
+    pub listener: Label,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RouteOnly {
     pub route: Label,
 }
@@ -130,6 +136,8 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     pub client_connections: Family<ListenerLabels, Gauge>,
     pub client_connections_parked: Gauge,
+    pub client_connections_max: Gauge,
+    pub accept_errors: Family<AcceptErrorLabels, Counter>,
     pub connect_duration: Histogram,
     pub tunnels_active: Gauge,
     pub upgraded_active: Gauge,
@@ -164,6 +172,8 @@ impl Metrics {
         let bytes = Family::<BytesLabels, Counter>::default();
         let client_connections = Family::<ListenerLabels, Gauge>::default();
         let client_connections_parked = Gauge::default();
+        let client_connections_max = Gauge::default();
+        let accept_errors = Family::<AcceptErrorLabels, Counter>::default();
         let connect_duration = latency_histogram();
         let tunnels_active = Gauge::default();
         let upgraded_active = Gauge::default();
@@ -199,6 +209,16 @@ impl Metrics {
             "strait_client_connections_parked",
             "Plain HTTP/1.1 client connections parked between requests, without hyper's buffers",
             client_connections_parked.clone(),
+        );
+        r.register(
+            "strait_client_connections_max",
+            "The cap on client connections across listeners ([limits] max_connections)",
+            client_connections_max.clone(),
+        );
+        r.register(
+            "strait_accept_errors",
+            "Failed accepts, by listener and reason",
+            accept_errors.clone(),
         );
         r.register(
             "strait_pool_events",
@@ -263,6 +283,8 @@ impl Metrics {
             bytes,
             client_connections,
             client_connections_parked,
+            client_connections_max,
+            accept_errors,
             connect_duration,
             tunnels_active,
             upgraded_active,

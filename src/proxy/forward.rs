@@ -26,6 +26,8 @@ pub struct ForwardPolicy {
     pub profile: Arc<Profile>,
     /// The same over HTTP/1.1 only, for requests that switch protocols.
     pub upgrade_profile: Arc<Profile>,
+    /// `[forward] max_body`, else `[limits]`'s; 0 = none.
+    pub max_body: u64,
 }
 
 /// What the credentials check decided.
@@ -54,6 +56,7 @@ impl ForwardPolicy {
             response_timeout: timeouts.upstream_response,
         });
         Ok(ForwardPolicy {
+            max_body: 0,
             upgrade_profile: upstream.upgrade_profile(&profile),
             auth: Auth::new(&cfg.users),
             hide: cfg.hide,
@@ -116,7 +119,8 @@ impl Proxy {
                 .get(&headers::PROXY_CONNECTION)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("close"));
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
+        let progress = super::limit_body(&mut body, policy.max_body, self.body_read)?;
         let switch = upgrade::asked(&parts);
         let trailers = headers::strip_hop_by_hop(&mut parts.headers);
         headers::from_http2(&mut parts, trailers);
@@ -140,7 +144,11 @@ impl Proxy {
             &policy.profile
         };
         let target = Target::new(profile.clone(), scheme, authority);
-        let resp = self.upstream.send(req, &target).await?;
+        let resp = self
+            .upstream
+            .send(req, &target)
+            .await
+            .map_err(|e| super::body_refusal(e.into(), progress.as_deref()))?;
         let mut resp = if upgrading {
             self.answer_upgrade(resp, &mut client, version, meta)?
         } else {

@@ -117,6 +117,8 @@ pub struct Proxy {
     forward: Option<forward::ForwardPolicy>,
     routes: RouteTable<reverse::Route>,
     idle_timeout: Duration,
+    /// `timeouts.body_read`.
+    body_read: Duration,
     /// Tunnels outlive the request that opened them; shutdown waits for them here.
     tasks: TaskTracker,
     metrics: Arc<Metrics>,
@@ -163,13 +165,18 @@ impl Proxy {
             .forward
             .enabled
             .then(|| forward::ForwardPolicy::new(&config.forward, &config.timeouts, &upstream))
-            .transpose()?;
+            .transpose()?
+            .map(|mut f| {
+                f.max_body = config.limits.max_body(config.forward.max_body);
+                f
+            });
         let route_metrics = config.admin.is_some().then_some(&*metrics);
         let routes = config
             .route
             .iter()
             .map(|r| {
-                let route = reverse::Route::new(r, &config.timeouts, &upstream, route_metrics)?;
+                let mut route = reverse::Route::new(r, &config.timeouts, &upstream, route_metrics)?;
+                route.max_body = config.limits.max_body(r.max_body);
                 Ok((r.host.clone(), r.path.0.clone(), route))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -178,6 +185,7 @@ impl Proxy {
             forward,
             routes: RouteTable::new(routes),
             idle_timeout: config.timeouts.idle,
+            body_read: config.timeouts.body_read,
             tasks,
             metrics,
             metrics_on: config.admin.is_some(),
@@ -476,6 +484,10 @@ pub enum Refusal {
     /// 502 / 403 / 503 / 504: the upstream exchange failed; 400 when the client's
     /// request body broke on the way.
     Upstream(UpstreamError),
+    /// 413 (`max_body`) or 408 (`body_read`): the client's body was refused for its
+    /// length or its pace. The connection closes after the answer: the rest of the
+    /// body is not read.
+    Body(StatusCode, String),
 }
 
 impl Refusal {
@@ -485,6 +497,7 @@ impl Refusal {
                 StatusCode::BAD_REQUEST
             }
             Refusal::Framing(r) => r.status,
+            Refusal::Body(status, _) => *status,
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
@@ -515,6 +528,8 @@ impl Refusal {
                 "501 not implemented\n"
             }
             Refusal::Framing(_) => "400 bad request\n",
+            Refusal::Body(StatusCode::PAYLOAD_TOO_LARGE, _) => "413 content too large\n",
+            Refusal::Body(_, _) => "408 request timeout\n",
             Refusal::NoRoute => "404 not found\n",
             Refusal::AuthRequired => "407 proxy authentication required\n",
             Refusal::Upstream(UpstreamError::Timeout(_)) => "504 gateway timeout\n",
@@ -528,7 +543,7 @@ impl Refusal {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if let Refusal::Framing(_) = self {
+        if let Refusal::Framing(_) | Refusal::Body(..) = self {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Refusal::AuthRequired = self {
@@ -558,7 +573,10 @@ impl Refusal {
                 tracing::info!(%client, %method, %uri, status, "proxy authentication required")
             }
             Refusal::Upstream(UpstreamError::ClientBody(e)) => {
-                tracing::info!(%client, %method, %uri, status, "bad request body: {e}")
+                tracing::info!(%client, %method, %uri, status, "client failed: request body: {e}")
+            }
+            Refusal::Body(_, why) => {
+                tracing::info!(%client, %method, %uri, status, "client failed: {why}")
             }
             Refusal::Upstream(e @ UpstreamError::Connect(ConnectError::Denied(_))) => {
                 tracing::info!(%client, %method, %uri, status, "target denied: {e}")
@@ -573,6 +591,39 @@ impl Refusal {
 impl From<UpstreamError> for Refusal {
     fn from(e: UpstreamError) -> Refusal {
         Refusal::Upstream(e)
+    }
+}
+
+/// Puts `max_body` (0 = none) and `timeouts.body_read` on a request's body. A body
+/// whose length is known to pass the limit is refused here, before any byte of it
+/// goes upstream; a streamed one is cut where it passes it.
+fn limit_body(
+    body: &mut RequestBody,
+    max: u64,
+    within: Duration,
+) -> Result<Option<Arc<crate::body::BodyProgress>>, Refusal> {
+    let least = http_body::Body::size_hint(body).lower();
+    if max > 0 && least > max {
+        return Err(Refusal::Body(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {least} bytes is longer than max_body ({max} bytes)"),
+        ));
+    }
+    Ok(match body {
+        RequestBody::Incoming(b) => b.limit(max, within),
+        RequestBody::Full(_) | RequestBody::Empty => None,
+    })
+}
+
+/// A refusal for a body cut by [`limit_body`]'s limits, which the upstream reports as
+/// its request body failing: 413 or 408 rather than 400.
+fn body_refusal(refusal: Refusal, progress: Option<&crate::body::BodyProgress>) -> Refusal {
+    match (refusal, progress.and_then(|p| p.status())) {
+        (Refusal::Upstream(UpstreamError::ClientBody(e)), Some(status)) => Refusal::Body(
+            status,
+            format!("request body: {}", UpstreamError::ClientBody(e)),
+        ),
+        (r, _) => r,
     }
 }
 

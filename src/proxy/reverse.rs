@@ -40,6 +40,8 @@ pub struct Route {
     locations: Vec<LocationRewrite>,
     /// The route's health checks, which stop with it.
     _probes: Option<health::Probes>,
+    /// `max_body` (the route's, else `[limits]`'s); 0 = none.
+    pub max_body: u64,
 }
 
 /// See [`Route::order`].
@@ -197,6 +199,7 @@ impl Route {
             )
         });
         Ok(Route {
+            max_body: 0,
             label,
             names,
             prefix_len: cfg.path.0.len(),
@@ -316,6 +319,8 @@ impl Proxy {
             let replayable = empty || matches!(body, RequestBody::Full(_));
             let idempotent = crate::upstream::is_idempotent(&parts.method);
             let mut body = if empty { RequestBody::Empty } else { body };
+            let progress = super::limit_body(&mut body, route.max_body, self.body_read)?;
+            let progress = progress.as_deref();
             let mut last_err = None;
             let candidates = route.upstreams.len();
             let targets = if upgrading {
@@ -369,13 +374,13 @@ impl Proxy {
                         let timed_out = matches!(f.error, UpstreamError::Timeout(_));
                         let reached_none = f.error.is_unsent();
                         if !(reached_none || f.unanswered || timed_out) {
-                            return Err(f.error.into());
+                            return Err(super::body_refusal(f.error.into(), progress));
                         }
                         route.balancer.mark_failed(i);
                         let moves_on = reached_none
                             || ((f.unanswered || timed_out) && idempotent && replayable);
                         if !moves_on || last {
-                            return Err(f.error.into());
+                            return Err(super::body_refusal(f.error.into(), progress));
                         }
                         tracing::warn!(route = %route.label.0, upstream = %up, "upstream failed, trying the next: {}", f.error);
                         self.upstream.count_retry();

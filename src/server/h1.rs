@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
+use super::shutdown::Signal;
 use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end};
 use crate::body::RequestBody;
 use crate::http1::framing::{RequestBody as BodyFraming, RequestFraming};
@@ -53,9 +54,6 @@ pub const KEEP_BUFFERS: usize = 256;
 /// What a read asks the socket for at least.
 const READ_SIZE: usize = 8 * 1024;
 
-/// A shutdown signal a connection keeps across its waits.
-type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 /// Serves a plain HTTP/1.1 client connection until it closes, times out or shutdown
 /// asks it to finish.
 ///
@@ -69,8 +67,12 @@ pub(super) async fn serve(
     shutdown: Shutdown,
 ) {
     let bytes = Arc::new(ConnBytes::default());
-    let idle = shared.settings.load().idle;
-    let mut io: PlainIo = IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), idle);
+    let (idle, keepalive) = {
+        let settings = shared.settings.load();
+        (settings.idle, settings.keepalive)
+    };
+    let mut io: PlainIo =
+        IdleTimeoutIo::new(CountingIo::new(stream, bytes.clone()), idle).with_keepalive(keepalive);
     let mut buf = BytesMut::new();
     // The response head's bytes, and a header map for the next request (the last
     // response's, emptied): kept while the connection is busy.
@@ -79,7 +81,7 @@ pub(super) async fn serve(
     // `serve_plain` saw the first bytes arrive: the first head's clock runs from now.
     let mut head_since = Some(Instant::now());
     let mut head_timer: Option<Pin<Box<Sleep>>> = None;
-    let mut stop: Option<Stop> = None;
+    let mut signal: Option<Signal> = None;
     let mut hyper: Option<HyperSide> = None;
     /// What a head in hand, not yet served, leads to.
     enum Then {
@@ -144,21 +146,22 @@ pub(super) async fn serve(
                     }
                     let parked = &shared.metrics.client_connections_parked;
                     parked.inc();
-                    // The shutdown signal is polled once per connection: it stays registered
-                    // with this task (whose waker never changes), and a drain that began
-                    // while the connection was busy is seen by the flag.
-                    let mut first = stop.is_none();
-                    let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
+                    // The drain and trim signal is polled once per park: it stays
+                    // registered with this task (whose waker never changes), and the
+                    // flags tell what woke it.
+                    let signal = signal.get_or_insert_with(|| Signal::new(&shutdown));
+                    let trims = shutdown.trims();
                     let keep = kept.is_some();
+                    io.set_between(true);
                     let resume = poll_fn(|cx| {
-                        if std::mem::take(&mut first) && stop.as_mut().poll(cx).is_ready()
-                            || shutdown.is_triggered()
-                        {
+                        signal.arm(&shutdown, cx);
+                        if shutdown.is_triggered() || shutdown.trims() != trims {
                             return Poll::Ready(false);
                         }
                         poll_parked(&mut io, &mut buf, keep, cx)
                     })
                     .await;
+                    io.set_between(false);
                     parked.dec();
                     drop(kept);
                     if !resume {
@@ -184,8 +187,13 @@ pub(super) async fn serve(
                     if timer.deadline() != deadline {
                         timer.as_mut().reset(deadline);
                     }
-                    let stop = stop.get_or_insert_with(|| Box::pin(shutdown.wait()));
-                    if timer.as_mut().poll(cx).is_ready() || stop.as_mut().poll(cx).is_ready() {
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    // A trim leaves a connection with a head on its way alone.
+                    let signal = signal.get_or_insert_with(|| Signal::new(&shutdown));
+                    signal.arm(&shutdown, cx);
+                    if shutdown.is_triggered() {
                         return Poll::Ready(None);
                     }
                     Poll::Pending
@@ -232,7 +240,8 @@ pub(super) async fn serve(
                 body,
             ) = resp.into_parts();
             out.clear();
-            let close = close || shutdown.is_triggered();
+            // Near the connection cap, a connection closes rather than waits for more.
+            let close = close || shutdown.is_triggered() || shared.limit.is_crowded();
             let (framing, close) = encode_head(&mut out, status, &headers, &body, head_only, close);
             spare = headers;
             spare.clear();

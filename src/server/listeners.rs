@@ -24,21 +24,32 @@ pub(super) struct Bound {
     pub acceptor: Option<tls::Acceptor>,
 }
 
-/// Binds a proxy listener and loads its certificate. The error names the address (exit
-/// 1) or the file (exit 2).
-pub(super) async fn bind(cfg: &Listen) -> Result<Bound, RunError> {
+/// Binds a proxy listener with `backlog` ([`super::limit::backlog`]) and loads its
+/// certificate. The error names the address (exit 1) or the file (exit 2).
+pub(super) async fn bind(cfg: &Listen, backlog: u32) -> Result<Bound, RunError> {
     let acceptor = match &cfg.tls {
         Some(files) => Some(tls::Acceptor::load(files).map_err(RunError::Config)?),
         None => None,
     };
-    let listener = TcpListener::bind(cfg.addr)
-        .await
-        .map_err(|e| RunError::Bind(cfg.addr, e))?;
+    let listener = listen(cfg.addr, backlog).map_err(|e| RunError::Bind(cfg.addr, e))?;
     Ok(Bound {
         cfg: cfg.clone(),
         listener,
         acceptor,
     })
+}
+
+/// A listening socket as `TcpListener::bind` makes one (`SO_REUSEADDR`), with the
+/// backlog asked for rather than std's 128.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// What serving a proxy listener needs besides the listener.
@@ -75,18 +86,19 @@ impl Context {
         let watcher = acceptor.as_ref().map(|a| {
             tokio::spawn(a.clone().watch(self.hup.clone(), self.metrics.clone())).abort_handle()
         });
+        let label = Label::from(cfg.addr.to_string().as_str());
         let gauge = self
             .metrics
             .client_connections
             .get_or_create(&ListenerLabels {
-                listener: Label::from(cfg.addr.to_string().as_str()),
+                listener: label.clone(),
             })
             .clone();
         let stop = CancellationToken::new();
         let task = tokio::spawn(accept_loop(
             listener,
             acceptor,
-            gauge,
+            (label, gauge),
             self.shared.clone(),
             self.shutdown.clone(),
             self.tasks.clone(),

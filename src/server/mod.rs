@@ -13,6 +13,8 @@ mod admin;
 mod guard;
 #[doc(hidden)]
 pub mod h1;
+mod h2watch;
+mod limit;
 mod listeners;
 pub mod park;
 mod reload;
@@ -49,6 +51,8 @@ use crate::metrics::Metrics;
 use crate::proxy::{ConnBytes, ConnInfo, Proxy};
 use crate::upstream::Upstream;
 use guard::Guarded;
+use h2watch::H2Watch;
+use limit::ConnLimit;
 use park::{Lent, PARK_AFTER, Parking, ServerBody, Sessions};
 use prometheus_client::metrics::gauge::Gauge;
 pub use shutdown::Shutdown;
@@ -100,14 +104,22 @@ struct Shared {
     /// Parked plain HTTP/1.1 connections that kept their buffers ([`h1::KEEP_BUFFERS`]).
     kept_buffers: crate::io::Slots,
     metrics: Arc<Metrics>,
+    /// `limits.max_connections`, across listeners.
+    limit: Arc<ConnLimit>,
+    /// `limits.backlog`, as the kernel allows it (fixed at start).
+    backlog: u32,
 }
 
 /// What client connections take from `[timeouts]`.
 struct Settings {
     /// `timeouts.idle`.
     idle: Duration,
+    /// `timeouts.keepalive`.
+    keepalive: Duration,
     /// `timeouts.header_read`, which also bounds a TLS handshake.
     header_read: Duration,
+    /// `limits.h2_max_requests_per_connection`.
+    h2_max_requests: u64,
     /// hyper's builder for TLS connections and plain ones that open with the HTTP/2
     /// preface (it carries `header_read`).
     http: auto::Builder<TokioExecutor>,
@@ -117,7 +129,9 @@ impl Settings {
     fn new(config: &Config) -> Settings {
         Settings {
             idle: config.timeouts.idle,
+            keepalive: config.timeouts.keepalive,
             header_read: config.timeouts.header_read,
+            h2_max_requests: config.limits.h2_max_requests_per_connection,
             http: http_builder(config),
         }
     }
@@ -141,9 +155,10 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
     let metrics = Arc::new(Metrics::new(upstream.stats().clone()));
     let hup = Arc::new(tokio::sync::Notify::new());
 
+    let backlog = limit::backlog(config.limits.backlog);
     let mut bound = Vec::with_capacity(config.listen.len());
     for l in &config.listen {
-        bound.push(listeners::bind(l).await?);
+        bound.push(listeners::bind(l, backlog).await?);
     }
     let admin = match &config.admin {
         Some(a) => Some((a.addr, listeners::bind_admin(a.addr).await?)),
@@ -166,7 +181,12 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
         sessions: Sessions::default(),
         kept_buffers: crate::io::Slots::new(h1::KEEP_BUFFERS),
         metrics: metrics.clone(),
+        limit: Arc::new(ConnLimit::new(config.limits.max_connections)),
+        backlog,
     });
+    metrics
+        .client_connections_max
+        .set(config.limits.max_connections as i64);
 
     let admin = admin.map(|(addr, l)| listeners::serve_admin(addr, l, &metrics, &shutdown));
     let ctx = listeners::Context {
@@ -234,6 +254,7 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(crate::http1::MAX_HEAD as u32)
+        .max_concurrent_streams(config.limits.h2_max_concurrent_streams)
         .enable_connect_protocol();
     builder
 }
@@ -252,18 +273,42 @@ fn h1_builder() -> http1::Builder {
 }
 
 /// Accepts connections and serves each in a task of its own, until shutdown (the
-/// listener closes) or `stop` (a reload: the listener is handed back).
+/// listener closes) or `stop` (a reload: the listener is handed back). Each connection
+/// takes a place under `limits.max_connections` before it is accepted ([`limit`]).
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<tls::Acceptor>,
-    gauge: Gauge,
+    (label, gauge): (crate::metrics::Label, Gauge),
     shared: Arc<Shared>,
     shutdown: Shutdown,
     tasks: TaskTracker,
     stop: tokio_util::sync::CancellationToken,
 ) -> Option<TcpListener> {
     let local = listener.local_addr().ok();
+    let mut errors = limit::AcceptErrors::new(label);
+    let mut full_logged: Option<Instant> = None;
     loop {
+        let place = match shared.limit.try_take() {
+            Some(p) => p,
+            None => {
+                // At the cap: connections idle between requests close, and this
+                // listener leaves new ones in the backlog until a place is free.
+                shutdown.trim();
+                if full_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        listener = ?local,
+                        max_connections = shared.limit.max(),
+                        "connection cap reached: not accepting until a connection closes"
+                    );
+                    full_logged = Some(Instant::now());
+                }
+                tokio::select! {
+                    p = shared.limit.take() => p,
+                    () = shutdown.triggered() => return None,
+                    () = stop.cancelled() => break,
+                }
+            }
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = shutdown.triggered() => {
@@ -273,12 +318,19 @@ async fn accept_loop(
             () = stop.cancelled() => break,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                errors.succeeded();
+                a
+            }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.
-                tracing::warn!(listener = ?local, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                let pause = errors.failed(&e, &shared.metrics);
+                drop(place);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => continue,
+                    () = shutdown.triggered() => return None,
+                    () = stop.cancelled() => break,
+                }
             }
         };
         let _ = stream.set_nodelay(true);
@@ -290,6 +342,7 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let gauge = gauge.clone();
         tasks.spawn(async move {
+            let _place = place;
             gauge.inc();
             let _open = DecOnDrop(gauge);
             match acceptor {
@@ -335,15 +388,12 @@ async fn accept_loop(
     Some(listener)
 }
 
-/// RFC 9113 §3.4: what an HTTP/2 client with prior knowledge sends first.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 /// Serves a plain-TCP client connection: HTTP/2 with prior knowledge through hyper's
 /// auto builder, HTTP/1.1 through Strait's own server ([`h1`]). Until the first bytes arrive (at most
 /// `header_read`), the connection holds nothing but its socket.
 async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown) {
     let deadline = Instant::now() + shared.settings.load().header_read;
-    let mut head = [0u8; H2_PREFACE.len()];
+    let mut head = [0u8; h2watch::PREFACE.len()];
     // `peek` waits for bytes (readiness alone can be a false positive) and leaves
     // them for whoever serves the connection.
     let n = tokio::select! {
@@ -354,7 +404,7 @@ async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shu
         () = tokio::time::sleep_until(deadline) => return,
         () = shutdown.triggered() => return,
     };
-    if H2_PREFACE.starts_with(&head[..n]) {
+    if h2watch::PREFACE.starts_with(&head[..n]) {
         // HTTP/2, or too few bytes to tell: hyper's auto builder reads on and decides.
         // Boxed, as its state is large and every plain connection's task would
         // otherwise reserve room for it.
@@ -393,6 +443,7 @@ impl HyperSide {
                 info,
                 bytes: bytes.clone(),
                 parking: Some(parking.clone()),
+                activity: None,
             },
             parking,
             bytes: bytes.clone(),
@@ -594,7 +645,11 @@ fn account_connection_end(bytes: &ConnBytes) {
     }
 }
 
-/// Serves one client connection until it closes, or until shutdown asks it to finish.
+/// Serves one client connection (TLS, or HTTP/2 by prior knowledge) with hyper until
+/// it closes, or until it is asked to finish: by shutdown; by `timeouts.keepalive`
+/// with no request in flight; by a trim, or the connection cap being near, with none
+/// in flight; by its HTTP/2 request limit ([`h2watch`]). Asking is hyper's graceful
+/// shutdown: a GOAWAY on HTTP/2, a close between requests on HTTP/1.1.
 async fn serve<S>(stream: S, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown)
 where
     S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
@@ -603,27 +658,66 @@ where
     let bytes = Arc::new(ConnBytes::default());
     let counted = CountingIo::new(stream, bytes.clone());
     let settings = shared.settings.load_full();
+    let watch = Arc::new(h2watch::Watch::default());
     // Guarded: the HTTP/1.1 requests hyper reads here (over TLS) meet Strait's wire
-    // rules first; an HTTP/2 preface ends the guard's watch at once.
+    // rules first; an HTTP/2 preface ends the guard's watch at once, and the HTTP/2
+    // watch's begins.
     let io = TokioIo::new(Guarded::new(
-        IdleTimeoutIo::new(counted, settings.idle),
+        H2Watch::new(
+            IdleTimeoutIo::new(counted, settings.idle),
+            settings.header_read,
+            settings.h2_max_requests,
+            watch.clone(),
+        ),
         bytes.clone(),
         settings.header_read,
     ));
+    let activity = Arc::new(Activity::default());
     let service = ConnService {
         shared: shared.clone(),
         info,
         bytes: bytes.clone(),
         parking: None,
+        activity: Some(activity.clone()),
     };
     let conn = settings.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown.triggered() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+    let keepalive = settings.keepalive;
+    // The keep-alive check's period: the connection closes within a quarter of
+    // `keepalive` after it passed; a drain or trim wakes it at once.
+    let every = (keepalive / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
+    let mut tick = crate::io::LazySleep::new(Instant::now() + every);
+    let mut signal = shutdown::Signal::new(&shutdown);
+    let trims = shutdown.trims();
+    let mut asked = false;
+    let result = loop {
+        let why = tokio::select! {
+            biased;
+            r = conn.as_mut() => break r,
+            () = watch.drain_wanted(), if !asked => "request limit",
+            () = std::future::poll_fn(|cx| {
+                signal.arm(&shutdown, cx);
+                if shutdown.is_triggered() || shutdown.trims() != trims {
+                    return Poll::Ready(());
+                }
+                tick.poll_elapsed(cx)
+            }), if !asked => {
+                let idle = activity.idle_for();
+                if shutdown.is_triggered() {
+                    "shutdown"
+                } else if idle.is_some_and(|d| d >= keepalive) {
+                    "keepalive"
+                } else if idle.is_some() && (shutdown.trims() != trims || shared.limit.is_crowded()) {
+                    "connection cap"
+                } else {
+                    tick.reset(Instant::now() + every);
+                    continue;
+                }
+            }
+        };
+        tracing::debug!(client = %info.peer, "asking the connection to close: {why}");
+        asked = true;
+        conn.as_mut().graceful_shutdown();
     };
     if let Err(e) = result {
         tracing::debug!(client = %info.peer, "connection ended: {e}");
@@ -638,6 +732,56 @@ where
     account_connection_end(&bytes);
 }
 
+/// The requests in flight on a connection hyper serves throughout, and since when
+/// none has been.
+#[derive(Debug)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// When the last exchange ended (or the connection began), on [`coarse_now`]'s
+    /// clock, in ms since `epoch`.
+    quiet_since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            in_flight: Default::default(),
+            quiet_since: AtomicU64::new(0),
+            epoch: crate::io::coarse_now(),
+        }
+    }
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// For how long no request has been in flight; `None` while one is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.quiet_since.load(Ordering::Relaxed));
+        Some(crate::io::coarse_now().saturating_duration_since(self.epoch + since))
+    }
+}
+
+/// One request in flight, until its response body is dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let now = crate::io::coarse_now().saturating_duration_since(a.epoch);
+        a.quiet_since
+            .store(now.as_millis() as u64, Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
 /// The hyper service for one connection: hands each request to the proxy.
 #[derive(Clone)]
 struct ConnService {
@@ -646,6 +790,8 @@ struct ConnService {
     bytes: Arc<ConnBytes>,
     /// Present on connections that park between requests.
     parking: Option<Arc<Parking>>,
+    /// Present on connections hyper serves throughout ([`serve`]).
+    activity: Option<Arc<Activity>>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -655,10 +801,12 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, req: Request<Incoming>) -> Serve {
         let exchange = self.parking.as_ref().map(|p| p.begin(&req));
+        let in_flight = self.activity.as_ref().map(Activity::begin);
         let proxy = self.shared.proxy.load_full();
         Serve {
+            in_flight,
             handling: Box::pin(proxy.handle(
-                req.map(RequestBody::Incoming),
+                req.map(RequestBody::from),
                 self.info,
                 self.bytes.clone(),
             )),
@@ -671,6 +819,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 struct Serve {
     handling: Pin<Box<dyn Future<Output = Response<crate::proxy::Tracked>> + Send>>,
     exchange: Option<park::Exchange>,
+    in_flight: Option<InFlight>,
 }
 
 impl Future for Serve {
@@ -682,7 +831,10 @@ impl Future for Serve {
         if let Some(e) = &mut exchange {
             e.response(&resp);
         }
-        Poll::Ready(Ok(resp.map(|body| ServerBody::new(body, exchange))))
+        let in_flight = self.in_flight.take();
+        Poll::Ready(Ok(
+            resp.map(|body| ServerBody::new(body, exchange, in_flight))
+        ))
     }
 }
 

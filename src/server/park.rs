@@ -185,13 +185,20 @@ fn request_allows_parking(req: &Request<Incoming>) -> bool {
 pub struct ServerBody {
     inner: Tracked,
     _exchange: Option<Exchange>,
+    /// The request in flight on a connection hyper serves throughout.
+    _in_flight: Option<super::InFlight>,
 }
 
 impl ServerBody {
-    pub fn new(inner: Tracked, exchange: Option<Exchange>) -> ServerBody {
+    pub(super) fn new(
+        inner: Tracked,
+        exchange: Option<Exchange>,
+        in_flight: Option<super::InFlight>,
+    ) -> ServerBody {
         ServerBody {
             inner,
             _exchange: exchange,
+            _in_flight: in_flight,
         }
     }
 }

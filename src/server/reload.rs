@@ -144,6 +144,10 @@ async fn apply(
     // Apply: new requests and connections see the new configuration from here on.
     ctx.shared.proxy.store(Arc::new(proxy));
     ctx.shared.settings.store(Arc::new(Settings::new(&next)));
+    ctx.shared.limit.set_max(next.limits.max_connections);
+    ctx.metrics
+        .client_connections_max
+        .set(next.limits.max_connections as i64);
     running
         .grace
         .store(grace_nanos(next.timeouts.shutdown_grace), Ordering::Relaxed);
@@ -164,7 +168,7 @@ async fn apply(
                         acceptor,
                     }),
                     // The accept loop panicked: bind afresh (the old socket is gone).
-                    None => match listeners::bind(&cfg).await {
+                    None => match listeners::bind(&cfg, ctx.shared.backlog).await {
                         Ok(mut b) => {
                             b.acceptor = acceptor;
                             ctx.serve(b)
@@ -237,7 +241,9 @@ async fn prepare(
                 plans.push(Plan::Retls(s, l.clone(), acceptor));
             }
             None => plans.push(Plan::Start(
-                listeners::bind(l).await.map_err(|e| e.to_string())?,
+                listeners::bind(l, ctx.shared.backlog)
+                    .await
+                    .map_err(|e| e.to_string())?,
             )),
         }
     }

@@ -1,17 +1,24 @@
-//! Graceful shutdown: one signal, observed by every accept loop and connection.
+//! Graceful shutdown: one signal, observed by every accept loop and connection; and
+//! the trim, which asks connections idle between requests to close (the connection
+//! cap is reached).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tokio_util::sync::ReusableBoxFuture;
 
 /// A shutdown flag that can be awaited. Cloning is cheap; all clones see the trigger.
 #[derive(Clone)]
 pub struct Shutdown {
-    tx: std::sync::Arc<watch::Sender<bool>>,
-    rx: watch::Receiver<bool>,
-    /// The same signal as a plain flag: checked on every park of every connection.
+    /// Bumped by every drain and trim: what wakes the waiting connections.
+    tx: std::sync::Arc<watch::Sender<u64>>,
+    rx: watch::Receiver<u64>,
+    /// The drain as a plain flag: checked on every park of every connection.
     flag: std::sync::Arc<AtomicBool>,
+    /// How many trims there were.
+    trims: std::sync::Arc<AtomicU64>,
 }
 
 impl Default for Shutdown {
@@ -22,18 +29,31 @@ impl Default for Shutdown {
 
 impl Shutdown {
     pub fn new() -> Self {
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(0);
         Shutdown {
             tx: std::sync::Arc::new(tx),
             rx,
             flag: Default::default(),
+            trims: Default::default(),
         }
     }
 
     /// Starts the drain everywhere.
     pub fn trigger(&self) {
         self.flag.store(true, Ordering::SeqCst);
-        self.tx.send_replace(true);
+        self.tx.send_modify(|n| *n += 1);
+    }
+
+    /// Asks every connection idle between requests to close now.
+    pub fn trim(&self) {
+        self.trims.fetch_add(1, Ordering::SeqCst);
+        self.tx.send_modify(|n| *n += 1);
+    }
+
+    /// How many trims there were: a connection that parked at one count closes when
+    /// it changes.
+    pub fn trims(&self) -> u64 {
+        self.trims.load(Ordering::Acquire)
     }
 
     /// True once the drain has started.
@@ -41,20 +61,67 @@ impl Shutdown {
         self.flag.load(Ordering::Acquire)
     }
 
-    /// [`Shutdown::triggered`] as a future that owns what it needs, for a connection
-    /// to keep across many waits.
-    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.rx.clone();
-        async move {
-            let _ = rx.wait_for(|&stop| stop).await;
-        }
-    }
-
     /// Completes once [`Shutdown::trigger`] was called (at once if it already was).
     pub async fn triggered(&self) {
         let mut rx = self.rx.clone();
         // An error means every sender is gone, which only happens at process end.
-        let _ = rx.wait_for(|&stop| stop).await;
+        let _ = rx.wait_for(|_| self.is_triggered()).await;
+    }
+
+    /// The next drain or trim after now.
+    fn next(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.rx.clone();
+        rx.borrow_and_update();
+        async move {
+            let _ = rx.changed().await;
+        }
+    }
+}
+
+/// One connection's registration for the next drain or trim, kept across its waits:
+/// one allocation per connection, reused after each wake.
+pub struct Signal {
+    next: ReusableBoxFuture<'static, ()>,
+    fired: bool,
+    /// Polled and pending when the trim count was this: the task that polled it
+    /// will be woken by the next signal after it.
+    armed: Option<u64>,
+}
+
+impl Signal {
+    pub fn new(shutdown: &Shutdown) -> Signal {
+        Signal {
+            next: ReusableBoxFuture::new(shutdown.next()),
+            fired: false,
+            armed: None,
+        }
+    }
+
+    /// Ready when a drain or trim came since the last time this was ready; pending
+    /// otherwise, with the task registered for the next one. Whether it was a drain
+    /// or a trim is for the caller to ask [`Shutdown`].
+    pub fn poll(&mut self, shutdown: &Shutdown, cx: &mut Context<'_>) -> Poll<()> {
+        if self.fired {
+            self.next.set(shutdown.next());
+            self.fired = false;
+        }
+        let trims = shutdown.trims();
+        if self.next.poll(cx).is_pending() {
+            self.armed = Some(trims);
+            return Poll::Pending;
+        }
+        self.armed = None;
+        self.fired = true;
+        Poll::Ready(())
+    }
+
+    /// Registers the task for the next drain or trim, unless it already is: a task
+    /// whose waker never changes polls once per signal, not once per wait.
+    pub fn arm(&mut self, shutdown: &Shutdown, cx: &mut Context<'_>) {
+        if self.armed == Some(shutdown.trims()) {
+            return;
+        }
+        while self.poll(shutdown, cx).is_ready() {}
     }
 }
 

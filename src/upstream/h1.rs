@@ -53,7 +53,7 @@ pub enum Error {
     /// The response broke the wire format (`http1`), or was too large.
     Wire(http1::Error),
     /// The client's request body failed (it went away or broke its framing).
-    RequestBody(hyper::Error),
+    RequestBody(crate::upstream::BoxError),
     /// The request body ended before the length its `Content-Length` announced.
     ShortRequestBody,
 }
@@ -80,7 +80,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io(e) => Some(e),
-            Error::RequestBody(e) => Some(e),
+            Error::RequestBody(e) => Some(&**e),
             _ => None,
         }
     }

@@ -136,10 +136,9 @@ impl Failure {
                 // The watcher belongs to the exchange that set it; the next one decides
                 // again.
                 let body = req.body_mut();
-                *body = match std::mem::take(body) {
-                    Body::Watched(b, _) => Body::Incoming(b),
-                    other => other,
-                };
+                if let Body::Incoming(b) = body {
+                    b.watch(None);
+                }
                 Some(Box::new(req))
             }
             _ => None,
@@ -359,7 +358,9 @@ impl Upstream {
                 }
                 Body::Incoming(b) => {
                     let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    *req.body_mut() = Body::Watched(b, flag.clone());
+                    let mut b = b;
+                    b.watch(Some(flag.clone()));
+                    *req.body_mut() = Body::Incoming(b);
                     Some(flag)
                 }
                 other => {
@@ -583,7 +584,7 @@ async fn buffer_body(req: &mut Request<Body>) -> Result<bool, UpstreamError> {
     let bytes = body
         .collect()
         .await
-        .map_err(|e| UpstreamError::ClientBody(e.into()))?
+        .map_err(UpstreamError::ClientBody)?
         .to_bytes();
     *req.body_mut() = Body::Full(Some(bytes));
     Ok(true)

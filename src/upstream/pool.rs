@@ -615,10 +615,18 @@ impl Checkout {
                 .sender
                 .as_mut()
                 .expect("a checkout has its sender until released");
+            // A streamed body's pace moves the response deadline (`BodyProgress`).
+            let progress = req.body().progress();
+            let timeout = self.key.profile.response_timeout();
             match sender {
                 Sender::H1(conn) => {
                     let head_only = conn.begin(req);
-                    h1_exchange(&self.pool, &self.shared, conn, head_only, deadline).await
+                    let due = Due {
+                        deadline,
+                        progress,
+                        timeout,
+                    };
+                    h1_exchange(&self.pool, &self.shared, conn, head_only, due).await
                 }
                 Sender::H2(sender) => {
                     let exchange = async {
@@ -647,9 +655,23 @@ impl Checkout {
                     };
                     // Boxed: its state is several times the HTTP/1.1 path's, and every
                     // request's future would otherwise reserve room for it.
-                    Box::pin(tokio::time::timeout_at(deadline, exchange))
-                        .await
-                        .unwrap_or(Err(SendError::TimedOut))
+                    Box::pin(async move {
+                        let mut exchange = std::pin::pin!(exchange);
+                        let mut deadline = deadline;
+                        loop {
+                            match tokio::time::timeout_at(deadline, exchange.as_mut()).await {
+                                Ok(r) => return r,
+                                Err(_) => {
+                                    match progress.as_ref().and_then(|p| p.later_deadline(timeout))
+                                    {
+                                        Some(later) => deadline = later,
+                                        None => return Err(SendError::TimedOut),
+                                    }
+                                }
+                            }
+                        }
+                    })
+                    .await
                 }
             }
         }
@@ -665,7 +687,12 @@ impl Checkout {
         match self.sender.as_mut() {
             Some(Sender::H1(conn)) => {
                 let head_only = conn.begin_written(written);
-                h1_exchange(&self.pool, &self.shared, conn, head_only, deadline).await
+                let due = Due {
+                    deadline,
+                    progress: None,
+                    timeout: self.key.profile.response_timeout(),
+                };
+                h1_exchange(&self.pool, &self.shared, conn, head_only, due).await
             }
             _ => Err(SendError::Failed {
                 error: "a written HTTP/1.1 request cannot go on an HTTP/2 connection".into(),
@@ -776,27 +803,48 @@ impl Drop for Checkout {
     }
 }
 
-/// Drives a begun HTTP/1.1 exchange to its response head, or to `deadline`: the sweep
+/// When an exchange's response head is due: `deadline`, or later while a streamed
+/// request body is why it is late ([`BodyProgress::later_deadline`]).
+struct Due {
+    deadline: Instant,
+    progress: Option<Arc<crate::body::BodyProgress>>,
+    timeout: Duration,
+}
+
+/// Drives a begun HTTP/1.1 exchange to its response head, or to its deadline: the sweep
 /// marks the connection timed out and wakes this task (no timer per request).
 async fn h1_exchange(
     pool: &Weak<Inner>,
     shared: &ConnShared,
     conn: &mut H1Conn,
     head_only: bool,
-    deadline: Instant,
+    due: Due,
 ) -> Result<http::Response<Reply>, SendError> {
     let Some(inner) = pool.upgrade() else {
         return Err(SendError::TimedOut);
     };
-    let deadline_ms = inner.ms_at(deadline);
+    let deadline_ms = inner.ms_at(due.deadline);
     drop(inner);
     shared.timed_out.store(false, Ordering::Relaxed);
     shared.head_deadline.store(deadline_ms, Ordering::Relaxed);
     let mut registered = false;
     let result = std::future::poll_fn(|cx| {
         if shared.timed_out.load(Ordering::Relaxed) {
-            // The checkout is dropped, not released: the connection closes.
-            return std::task::Poll::Ready(Err(SendError::TimedOut));
+            let later = due
+                .progress
+                .as_ref()
+                .and_then(|p| p.later_deadline(due.timeout));
+            match (later, pool.upgrade()) {
+                // The client's body is why: the deadline moves, the wait goes on.
+                (Some(later), Some(inner)) => {
+                    shared.timed_out.store(false, Ordering::Relaxed);
+                    shared
+                        .head_deadline
+                        .store(inner.ms_at(later), Ordering::Relaxed);
+                }
+                // The checkout is dropped, not released: the connection closes.
+                _ => return std::task::Poll::Ready(Err(SendError::TimedOut)),
+            }
         }
         let polled = conn.poll_exchange(cx, head_only);
         if polled.is_pending() {
