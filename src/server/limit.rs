@@ -4,8 +4,9 @@
 //! At the cap a listener stops accepting (new connections wait in the kernel's
 //! backlog) until one closes, as nginx's `worker_connections` and HAProxy's `maxconn`
 //! do. Reaching it also trims: connections idle between requests close, so the ones
-//! waiting get their places. Above nine tenths of the cap, a connection that ends an
-//! exchange closes instead of staying open for the next.
+//! waiting get their places (again every quarter second while the listener waits).
+//! With a tenth of the cap or less left, a connection that ends an exchange closes
+//! instead of staying open for the next.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +24,8 @@ pub struct ConnLimit {
     max: AtomicUsize,
     /// Places taken by a lowered cap, still to be given up as connections close.
     owed: AtomicUsize,
+    /// Places held by accept loops for the connection they wait for.
+    reserved: AtomicUsize,
 }
 
 /// One client connection's place; given back when dropped (kept, if a lowered cap
@@ -30,10 +33,22 @@ pub struct ConnLimit {
 pub struct Place {
     permit: Option<OwnedSemaphorePermit>,
     limit: Arc<ConnLimit>,
+    /// Held for a connection not yet accepted.
+    reserved: bool,
+}
+
+impl Place {
+    /// The connection this place waited for was accepted.
+    pub fn claim(&mut self) {
+        if std::mem::take(&mut self.reserved) {
+            self.limit.reserved.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
+        self.claim();
         let owed = &self.limit.owed;
         if owed
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
@@ -51,6 +66,7 @@ impl ConnLimit {
             places: Arc::new(Semaphore::new(max)),
             max: AtomicUsize::new(max),
             owed: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
         }
     }
 
@@ -58,16 +74,13 @@ impl ConnLimit {
         self.max.load(Ordering::Relaxed)
     }
 
-    /// A place at once, or none at the cap.
+    /// A place for the next connection to accept at once, or none at the cap.
     pub fn try_take(self: &Arc<Self>) -> Option<Place> {
         let permit = self.places.clone().try_acquire_owned().ok()?;
-        Some(Place {
-            permit: Some(permit),
-            limit: self.clone(),
-        })
+        Some(self.reserve(permit))
     }
 
-    /// Waits for a place.
+    /// Waits for a place for the next connection to accept.
     pub async fn take(self: &Arc<Self>) -> Place {
         let permit = self
             .places
@@ -75,15 +88,23 @@ impl ConnLimit {
             .acquire_owned()
             .await
             .expect("the places are never closed");
+        self.reserve(permit)
+    }
+
+    fn reserve(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Place {
+        self.reserved.fetch_add(1, Ordering::Relaxed);
         Place {
             permit: Some(permit),
             limit: self.clone(),
+            reserved: true,
         }
     }
 
-    /// True above nine tenths of the cap: an exchange that ends closes its connection.
+    /// True with a tenth of the cap or less left (places accept loops hold for the
+    /// next connection count as left): an exchange that ends closes its connection.
     pub fn is_crowded(&self) -> bool {
-        self.places.available_permits() < self.max() / 10
+        let left = self.places.available_permits() + self.reserved.load(Ordering::Relaxed);
+        left <= self.max() / 10
     }
 
     /// Moves the cap (a reload). Lowering it takes places as they come free; the
@@ -201,7 +222,8 @@ mod tests {
     #[test]
     fn the_cap_is_shared_and_moves() {
         let limit = Arc::new(ConnLimit::new(2));
-        let a = limit.try_take().unwrap();
+        let mut a = limit.try_take().unwrap();
+        a.claim();
         let b = limit.try_take().unwrap();
         assert!(limit.try_take().is_none());
         drop(a);
@@ -220,11 +242,21 @@ mod tests {
     }
 
     #[test]
-    fn crowded_above_nine_tenths() {
+    fn crowded_with_a_tenth_left() {
         let limit = Arc::new(ConnLimit::new(100));
-        let held: Vec<_> = (0..90).map(|_| limit.try_take().unwrap()).collect();
-        assert!(!limit.is_crowded());
-        let more = limit.try_take().unwrap();
+        let claimed = |limit: &Arc<ConnLimit>| {
+            let mut p = limit.try_take().unwrap();
+            p.claim();
+            p
+        };
+        let held: Vec<_> = (0..89).map(|_| claimed(&limit)).collect();
+        let waiting = limit.try_take().unwrap();
+        assert!(
+            !limit.is_crowded(),
+            "a place waiting for a connection is left"
+        );
+        drop(waiting);
+        let more = claimed(&limit);
         assert!(limit.is_crowded());
         drop((held, more));
     }

@@ -272,6 +272,10 @@ fn h1_builder() -> http1::Builder {
     builder
 }
 
+/// How often a listener at the connection cap closes the connections idle between
+/// requests again.
+const TRIM_EVERY: Duration = Duration::from_millis(250);
+
 /// Accepts connections and serves each in a task of its own, until shutdown (the
 /// listener closes) or `stop` (a reload: the listener is handed back). Each connection
 /// takes a place under `limits.max_connections` before it is accepted ([`limit`]).
@@ -302,10 +306,19 @@ async fn accept_loop(
                     );
                     full_logged = Some(Instant::now());
                 }
-                tokio::select! {
-                    p = shared.limit.take() => p,
-                    () = shutdown.triggered() => return None,
-                    () = stop.cancelled() => break,
+                // Trimmed again while waiting: a connection that goes idle later is
+                // closed too.
+                let waited = loop {
+                    tokio::select! {
+                        p = shared.limit.take() => break Some(p),
+                        () = tokio::time::sleep(TRIM_EVERY) => shutdown.trim(),
+                        () = shutdown.triggered() => return None,
+                        () = stop.cancelled() => break None,
+                    }
+                };
+                match waited {
+                    Some(p) => p,
+                    None => break,
                 }
             }
         };
@@ -317,9 +330,11 @@ async fn accept_loop(
             }
             () = stop.cancelled() => break,
         };
+        let mut place = place;
         let (stream, peer) = match accepted {
             Ok(a) => {
                 errors.succeeded();
+                place.claim();
                 a
             }
             Err(e) => {
@@ -689,20 +704,32 @@ where
     let mut tick = crate::io::LazySleep::new(Instant::now() + every);
     let mut signal = shutdown::Signal::new(&shutdown);
     let trims = shutdown.trims();
-    let mut asked = false;
+    let mut asked: Option<Instant> = None;
     let result = loop {
         let why = tokio::select! {
             biased;
             r = conn.as_mut() => break r,
-            () = watch.drain_wanted(), if !asked => "request limit",
+            () = watch.drain_wanted(), if asked.is_none() => "request limit",
             () = std::future::poll_fn(|cx| {
-                signal.arm(&shutdown, cx);
-                if shutdown.is_triggered() || shutdown.trims() != trims {
-                    return Poll::Ready(());
+                if asked.is_none() {
+                    signal.arm(&shutdown, cx);
+                    if shutdown.is_triggered() || shutdown.trims() != trims {
+                        return Poll::Ready(());
+                    }
                 }
                 tick.poll_elapsed(cx)
-            }), if !asked => {
+            }) => {
                 let idle = activity.idle_for();
+                if let Some(at) = asked {
+                    // Asked, and nothing in flight: a client that does not answer
+                    // hyper's GOAWAY ping would hold the connection open.
+                    if idle.is_some() && at.elapsed() >= ASKED_GRACE {
+                        tracing::debug!(client = %info.peer, "closing a connection asked to go");
+                        break Ok(());
+                    }
+                    tick.reset(Instant::now() + ASKED_GRACE / 4);
+                    continue;
+                }
                 if shutdown.is_triggered() {
                     "shutdown"
                 } else if idle.is_some_and(|d| d >= keepalive) {
@@ -716,7 +743,8 @@ where
             }
         };
         tracing::debug!(client = %info.peer, "asking the connection to close: {why}");
-        asked = true;
+        asked = Some(Instant::now());
+        tick.reset(Instant::now() + ASKED_GRACE / 4);
         conn.as_mut().graceful_shutdown();
     };
     if let Err(e) = result {
@@ -731,6 +759,10 @@ where
     }
     account_connection_end(&bytes);
 }
+
+/// How long a connection asked to go (with nothing in flight) may take to close
+/// before it is closed: hyper's HTTP/2 GOAWAY waits for the client to answer a ping.
+const ASKED_GRACE: Duration = Duration::from_secs(1);
 
 /// The requests in flight on a connection hyper serves throughout, and since when
 /// none has been.
