@@ -1012,4 +1012,54 @@ mod tests {
         assert!(c.contains("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!c.contains("128.0.0.1".parse().unwrap()));
     }
+
+    #[test]
+    fn sizes_take_bytes_or_binary_suffixes() {
+        for (text, bytes) in [
+            ("max_body = 0", 0),
+            ("max_body = 1500", 1500),
+            ("max_body = \"0\"", 0),
+            ("max_body = \"64KiB\"", 64 << 10),
+            ("max_body = \"10MiB\"", 10 << 20),
+            ("max_body = \"2 GiB\"", 2 << 30),
+        ] {
+            let c = Config::parse(&format!("[limits]\n{text}\n")).unwrap();
+            assert_eq!(c.limits.max_body, Size(bytes), "{text}");
+        }
+        for bad in [
+            "\"10MB\"",
+            "\"1.5MiB\"",
+            "-1",
+            "\"\"",
+            "\"MiB\"",
+            "\"99999999999GiB\"",
+        ] {
+            let e = Config::parse(&format!("[limits]\nmax_body = {bad}\n")).unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_deref()),
+                (Some(2), Some("limits.max_body")),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_have_their_defaults_and_overrides() {
+        let c = Config::parse(
+            "[limits]\nmax_body = \"1KiB\"\n[forward]\nmax_body = 0\n[[route]]\nupstream = \"http://a\"\nmax_body = \"1MiB\"\n[[route]]\npath = \"/b\"\nupstream = \"http://b\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_body(c.route[0].max_body), 1 << 20);
+        assert_eq!(c.limits.max_body(c.route[1].max_body), 1024);
+        assert_eq!(c.limits.max_body(c.forward.max_body), 0);
+        let d = Config::default();
+        assert_eq!((d.limits.max_connections, d.limits.backlog), (10_000, 4096));
+        assert_eq!(d.timeouts.keepalive, Duration::from_secs(75));
+        assert_eq!(d.timeouts.body_read, Duration::from_secs(60));
+        let e = Config::parse("[limits]\nmax_connections = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("limits.max_connections"));
+    }
 }
