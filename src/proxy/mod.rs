@@ -597,22 +597,32 @@ impl From<UpstreamError> for Refusal {
 /// Puts `max_body` (0 = none) and `timeouts.body_read` on a request's body. A body
 /// whose length is known to pass the limit is refused here, before any byte of it
 /// goes upstream; a streamed one is cut where it passes it.
+#[inline]
 fn limit_body(
     body: &mut RequestBody,
     max: u64,
     within: Duration,
 ) -> Result<Option<Arc<crate::body::BodyProgress>>, Refusal> {
-    let least = http_body::Body::size_hint(body).lower();
+    let least = match body {
+        RequestBody::Incoming(b) => http_body::Body::size_hint(b).lower(),
+        RequestBody::Full(Some(d)) => d.len() as u64,
+        RequestBody::Full(None) | RequestBody::Empty => return Ok(None),
+    };
     if max > 0 && least > max {
-        return Err(Refusal::Body(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body of {least} bytes is longer than max_body ({max} bytes)"),
-        ));
+        return Err(too_large(least, max));
     }
     Ok(match body {
         RequestBody::Incoming(b) => b.limit(max, within),
         RequestBody::Full(_) | RequestBody::Empty => None,
     })
+}
+
+#[cold]
+fn too_large(least: u64, max: u64) -> Refusal {
+    Refusal::Body(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body of {least} bytes is longer than max_body ({max} bytes)"),
+    )
 }
 
 /// A refusal for a body cut by [`limit_body`]'s limits, which the upstream reports as

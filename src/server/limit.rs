@@ -26,6 +26,8 @@ pub struct ConnLimit {
     owed: AtomicUsize,
     /// Places held by accept loops for the connection they wait for.
     reserved: AtomicUsize,
+    /// A tenth of the cap: with this many places left or fewer, the cap is near.
+    near: AtomicUsize,
 }
 
 /// One client connection's place; given back when dropped (kept, if a lowered cap
@@ -67,6 +69,7 @@ impl ConnLimit {
             max: AtomicUsize::new(max),
             owed: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
+            near: AtomicUsize::new(max / 10),
         }
     }
 
@@ -102,15 +105,17 @@ impl ConnLimit {
 
     /// True with a tenth of the cap or less left (places accept loops hold for the
     /// next connection count as left): an exchange that ends closes its connection.
+    #[inline]
     pub fn is_crowded(&self) -> bool {
         let left = self.places.available_permits() + self.reserved.load(Ordering::Relaxed);
-        left <= self.max() / 10
+        left <= self.near.load(Ordering::Relaxed)
     }
 
     /// Moves the cap (a reload). Lowering it takes places as they come free; the
     /// connections above the new cap are not closed.
     pub fn set_max(&self, max: usize) {
         let old = self.max.swap(max, Ordering::Relaxed);
+        self.near.store(max / 10, Ordering::Relaxed);
         if max > old {
             let mut more = max - old;
             // Places still owed to an earlier lowering are forgiven first.

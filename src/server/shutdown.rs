@@ -52,6 +52,7 @@ impl Shutdown {
 
     /// How many trims there were: a connection that parked at one count closes when
     /// it changes.
+    #[inline]
     pub fn trims(&self) -> u64 {
         self.trims.load(Ordering::Acquire)
     }
@@ -117,10 +118,17 @@ impl Signal {
 
     /// Registers the task for the next drain or trim, unless it already is: a task
     /// whose waker never changes polls once per signal, not once per wait.
+    #[inline]
     pub fn arm(&mut self, shutdown: &Shutdown, cx: &mut Context<'_>) {
-        if self.armed == Some(shutdown.trims()) {
-            return;
+        // Inlined: every wake of a waiting connection comes here, and almost always
+        // finds the registration in place.
+        if self.armed != Some(shutdown.trims()) {
+            self.rearm(shutdown, cx);
         }
+    }
+
+    #[cold]
+    fn rearm(&mut self, shutdown: &Shutdown, cx: &mut Context<'_>) {
         while self.poll(shutdown, cx).is_ready() {}
     }
 }
