@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::io::{LazySleep, coarse_now};
+use crate::io::{LazySleep, Stamp, coarse_now};
 use crate::upstream::BoxError;
 
 /// A response body on its way to a client.
@@ -137,13 +137,15 @@ struct Checks {
     read: u64,
     /// Longest wait for the client's next bytes.
     within: Option<Duration>,
-    /// When bytes last came (or the wait began).
-    last: Instant,
+    /// Since when the body has waited for the client (`None`: it is not waiting).
+    waiting_since: Option<Instant>,
     /// Armed while the body waits for the client, lazily as the idle timer is.
     timer: Option<LazySleep>,
     progress: Option<Arc<BodyProgress>>,
     /// Set once the body was sent to its end ([`ClientBody::watch`]).
     sent_whole: Option<Arc<AtomicBool>>,
+    /// Touched as bytes come: the exchange is making progress ([`ClientBody::touch`]).
+    touch: Option<Arc<Stamp>>,
 }
 
 impl Checks {
@@ -152,10 +154,11 @@ impl Checks {
             max: 0,
             read: 0,
             within: None,
-            last: coarse_now(),
+            waiting_since: None,
             timer: None,
             progress: None,
             sent_whole: None,
+            touch: None,
         }
     }
 }
@@ -172,8 +175,8 @@ pub struct BodyProgress {
     waiting: AtomicBool,
     /// The body was read to its end.
     ended: AtomicBool,
-    /// When bytes last came, in ms on [`progress_clock`].
-    last: AtomicU64,
+    /// When bytes last came.
+    last: Stamp,
 }
 
 impl BodyProgress {
@@ -198,23 +201,12 @@ impl BodyProgress {
         if self.waiting.load(Ordering::Relaxed) && !self.ended.load(Ordering::Relaxed) {
             return Some(now + timeout);
         }
-        let (epoch, _) = progress_clock();
-        let last = epoch + Duration::from_millis(self.last.load(Ordering::Relaxed));
-        Some(last + timeout).filter(|&due| due > now)
+        Some(self.last.get() + timeout).filter(|&due| due > now)
     }
 
     fn stamp(&self) {
-        let (epoch, now) = progress_clock();
-        let ms = now.saturating_duration_since(epoch).as_millis() as u64;
-        self.last.store(ms, Ordering::Relaxed);
+        self.last.touch();
     }
-}
-
-/// A process-wide origin for [`BodyProgress`]'s stamps, and now on the coarse clock.
-fn progress_clock() -> (Instant, Instant) {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let now = coarse_now();
-    (*EPOCH.get_or_init(|| now), now)
 }
 
 /// A request body longer than `max_body`.
@@ -241,7 +233,7 @@ impl std::fmt::Display for BodyStalled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the client sent no request body bytes for {} (body_read)",
+            "the client sent no request body bytes for {} (timeouts.body_read)",
             humantime::format_duration(self.0)
         )
     }
@@ -261,7 +253,6 @@ impl ClientBody {
         let c = self.checks.get_or_insert_with(|| Box::new(Checks::new()));
         c.max = max;
         c.within = Some(within);
-        c.last = coarse_now();
         c.progress = Some(progress.clone());
         Some(progress)
     }
@@ -269,6 +260,16 @@ impl ClientBody {
     /// The body's progress, once limited.
     pub fn progress(&self) -> Option<Arc<BodyProgress>> {
         self.checks.as_ref().and_then(|c| c.progress.clone())
+    }
+
+    /// A stamp touched whenever the body's bytes come (the connection's own look at
+    /// whether its exchanges move).
+    pub fn touch(&mut self, stamp: Arc<Stamp>) {
+        if !http_body::Body::is_end_stream(&self.inner) {
+            self.checks
+                .get_or_insert_with(|| Box::new(Checks::new()))
+                .touch = Some(stamp);
+        }
     }
 
     /// A flag set once the body was sent to its end (a connection whose request body
@@ -300,12 +301,15 @@ impl Checks {
         polled: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let (Some(t), Poll::Ready(Some(Ok(_)))) = (&self.touch, &polled) {
+            t.touch();
+        }
         let Some(progress) = &self.progress else {
             return polled.map(|f| f.map(|r| r.map_err(BoxError::from)));
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                self.last = coarse_now();
+                self.waiting_since = None;
                 progress.waiting.store(false, Ordering::Relaxed);
                 progress.stamp();
                 if let Some(data) = frame.data_ref() {
@@ -320,6 +324,7 @@ impl Checks {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(other) => {
+                self.waiting_since = None;
                 progress.waiting.store(false, Ordering::Relaxed);
                 progress.ended.store(true, Ordering::Relaxed);
                 progress.stamp();
@@ -330,7 +335,9 @@ impl Checks {
                 let Some(within) = self.within else {
                     return Poll::Pending;
                 };
-                let due = self.last + within;
+                // The clock runs from the first wait after bytes came: a body the
+                // upstream kept Strait from reading is not the client's delay.
+                let due = *self.waiting_since.get_or_insert_with(coarse_now) + within;
                 let timer = self.timer.get_or_insert_with(|| LazySleep::new(due));
                 loop {
                     ready!(timer.poll_elapsed(cx));
@@ -340,7 +347,7 @@ impl Checks {
                             .store(BodyProgress::TIMED_OUT, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Box::new(BodyStalled(within)))));
                     }
-                    // Bytes came since the timer was armed.
+                    // A later wait than the one the timer was armed for.
                     timer.reset(due);
                 }
             }

@@ -73,6 +73,42 @@ pub fn coarse_now() -> Instant {
     Instant::now()
 }
 
+/// An instant several tasks read and write: ms on [`coarse_now`]'s clock since a
+/// process-wide origin, in an atomic.
+#[derive(Debug, Default)]
+pub struct Stamp(std::sync::atomic::AtomicU64);
+
+impl Stamp {
+    /// A stamp of now.
+    pub fn now() -> Stamp {
+        let s = Stamp::default();
+        s.touch();
+        s
+    }
+
+    fn origin() -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *ORIGIN.get_or_init(coarse_now)
+    }
+
+    pub fn touch(&self) {
+        let ms = coarse_now()
+            .saturating_duration_since(Stamp::origin())
+            .as_millis();
+        self.0
+            .store(ms as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Instant {
+        let ms = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        Stamp::origin() + Duration::from_millis(ms)
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        coarse_now().saturating_duration_since(self.get())
+    }
+}
+
 impl<T> IdleTimeoutIo<T> {
     pub fn new(inner: T, timeout: Duration) -> Self {
         let now = Instant::now();

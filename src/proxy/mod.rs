@@ -629,10 +629,14 @@ fn too_large(least: u64, max: u64) -> Refusal {
 /// its request body failing: 413 or 408 rather than 400.
 fn body_refusal(refusal: Refusal, progress: Option<&crate::body::BodyProgress>) -> Refusal {
     match (refusal, progress.and_then(|p| p.status())) {
-        (Refusal::Upstream(UpstreamError::ClientBody(e)), Some(status)) => Refusal::Body(
-            status,
-            format!("request body: {}", UpstreamError::ClientBody(e)),
-        ),
+        (Refusal::Upstream(UpstreamError::ClientBody(e)), Some(status)) => {
+            // The limit's own words, not every layer's wrapping of them.
+            let mut cause: &(dyn std::error::Error + 'static) = &*e;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
+            Refusal::Body(status, format!("request body: {cause}"))
+        }
         (r, _) => r,
     }
 }

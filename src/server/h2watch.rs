@@ -42,6 +42,7 @@ const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -99,10 +100,16 @@ impl Budget {
     /// Spends one; false when none is left.
     fn spend(&mut self) -> bool {
         let now = coarse_now();
-        let back = now.duration_since(self.since).as_millis() as u64 * self.per_sec as u64 / 1000;
+        let elapsed = now.duration_since(self.since).as_millis() as u64;
+        let back = elapsed * self.per_sec as u64 / 1000;
         if back > 0 {
             self.left = (self.left as u64 + back).min(self.burst as u64) as u32;
-            self.since = now;
+            // The time the refill paid for, not all of it: what is left over counts
+            // toward the next.
+            self.since += Duration::from_millis(back * 1000 / self.per_sec as u64);
+            if self.left == self.burst {
+                self.since = now;
+            }
         }
         match self.left.checked_sub(1) {
             Some(n) => {
@@ -132,11 +139,14 @@ enum Read {
 enum End {
     /// Reading on: nothing to end.
     No,
-    /// The GOAWAY with this code is owed (hyper's writes are between frames when it
-    /// goes); `usize` bytes of it written.
-    GoAway(u32, usize),
-    /// The GOAWAY went (or could not): reading and dropping what the client sends,
-    /// `usize` bytes so far, until it closes or the linger ends.
+    /// The GOAWAY is owed (hyper's writes are between frames when it goes); this many
+    /// bytes of it written.
+    GoAway(usize),
+    /// The GOAWAY is written: flushed (TLS holds it until then), then the write side
+    /// closed.
+    Flush,
+    /// Reading and dropping what the client sends, this many bytes so far, until it
+    /// closes or the linger ends.
     Linger(usize),
     /// The end of the stream, for hyper.
     Done,
@@ -158,6 +168,10 @@ struct Frames {
     /// The highest stream the client opened.
     last_stream: u32,
     requests: u64,
+    /// Header blocks begun: each has its own `header_read` clock.
+    blocks: u64,
+    /// Requests when hyper wrote its final GOAWAY: the overrun counts from there.
+    requests_at_goaway: Option<u64>,
     resets: Budget,
     control: Budget,
 }
@@ -180,6 +194,8 @@ impl Frames {
             in_block: false,
             last_stream: 0,
             requests: 0,
+            blocks: 0,
+            requests_at_goaway: None,
             resets: Budget::new(RESET_BURST, RESET_REFILL),
             control: Budget::new(CONTROL_BURST, CONTROL_REFILL),
         }
@@ -262,10 +278,17 @@ impl Frames {
         match self.kind {
             HEADERS => {
                 self.in_block = true;
+                self.blocks += 1;
                 if stream > self.last_stream && stream % 2 == 1 {
                     self.last_stream = stream;
                     self.requests += 1;
-                    if self.requests > max_requests.saturating_add(OVERRUN) {
+                    // Past hyper's final GOAWAY by more than a round trip's worth, or
+                    // far past the limit while it has not gone.
+                    let cut = match self.requests_at_goaway {
+                        Some(at) => at.max(max_requests).saturating_add(OVERRUN),
+                        None => max_requests.saturating_add(8 * OVERRUN),
+                    };
+                    if self.requests > cut {
                         return Verdict::Calm("streams opened past the request limit");
                     }
                     if self.requests == max_requests {
@@ -294,12 +317,18 @@ impl Frames {
     }
 }
 
-/// Where the writer is in hyper's frames: a GOAWAY may go only between two.
+/// Where the writer is in hyper's frames: a GOAWAY may go only between two. It also
+/// notes hyper's own GOAWAYs.
 #[derive(Debug, Default)]
 struct Written {
     head: [u8; 9],
     got: usize,
     left: u32,
+    /// The current frame is a GOAWAY: its last stream id's bytes, as they pass.
+    goaway: Option<([u8; 4], usize)>,
+    /// hyper wrote a GOAWAY naming a stream (not the 2^31-1 of a graceful one's
+    /// first).
+    final_goaway: bool,
 }
 
 impl Written {
@@ -311,6 +340,15 @@ impl Written {
         while !bytes.is_empty() {
             if self.left > 0 {
                 let n = (self.left as usize).min(bytes.len());
+                if let Some((id, seen)) = &mut self.goaway {
+                    let take = (4 - *seen).min(n);
+                    id[*seen..*seen + take].copy_from_slice(&bytes[..take]);
+                    *seen += take;
+                    if *seen == 4 {
+                        self.final_goaway |= u32::from_be_bytes(*id) & 0x7fff_ffff != 0x7fff_ffff;
+                        self.goaway = None;
+                    }
+                }
                 self.left -= n as u32;
                 bytes = &bytes[n..];
                 continue;
@@ -321,6 +359,7 @@ impl Written {
             bytes = &bytes[n..];
             if self.got == 9 {
                 self.left = u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]);
+                self.goaway = (self.head[3] == GOAWAY && self.left >= 8).then_some(([0; 4], 0));
                 self.got = 0;
             }
         }
@@ -335,8 +374,10 @@ pub struct H2Watch<T> {
     end: End,
     header_read: Duration,
     max_requests: u64,
-    /// Runs while `header_read` does, and while lingering.
+    /// Runs while `header_read` does (for the preface, or header block number
+    /// `timer_block`), and while ending.
     timer: Option<Pin<Box<Sleep>>>,
+    timer_block: u64,
     /// The last GOAWAY's bytes.
     goaway: [u8; 17],
     watch: Arc<Watch>,
@@ -352,71 +393,84 @@ impl<T> H2Watch<T> {
             header_read,
             max_requests,
             timer: None,
+            timer_block: 0,
             goaway: [0; 17],
             watch,
         }
     }
 
-    /// Starts the end: a GOAWAY with `code`, then the linger.
-    fn end_with(&mut self, code: u32, why: &str) {
+    /// Starts the end: a GOAWAY with `code` naming `last_stream`, then the linger; all
+    /// of it within [`LINGER_TIME`].
+    fn end_with(&mut self, code: u32, last_stream: u32, why: &str) {
         if self.end != End::No {
             return;
         }
         tracing::debug!("HTTP/2 client: {why}; closing the connection");
-        self.goaway[..9].copy_from_slice(&[0, 0, 8, 0x7, 0, 0, 0, 0, 0]);
-        self.goaway[9..13].copy_from_slice(&self.frames.last_stream.to_be_bytes());
+        self.goaway[..9].copy_from_slice(&[0, 0, 8, GOAWAY, 0, 0, 0, 0, 0]);
+        self.goaway[9..13].copy_from_slice(&last_stream.to_be_bytes());
         self.goaway[13..].copy_from_slice(&code.to_be_bytes());
-        self.end = End::GoAway(code, 0);
-        self.timer = None;
+        // Mid-frame no GOAWAY can go: the connection just closes.
+        self.end = if self.written.between_frames() {
+            End::GoAway(0)
+        } else {
+            End::Linger(0)
+        };
+        self.timer = Some(Box::pin(tokio::time::sleep(LINGER_TIME)));
+    }
+}
+
+impl<T> H2Watch<T> {
+    /// hyper's final GOAWAY went: the request limit's overrun counts from here.
+    fn note_goaway(&mut self) {
+        if self.written.final_goaway && self.frames.requests_at_goaway.is_none() {
+            self.frames.requests_at_goaway = Some(self.frames.requests);
+        }
     }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> H2Watch<T> {
-    /// Moves the end along: the GOAWAY (if hyper's writes are between frames), the
-    /// write side's close, the linger. Ready once the stream should end for hyper.
+    /// Moves the end along: the GOAWAY, its flush, the write side's close, the linger.
+    /// Ready once the stream should end for hyper.
     fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
+            if let Some(t) = &mut self.timer
+                && t.as_mut().poll(cx).is_ready()
+            {
+                self.end = End::Done;
+            }
+            let inner = Pin::new(&mut self.inner);
             match self.end {
                 End::No => return Poll::Pending,
                 End::Done => return Poll::Ready(()),
-                End::GoAway(code, sent) => {
-                    if sent == 0 && !self.written.between_frames() {
-                        // Mid-frame: no GOAWAY can go; the connection just closes.
-                        self.end = End::Linger(0);
-                        continue;
-                    }
-                    if sent < self.goaway.len() {
-                        match Pin::new(&mut self.inner).poll_write(cx, &self.goaway[sent..]) {
-                            Poll::Ready(Ok(n)) if n > 0 => {
-                                self.end = End::GoAway(code, sent + n);
-                                continue;
-                            }
-                            Poll::Ready(_) => self.end = End::Linger(0),
-                            // A client that does not read gets no GOAWAY.
-                            Poll::Pending => self.end = End::Linger(0),
-                        }
-                        continue;
-                    }
-                    let _ = Pin::new(&mut self.inner).poll_shutdown(cx);
+                End::GoAway(sent) if sent < self.goaway.len() => {
+                    self.end = match ready!(inner.poll_write(cx, &self.goaway[sent..])) {
+                        Ok(n) if n > 0 => End::GoAway(sent + n),
+                        _ => End::Linger(0),
+                    };
+                }
+                End::GoAway(_) => {
+                    self.end = match ready!(inner.poll_flush(cx)) {
+                        Ok(()) => End::Flush,
+                        Err(_) => End::Linger(0),
+                    };
+                }
+                End::Flush => {
+                    let _ = ready!(inner.poll_shutdown(cx));
                     self.end = End::Linger(0);
                 }
                 End::Linger(dropped) => {
-                    let timer = self
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER_TIME)));
-                    if timer.as_mut().poll(cx).is_ready() || dropped >= LINGER_BYTES {
+                    if dropped >= LINGER_BYTES {
                         self.end = End::Done;
                         continue;
                     }
                     let mut scratch = [0u8; 4096];
                     let mut rb = ReadBuf::new(&mut scratch);
-                    match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
-                        Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
-                            self.end = End::Linger(dropped + rb.filled().len());
+                    self.end = match ready!(inner.poll_read(cx, &mut rb)) {
+                        Ok(()) if !rb.filled().is_empty() => {
+                            End::Linger(dropped + rb.filled().len())
                         }
-                        Poll::Ready(_) => self.end = End::Done,
-                        Poll::Pending => return Poll::Pending,
-                    }
+                        _ => End::Done,
+                    };
                 }
             }
         }
@@ -424,15 +478,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> H2Watch<T> {
 
     /// Runs `header_read` while the watch waits for a head; true once it passed.
     fn head_late(&mut self, cx: &mut Context<'_>) -> bool {
+        self.arm_head_clock();
+        match &mut self.timer {
+            Some(t) => t.as_mut().poll(cx).is_ready(),
+            None => false,
+        }
+    }
+
+    /// The `header_read` clock: running while a head is awaited, started afresh for
+    /// each header block, stopped otherwise.
+    fn arm_head_clock(&mut self) {
         if !self.frames.awaits_head() {
             self.timer = None;
-            return false;
+        } else if self.timer.is_none() || self.timer_block != self.frames.blocks {
+            self.timer = Some(Box::pin(tokio::time::sleep(self.header_read)));
+            self.timer_block = self.frames.blocks;
         }
-        let within = self.header_read;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
-        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -453,27 +514,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for H2Watch<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
+                let handed_last = this.frames.last_stream;
                 let verdict = this.frames.feed(&buf.filled()[before..], this.max_requests);
                 match verdict {
                     Verdict::Fine => {}
                     Verdict::Drain => this.watch.drain.notify_one(),
                     Verdict::Calm(why) => {
                         // What this read brought is not handed on: the connection is
-                        // over, and hyper must not act on a frame past the limit.
+                        // over, and hyper must not act on a frame past the limit. The
+                        // GOAWAY names the last stream hyper was given: the client may
+                        // send the others again elsewhere.
                         buf.set_filled(before);
-                        this.end_with(ENHANCE_YOUR_CALM, why);
+                        this.end_with(ENHANCE_YOUR_CALM, handed_last, why);
                         ready!(this.poll_end(cx));
                         return Poll::Ready(Ok(()));
                     }
                 }
                 // A head still incomplete after this read keeps its clock; one that
                 // came whole never started one.
-                if this.frames.awaits_head() {
-                    this.timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(this.header_read)));
-                } else {
-                    this.timer = None;
-                }
+                this.arm_head_clock();
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -484,7 +543,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for H2Watch<T> {
                     } else {
                         "connection preface not complete within header_read"
                     };
-                    this.end_with(NO_ERROR, why);
+                    let last = this.frames.last_stream;
+                    this.end_with(NO_ERROR, last, why);
                     ready!(this.poll_end(cx));
                     return Poll::Ready(Ok(()));
                 }
@@ -508,6 +568,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Watch<T> {
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
         if !matches!(this.frames.read, Read::Off) {
             this.written.pass(&buf[..n]);
+            this.note_goaway();
         }
         Poll::Ready(Ok(n))
     }
@@ -532,6 +593,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2Watch<T> {
                     break;
                 }
             }
+            this.note_goaway();
         }
         Poll::Ready(Ok(n))
     }
@@ -654,6 +716,10 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), watch.drain_wanted())
             .await
             .expect("no drain asked for at the request limit");
+        // hyper's final GOAWAY goes out: the overrun counts from there.
+        w.write_all(&frame(GOAWAY, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0]))
+            .await
+            .unwrap();
         let mut more = Vec::new();
         for i in 3..(3 + OVERRUN as u32 + 1) {
             more.extend(frame(HEADERS, END_HEADERS, 1 + 2 * i, b"x"));
@@ -715,6 +781,72 @@ mod tests {
             u32::from_be_bytes(goaway[13..].try_into().unwrap()),
             ENHANCE_YOUR_CALM
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_header_block_has_its_own_clock() {
+        let (mut w, mut client, _) = pair(Duration::from_secs(2), 1000);
+        client.write_all(&opening()).await.unwrap();
+        let one = frame(HEADERS, END_HEADERS, 1, &[0x82; 20]);
+        let three = frame(HEADERS, END_HEADERS, 3, &[0x82; 20]);
+        let mut buf = vec![0u8; 4096];
+        let _ = w.read(&mut buf).await.unwrap();
+        client.write_all(&one[..10]).await.unwrap();
+        let _ = w.read(&mut buf).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The rest of the first block and the start of the next, in one read.
+        let mut b = one[10..].to_vec();
+        b.extend_from_slice(&three[..10]);
+        client.write_all(&b).await.unwrap();
+        let _ = w.read(&mut buf).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        client.write_all(&three[10..]).await.unwrap();
+        let n = w.read(&mut buf).await.unwrap();
+        assert_eq!(
+            n,
+            three.len() - 10,
+            "the second block was timed from the first"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_calm_goaway_names_the_last_stream_hyper_was_given() {
+        let (mut w, mut client, _) = pair(Duration::from_secs(15), 1000);
+        let mut bytes = opening();
+        bytes.extend(frame(HEADERS, END_HEADERS, 1, b"x"));
+        client.write_all(&bytes).await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let _ = w.read(&mut buf).await.unwrap();
+        // A new stream and a reset storm in one read: none of it reaches hyper.
+        let mut storm = frame(HEADERS, END_HEADERS, 3, b"x");
+        for _ in 0..=RESET_BURST {
+            storm.extend(frame(RST_STREAM, 0, 3, &8u32.to_be_bytes()));
+        }
+        client.write_all(&storm).await.unwrap();
+        assert_eq!(
+            w.read(&mut buf).await.unwrap(),
+            0,
+            "part of the storm was handed on"
+        );
+        let mut goaway = [0u8; 17];
+        client.read_exact(&mut goaway).await.unwrap();
+        assert_eq!(u32::from_be_bytes(goaway[9..13].try_into().unwrap()), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_refills_at_its_rate() {
+        let mut b = Budget::new(5, 5);
+        for _ in 0..5 {
+            assert!(b.spend());
+        }
+        assert!(!b.spend());
+        // 5.1 a second for ten seconds: about 50 back, not fewer.
+        let mut spent = 0;
+        for _ in 0..51 {
+            tokio::time::sleep(Duration::from_millis(196)).await;
+            spent += u32::from(b.spend());
+        }
+        assert!(spent >= 49, "{spent} of 51 spent at just above the rate");
     }
 
     #[tokio::test]

@@ -46,7 +46,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::AccessLog;
 use crate::body::RequestBody;
 use crate::config::{Config, ConfigError};
-use crate::io::{CountingIo, IdleTimeoutIo};
+use crate::io::{CountingIo, IdleTimeoutIo, Stamp};
 use crate::metrics::Metrics;
 use crate::proxy::{ConnBytes, ConnInfo, Proxy};
 use crate::upstream::Upstream;
@@ -255,6 +255,10 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(crate::http1::MAX_HEAD as u32)
         .max_concurrent_streams(config.limits.h2_max_concurrent_streams)
+        // Streams h2 resets for the client's protocol errors (a stream made to depend
+        // on itself, say) cancel requests as the client's own resets do; h2 counts
+        // them apart, over the connection's life, and ends it past this.
+        .max_local_error_reset_streams(h2watch::RESET_BURST as usize)
         .enable_connect_protocol();
     builder
 }
@@ -698,12 +702,16 @@ where
     let conn = settings.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let keepalive = settings.keepalive;
-    // The keep-alive check's period: the connection closes within a quarter of
-    // `keepalive` after it passed; a drain or trim wakes it at once.
-    let every = (keepalive / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
+    // The keep-alive and stall checks' period: the connection closes within a quarter
+    // of `keepalive` (or `idle`) after it passed; a drain or trim wakes it at once.
+    let every = (keepalive.min(settings.idle) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(15));
     let mut tick = crate::io::LazySleep::new(Instant::now() + every);
     let mut signal = shutdown::Signal::new(&shutdown);
-    let trims = shutdown.trims();
+    let mut trims = shutdown.trims();
+    // A trim came while requests were in flight: the connection goes once idle.
+    let mut trim_pending = false;
+    let idle_limit = settings.idle;
     let mut asked: Option<Instant> = None;
     let result = loop {
         let why = tokio::select! {
@@ -719,6 +727,17 @@ where
                 }
                 tick.poll_elapsed(cx)
             }) => {
+                let now = shutdown.trims();
+                if now != trims {
+                    trims = now;
+                    trim_pending = true;
+                }
+                // Exchanges in flight that have not moved for `idle` (an HTTP/2
+                // client that opens no window, its pings keeping the socket busy).
+                if activity.stalled_for().is_some_and(|d| d >= idle_limit) {
+                    tracing::debug!(client = %info.peer, "exchanges in flight stalled for timeouts.idle: closing");
+                    break Ok(());
+                }
                 let idle = activity.idle_for();
                 if let Some(at) = asked {
                     // Asked, and nothing in flight: a client that does not answer
@@ -734,10 +753,11 @@ where
                     "shutdown"
                 } else if idle.is_some_and(|d| d >= keepalive) {
                     "keepalive"
-                } else if idle.is_some() && (shutdown.trims() != trims || shared.limit.is_crowded()) {
+                } else if idle.is_some() && (trim_pending || shared.limit.is_crowded()) {
                     "connection cap"
                 } else {
-                    tick.reset(Instant::now() + every);
+                    let next = if trim_pending { TRIM_EVERY } else { every };
+                    tick.reset(Instant::now() + next);
                     continue;
                 }
             }
@@ -764,23 +784,24 @@ where
 /// before it is closed: hyper's HTTP/2 GOAWAY waits for the client to answer a ping.
 const ASKED_GRACE: Duration = Duration::from_secs(1);
 
-/// The requests in flight on a connection hyper serves throughout, and since when
-/// none has been.
+/// The requests in flight on a connection hyper serves throughout, since when none
+/// has been, and when an exchange last moved.
 #[derive(Debug)]
 struct Activity {
     in_flight: std::sync::atomic::AtomicUsize,
-    /// When the last exchange ended (or the connection began), on [`coarse_now`]'s
-    /// clock, in ms since `epoch`.
-    quiet_since: AtomicU64,
-    epoch: Instant,
+    /// When the last exchange ended (or the connection began).
+    quiet_since: Stamp,
+    /// When a request began, a response frame went to hyper or a request body's bytes
+    /// came: what a connection busy with exchanges that do not move lacks.
+    progress: Arc<Stamp>,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Activity {
             in_flight: Default::default(),
-            quiet_since: AtomicU64::new(0),
-            epoch: crate::io::coarse_now(),
+            quiet_since: Stamp::now(),
+            progress: Arc::new(Stamp::now()),
         }
     }
 }
@@ -788,6 +809,7 @@ impl Default for Activity {
 impl Activity {
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.progress.touch();
         InFlight(self.clone())
     }
 
@@ -796,20 +818,32 @@ impl Activity {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let since = Duration::from_millis(self.quiet_since.load(Ordering::Relaxed));
-        Some(crate::io::coarse_now().saturating_duration_since(self.epoch + since))
+        Some(self.quiet_since.elapsed())
+    }
+
+    /// For how long the exchanges in flight have not moved; `None` with none in flight.
+    fn stalled_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        Some(self.progress.elapsed())
     }
 }
 
 /// One request in flight, until its response body is dropped.
-struct InFlight(Arc<Activity>);
+pub(super) struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// A response frame went to hyper.
+    pub(super) fn moved(&self) {
+        self.0.progress.touch();
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
-        let now = crate::io::coarse_now().saturating_duration_since(a.epoch);
-        a.quiet_since
-            .store(now.as_millis() as u64, Ordering::Relaxed);
+        a.quiet_since.touch();
         a.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
@@ -834,14 +868,14 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, req: Request<Incoming>) -> Serve {
         let exchange = self.parking.as_ref().map(|p| p.begin(&req));
         let in_flight = self.activity.as_ref().map(Activity::begin);
+        let mut req = req.map(RequestBody::from);
+        if let (Some(a), RequestBody::Incoming(body)) = (&self.activity, req.body_mut()) {
+            body.touch(a.progress.clone());
+        }
         let proxy = self.shared.proxy.load_full();
         Serve {
             in_flight,
-            handling: Box::pin(proxy.handle(
-                req.map(RequestBody::from),
-                self.info,
-                self.bytes.clone(),
-            )),
+            handling: Box::pin(proxy.handle(req, self.info, self.bytes.clone())),
             exchange,
         }
     }

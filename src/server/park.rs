@@ -186,7 +186,7 @@ pub struct ServerBody {
     inner: Tracked,
     _exchange: Option<Exchange>,
     /// The request in flight on a connection hyper serves throughout.
-    _in_flight: Option<super::InFlight>,
+    in_flight: Option<super::InFlight>,
 }
 
 impl ServerBody {
@@ -198,7 +198,7 @@ impl ServerBody {
         ServerBody {
             inner,
             _exchange: exchange,
-            _in_flight: in_flight,
+            in_flight,
         }
     }
 }
@@ -211,7 +211,11 @@ impl http_body::Body for ServerBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, crate::upstream::BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Some(f), Poll::Ready(Some(Ok(_)))) = (&self.in_flight, &polled) {
+            f.moved();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
