@@ -146,16 +146,19 @@ pub(super) async fn serve(
                     }
                     let parked = &shared.metrics.client_connections_parked;
                     parked.inc();
-                    // The drain and trim signal is polled once per park: it stays
-                    // registered with this task (whose waker never changes), and the
-                    // flags tell what woke it.
+                    // The drain and trim signal is registered once, not once per park:
+                    // it stays registered with this task (whose waker never changes),
+                    // and the count tells whether one came. A drain already under way
+                    // is seen by its flag.
                     let signal = signal.get_or_insert_with(|| Signal::new(&shutdown));
-                    let trims = shutdown.trims();
+                    let signals = shutdown.signals();
+                    let draining = shutdown.is_triggered();
                     let keep = kept.is_some();
                     io.set_between(true);
                     let resume = poll_fn(|cx| {
                         signal.arm(&shutdown, cx);
-                        if shutdown.is_triggered() || shutdown.trims() != trims {
+                        // A drain or a trim: either closes a parked connection.
+                        if draining || shutdown.signals() != signals {
                             return Poll::Ready(false);
                         }
                         poll_parked(&mut io, &mut buf, keep, cx)

@@ -9,7 +9,7 @@
 //! instead of staying open for the next.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -28,6 +28,9 @@ pub struct ConnLimit {
     reserved: AtomicUsize,
     /// A tenth of the cap: with this many places left or fewer, the cap is near.
     near: AtomicUsize,
+    /// The cap is near, as of the last place taken or given back: what every response
+    /// looks at, one load.
+    crowded: AtomicBool,
 }
 
 /// One client connection's place; given back when dropped (kept, if a lowered cap
@@ -44,6 +47,7 @@ impl Place {
     pub fn claim(&mut self) {
         if std::mem::take(&mut self.reserved) {
             self.limit.reserved.fetch_sub(1, Ordering::Relaxed);
+            self.limit.update_crowded();
         }
     }
 }
@@ -59,6 +63,8 @@ impl Drop for Place {
         {
             p.forget();
         }
+        drop(self.permit.take());
+        self.limit.update_crowded();
     }
 }
 
@@ -70,6 +76,7 @@ impl ConnLimit {
             owed: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
             near: AtomicUsize::new(max / 10),
+            crowded: AtomicBool::new(false),
         }
     }
 
@@ -107,8 +114,16 @@ impl ConnLimit {
     /// next connection count as left): an exchange that ends closes its connection.
     #[inline]
     pub fn is_crowded(&self) -> bool {
+        self.crowded.load(Ordering::Relaxed)
+    }
+
+    /// Works out [`ConnLimit::is_crowded`] again (a place was taken or given back).
+    fn update_crowded(&self) {
         let left = self.places.available_permits() + self.reserved.load(Ordering::Relaxed);
-        left <= self.near.load(Ordering::Relaxed)
+        let crowded = left <= self.near.load(Ordering::Relaxed);
+        if self.crowded.load(Ordering::Relaxed) != crowded {
+            self.crowded.store(crowded, Ordering::Relaxed);
+        }
     }
 
     /// Moves the cap (a reload). Lowering it takes places as they come free; the
@@ -129,6 +144,7 @@ impl ConnLimit {
             let taken = self.places.forget_permits(fewer);
             self.owed.fetch_add(fewer - taken, Ordering::Relaxed);
         }
+        self.update_crowded();
     }
 }
 

@@ -708,7 +708,7 @@ where
         .clamp(Duration::from_millis(10), Duration::from_secs(15));
     let mut tick = crate::io::LazySleep::new(Instant::now() + every);
     let mut signal = shutdown::Signal::new(&shutdown);
-    let mut trims = shutdown.trims();
+    let mut signals = shutdown.signals();
     // A trim came while requests were in flight: the connection goes once idle.
     let mut trim_pending = false;
     let idle_limit = settings.idle;
@@ -721,15 +721,16 @@ where
             () = std::future::poll_fn(|cx| {
                 if asked.is_none() {
                     signal.arm(&shutdown, cx);
-                    if shutdown.is_triggered() || shutdown.trims() != trims {
+                    if shutdown.signals() != signals {
                         return Poll::Ready(());
                     }
                 }
                 tick.poll_elapsed(cx)
             }) => {
-                let now = shutdown.trims();
-                if now != trims {
-                    trims = now;
+                // A drain is seen below; any other signal is a trim.
+                let now = shutdown.signals();
+                if now != signals {
+                    signals = now;
                     trim_pending = true;
                 }
                 // Exchanges in flight that have not moved for `idle` (an HTTP/2

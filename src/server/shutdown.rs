@@ -17,8 +17,8 @@ pub struct Shutdown {
     rx: watch::Receiver<u64>,
     /// The drain as a plain flag: checked on every park of every connection.
     flag: std::sync::Arc<AtomicBool>,
-    /// How many trims there were.
-    trims: std::sync::Arc<AtomicU64>,
+    /// How many drains and trims there were.
+    signals: std::sync::Arc<AtomicU64>,
 }
 
 impl Default for Shutdown {
@@ -34,27 +34,28 @@ impl Shutdown {
             tx: std::sync::Arc::new(tx),
             rx,
             flag: Default::default(),
-            trims: Default::default(),
+            signals: Default::default(),
         }
     }
 
     /// Starts the drain everywhere.
     pub fn trigger(&self) {
         self.flag.store(true, Ordering::SeqCst);
+        self.signals.fetch_add(1, Ordering::SeqCst);
         self.tx.send_modify(|n| *n += 1);
     }
 
     /// Asks every connection idle between requests to close now.
     pub fn trim(&self) {
-        self.trims.fetch_add(1, Ordering::SeqCst);
+        self.signals.fetch_add(1, Ordering::SeqCst);
         self.tx.send_modify(|n| *n += 1);
     }
 
-    /// How many trims there were: a connection that parked at one count closes when
-    /// it changes.
+    /// How many drains and trims there were: a connection that parked at one count
+    /// closes when it changes (one load tells it).
     #[inline]
-    pub fn trims(&self) -> u64 {
-        self.trims.load(Ordering::Acquire)
+    pub fn signals(&self) -> u64 {
+        self.signals.load(Ordering::Acquire)
     }
 
     /// True once the drain has started.
@@ -84,7 +85,7 @@ impl Shutdown {
 pub struct Signal {
     next: ReusableBoxFuture<'static, ()>,
     fired: bool,
-    /// Polled and pending when the trim count was this: the task that polled it
+    /// Polled and pending when the signal count was this: the task that polled it
     /// will be woken by the next signal after it.
     armed: Option<u64>,
 }
@@ -106,9 +107,9 @@ impl Signal {
             self.next.set(shutdown.next());
             self.fired = false;
         }
-        let trims = shutdown.trims();
+        let signals = shutdown.signals();
         if self.next.poll(cx).is_pending() {
-            self.armed = Some(trims);
+            self.armed = Some(signals);
             return Poll::Pending;
         }
         self.armed = None;
@@ -122,7 +123,7 @@ impl Signal {
     pub fn arm(&mut self, shutdown: &Shutdown, cx: &mut Context<'_>) {
         // Inlined: every wake of a waiting connection comes here, and almost always
         // finds the registration in place.
-        if self.armed != Some(shutdown.trims()) {
+        if self.armed != Some(shutdown.signals()) {
             self.rearm(shutdown, cx);
         }
     }
