@@ -1,9 +1,10 @@
-//! The body types that cross the proxy: [`RequestBody`] on the way to an upstream,
-//! [`Body`] on the way back to a client.
+//! [`RequestBody`]: a request body on its way to an upstream, with the limits a client's
+//! body is held to ([`ClientBody`]). The response's body type is the proxy's
+//! (`proxy::body`): a request does not carry the size of a response body's pool
+//! bookkeeping through every move.
 //!
-//! Enums rather than boxed trait objects: no allocation per request on the hot path.
-//! Two types rather than one so a request does not carry the size of a response body's
-//! pool bookkeeping through every move.
+//! An enum rather than a boxed trait object: no allocation per request on the hot
+//! path.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,56 +18,9 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::io::{LazySleep, Stamp, coarse_now};
-use crate::upstream::BoxError;
 
-/// A response body on its way to a client.
-#[derive(Debug, Default)]
-pub enum Body {
-    /// Streamed from an upstream; returns its connection to the pool at the end.
-    Upstream(crate::upstream::ResponseBody),
-    /// A complete short body (`None` once sent).
-    Full(Option<Bytes>),
-    #[default]
-    Empty,
-}
-
-impl Body {
-    pub fn text(s: &'static str) -> Body {
-        Body::Full(Some(Bytes::from_static(s.as_bytes())))
-    }
-}
-
-impl http_body::Body for Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Body::Upstream(b) => Pin::new(b).poll_frame(cx),
-            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Body::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Body::Upstream(b) => b.is_end_stream(),
-            Body::Full(data) => data.is_none(),
-            Body::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Body::Upstream(b) => b.size_hint(),
-            Body::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
-            Body::Full(None) | Body::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
+/// Any error a body or an exchange may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body on its way to an upstream.
 #[derive(Debug, Default)]

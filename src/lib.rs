@@ -8,6 +8,8 @@
 //! client ─▶ server ─▶ proxy ─▶ upstream ─▶ origin
 //! ```
 //!
+//! - [`app`]: the composition root: a configuration becomes the server, the proxy and
+//!   the upstream side.
 //! - [`server`]: listeners, TLS, serving HTTP/1.1 and HTTP/2 connections (idle HTTP/1.1
 //!   ones parked without hyper's buffers), shutdown.
 //! - [`proxy`]: what a request is (forward, CONNECT, reverse) and where it goes; the one
@@ -26,6 +28,7 @@
 //!   values once.
 
 pub mod access;
+pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -38,5 +41,6 @@ pub mod route;
 pub mod server;
 pub mod upstream;
 
+pub use app::{run, run_reloading};
 pub use config::Config;
-pub use server::{Reload, RunError, run, run_reloading};
+pub use server::{Reload, RunError};

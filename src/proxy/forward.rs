@@ -9,9 +9,10 @@ use std::sync::Arc;
 use http::header::{HOST, HeaderValue};
 use http::{Request, Response};
 
+use super::Body;
 use super::auth::Auth;
 use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response, upgrade};
-use crate::body::{Body, RequestBody};
+use crate::body::RequestBody;
 use crate::config::{self, Cidr, Scheme, Version};
 use crate::metrics::{Kind, Label};
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};

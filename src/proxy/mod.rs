@@ -6,6 +6,7 @@
 //! [`Refusal::into_response`]. Nothing here opens sockets: [`crate::upstream`] does.
 
 pub mod auth;
+pub mod body;
 pub mod forward;
 pub mod headers;
 mod health;
@@ -26,18 +27,18 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::access::{AccessLog, Entry};
-use crate::body::{Body, RequestBody};
+use crate::body::RequestBody;
 use crate::config::Config;
 use crate::http1::{self, framing::Refused};
-use crate::io::ConnBytes as Bytes_;
 use crate::metrics::{BytesLabels, Direction, Kind, Label, Metrics, RequestLabels, RouteLabels};
 use crate::route::RouteTable;
 use crate::upstream::{ConnectError, ResponseBody, Upstream, UpstreamError};
+pub use body::Body;
 use prometheus_client::metrics::counter::Counter;
 
 /// A client connection's byte counters; the owner is the kind and user of the
 /// connection's latest request.
-pub type ConnBytes = Bytes_<BytesOwner>;
+pub type ConnBytes = crate::io::ConnBytes<BytesOwner>;
 
 /// Who a connection's bytes belong to, with that owner's counters resolved once (a
 /// keep-alive connection's requests usually share kind and user: no lookup per request).
@@ -487,7 +488,7 @@ pub enum Refusal {
     /// 413 (`max_body`) or 408 (`body_read`): the client's body was refused for its
     /// length or its pace. The connection closes after the answer: the rest of the
     /// body is not read.
-    Body(StatusCode, String),
+    BodyLimit(StatusCode, String),
 }
 
 impl Refusal {
@@ -497,7 +498,7 @@ impl Refusal {
                 StatusCode::BAD_REQUEST
             }
             Refusal::Framing(r) => r.status,
-            Refusal::Body(status, _) => *status,
+            Refusal::BodyLimit(status, _) => *status,
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
@@ -528,8 +529,8 @@ impl Refusal {
                 "501 not implemented\n"
             }
             Refusal::Framing(_) => "400 bad request\n",
-            Refusal::Body(StatusCode::PAYLOAD_TOO_LARGE, _) => "413 content too large\n",
-            Refusal::Body(_, _) => "408 request timeout\n",
+            Refusal::BodyLimit(StatusCode::PAYLOAD_TOO_LARGE, _) => "413 content too large\n",
+            Refusal::BodyLimit(_, _) => "408 request timeout\n",
             Refusal::NoRoute => "404 not found\n",
             Refusal::AuthRequired => "407 proxy authentication required\n",
             Refusal::Upstream(UpstreamError::Timeout(_)) => "504 gateway timeout\n",
@@ -543,7 +544,7 @@ impl Refusal {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if let Refusal::Framing(_) | Refusal::Body(..) = self {
+        if let Refusal::Framing(_) | Refusal::BodyLimit(..) = self {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Refusal::AuthRequired = self {
@@ -575,7 +576,7 @@ impl Refusal {
             Refusal::Upstream(UpstreamError::ClientBody(e)) => {
                 tracing::info!(%client, %method, %uri, status, "client failed: request body: {e}")
             }
-            Refusal::Body(_, why) => {
+            Refusal::BodyLimit(_, why) => {
                 tracing::info!(%client, %method, %uri, status, "client failed: {why}")
             }
             Refusal::Upstream(e @ UpstreamError::Connect(ConnectError::Denied(_))) => {
@@ -619,7 +620,7 @@ fn limit_body(
 
 #[cold]
 fn too_large(least: u64, max: u64) -> Refusal {
-    Refusal::Body(
+    Refusal::BodyLimit(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("request body of {least} bytes is longer than max_body ({max} bytes)"),
     )
@@ -635,7 +636,7 @@ fn body_refusal(refusal: Refusal, progress: Option<&crate::body::BodyProgress>) 
             while let Some(inner) = cause.source() {
                 cause = inner;
             }
-            Refusal::Body(status, format!("request body: {cause}"))
+            Refusal::BodyLimit(status, format!("request body: {cause}"))
         }
         (r, _) => r,
     }
@@ -769,19 +770,19 @@ pub fn protocol_name(v: http::Version) -> &'static str {
 /// A response body that failed after its head went out: the client's response is cut
 /// short (its HTTP/1 connection closed, its HTTP/2 stream reset), and the log says why.
 #[cold]
-fn body_failed(done: Option<&Done>, e: &crate::upstream::BoxError) {
+fn body_failed(done: Option<&Done>, e: &crate::body::BoxError) {
     let upstream = done.and_then(|d| d.meta.upstream.as_deref()).unwrap_or("-");
     tracing::warn!(upstream, "response body cut short: {e}");
 }
 
 impl http_body::Body for Tracked {
     type Data = Bytes;
-    type Error = crate::upstream::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, crate::upstream::BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::body::BoxError>>> {
         let this = &mut *self;
         let mut polled = Pin::new(&mut this.body).poll_frame(cx);
         match &mut polled {

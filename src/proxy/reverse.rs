@@ -12,9 +12,10 @@ use http::header::{HOST, HeaderValue, LOCATION};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 
+use super::Body;
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::{ConnInfo, Meta, Proxy, Refusal, health, relay_response, upgrade};
-use crate::body::{Body, RequestBody};
+use crate::body::RequestBody;
 use crate::config::{RouteConfig, Scheme, Timeouts, UpstreamUrl};
 use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::balance::Balancer;

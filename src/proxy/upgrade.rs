@@ -23,16 +23,16 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use super::tunnel::relay;
+use super::Body;
 use super::{
     ConnBytes, Meta, Proxy, Refusal, attribute_bytes, header_str, headers, log_target,
     protocol_name, relay_response,
 };
 use crate::access::{AccessLog, Entry};
-use crate::body::Body;
 use crate::http1::list_has;
 use crate::io::IdleTimeoutIo;
 use crate::metrics::{Kind, Label, Metrics};
+use crate::upstream::relay::relay;
 use crate::upstream::{ResponseBody, UpstreamError};
 
 /// What a client asks to switch its connection (or stream) to.

@@ -38,7 +38,7 @@ use tokio_util::io::poll_read_buf;
 use super::shutdown::Signal;
 use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end};
 use crate::body::RequestBody;
-use crate::http1::framing::{RequestBody as BodyFraming, RequestFraming};
+use crate::http1::framing::{self, RequestFraming};
 use crate::http1::{self, Framing, MAX_FIELDS, MAX_HEAD, chunked, decimal, list_has};
 use crate::io::{CountingIo, IdleTimeoutIo, Slots};
 use crate::proxy::{ConnBytes, ConnInfo, Tracked};
@@ -633,8 +633,8 @@ fn parse_frozen(b: &Bytes, spare: &mut HeaderMap) -> Parsed {
         }
     }
     let (body, refused) = match framing.finish(version == 0) {
-        Ok(BodyFraming::None) => (0, None),
-        Ok(BodyFraming::Length(n)) if n <= MAX_BODY as u64 => (n as usize, None),
+        Ok(framing::RequestBody::None) => (0, None),
+        Ok(framing::RequestBody::Length(n)) if n <= MAX_BODY as u64 => (n as usize, None),
         // Longer, or chunked: hyper streams it.
         Ok(_) => {
             hyper = true;

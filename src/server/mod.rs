@@ -49,7 +49,6 @@ use crate::config::{Config, ConfigError};
 use crate::io::{CountingIo, IdleTimeoutIo, Stamp};
 use crate::metrics::Metrics;
 use crate::proxy::{ConnBytes, ConnInfo, Proxy};
-use crate::upstream::Upstream;
 use guard::Guarded;
 use h2watch::H2Watch;
 use limit::ConnLimit;
@@ -140,19 +139,29 @@ impl Settings {
 /// Reads the configuration again (the file, with the command line's flags applied).
 pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
-/// Runs Strait until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(config: Config) -> Result<(), RunError> {
-    run_reloading(config, None).await
+/// Builds the proxy for a configuration, with the access log it writes to (the
+/// composition root's: `app`).
+pub type BuildProxy =
+    Arc<dyn Fn(&Config, Option<AccessLog>) -> Result<Proxy, String> + Send + Sync>;
+
+/// What the server is given besides its configuration.
+pub struct Parts {
+    /// Every connection and tunnel; the drain waits for them.
+    pub tasks: TaskTracker,
+    pub metrics: Arc<Metrics>,
+    pub build: BuildProxy,
 }
 
-/// [`run`], and on SIGHUP `reload` is called and the configuration it returns is put
-/// in service, all of it but `[pool]` and `[runtime]` ([`reload`]).
-pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(), RunError> {
+/// Serves `config` until SIGTERM, SIGINT, then drains and returns; with `reload`, a
+/// SIGHUP puts a new configuration in service, all of it but `[pool]` and `[runtime]`
+/// ([`reload`]).
+pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result<(), RunError> {
+    let Parts {
+        tasks,
+        metrics,
+        build,
+    } = parts;
     let shutdown = Shutdown::new();
-    let tasks = TaskTracker::new();
-
-    let upstream = Arc::new(Upstream::new(&config.pool, &config.timeouts));
-    let metrics = Arc::new(Metrics::new(upstream.stats().clone()));
     let hup = Arc::new(tokio::sync::Notify::new());
 
     let backlog = limit::backlog(config.limits.backlog);
@@ -166,14 +175,7 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
     };
 
     let access = AccessLog::start(&config.log, hup.clone(), metrics.access_log_dropped.clone());
-    let proxy = Proxy::new(
-        &config,
-        tasks.clone(),
-        upstream.clone(),
-        metrics.clone(),
-        access.clone(),
-    )
-    .map_err(RunError::Config)?;
+    let proxy = build(&config, access.clone()).map_err(RunError::Config)?;
     let shared = Arc::new(Shared {
         proxy: ArcSwap::from_pointee(proxy),
         settings: ArcSwap::from_pointee(Settings::new(&config)),
@@ -209,12 +211,7 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
             access,
             grace: grace.clone(),
         };
-        let parts = reload::ProxyParts {
-            tasks: tasks.clone(),
-            upstream,
-            metrics: metrics.clone(),
-        };
-        tokio::spawn(reload::on_hup(reload, running, ctx, parts));
+        tokio::spawn(reload::on_hup(reload, running, ctx, build));
     } else {
         // Nothing will change them: they serve until the process ends.
         drop((serving, admin));
@@ -510,7 +507,7 @@ impl HyperSide {
     }
 }
 
-type H1Conn =
+type HyperH1 =
     hyper::server::conn::http1::UpgradeableConnection<TokioIo<Guarded<Lent<PlainIo>>>, ConnService>;
 
 /// Runs one hyper connection until it ends, or until it has waited [`PARK_AFTER`]
@@ -524,7 +521,7 @@ type H1Conn =
 /// mode), and then carries the head's start into its next session (`head_since`), so
 /// parking never restarts that clock.
 async fn drive_h1(
-    mut conn: Pin<Box<H1Conn>>,
+    mut conn: Pin<Box<HyperH1>>,
     parking: &Parking,
     bytes: &ConnBytes,
     shared: &Shared,

@@ -205,12 +205,12 @@ impl ServerBody {
 
 impl http_body::Body for ServerBody {
     type Data = Bytes;
-    type Error = crate::upstream::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, crate::upstream::BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::body::BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let (Some(f), Poll::Ready(Some(Ok(_)))) = (&self.in_flight, &polled) {
             f.moved();

@@ -23,15 +23,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio_util::task::TaskTracker;
-
 use super::listeners::{self, AdminServing, Bound, Context, Serving};
-use super::{Reload, Settings};
+use super::{BuildProxy, Reload, Settings};
 use crate::access::AccessLog;
 use crate::config::{Config, Listen};
-use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::upstream::Upstream;
 
 /// What a run has in service, and the configuration it came from.
 pub(super) struct Running {
@@ -43,21 +39,13 @@ pub(super) struct Running {
     pub grace: Arc<AtomicU64>,
 }
 
-/// What every [`Proxy`] of a run shares: a reload replaces routes and policies, not the
-/// pool or the metrics.
-pub(super) struct ProxyParts {
-    pub tasks: TaskTracker,
-    pub upstream: Arc<Upstream>,
-    pub metrics: Arc<Metrics>,
-}
-
 /// `timeouts.shutdown_grace` as kept in [`Running::grace`].
 pub(super) fn grace_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// On each SIGHUP: reads the configuration again and puts it in service ([`reload`]).
-pub(super) async fn on_hup(reload: Reload, mut running: Running, ctx: Context, parts: ProxyParts) {
+pub(super) async fn on_hup(reload: Reload, mut running: Running, ctx: Context, build: BuildProxy) {
     let hup = ctx.hup.clone();
     // Each wait is registered before the previous reload's work, so a SIGHUP that
     // comes during it is not missed (the signal wakes only tasks already waiting).
@@ -68,10 +56,10 @@ pub(super) async fn on_hup(reload: Reload, mut running: Running, ctx: Context, p
         signalled.set(hup.notified());
         signalled.as_mut().enable();
         let result = match reload() {
-            Ok(next) => apply(next, &mut running, &ctx, &parts).await,
+            Ok(next) => apply(next, &mut running, &ctx, &build).await,
             Err(e) => Err(e.to_string()),
         };
-        parts.metrics.count_reload("config", result.is_ok());
+        ctx.metrics.count_reload("config", result.is_ok());
         if let Err(e) = result {
             tracing::error!("SIGHUP: configuration not reloaded: {e}");
         }
@@ -110,7 +98,7 @@ async fn apply(
     mut next: Config,
     running: &mut Running,
     ctx: &Context,
-    parts: &ProxyParts,
+    build: &BuildProxy,
 ) -> Result<(), String> {
     keep_as_started("pool", &running.config.pool, &mut next.pool);
     keep_as_started("runtime", &running.config.runtime, &mut next.runtime);
@@ -122,7 +110,7 @@ async fn apply(
         .map(Some)
         .collect();
     let mut plans = Vec::with_capacity(next.listen.len());
-    let prepared = match prepare(&next, running, ctx, parts, &mut serving, &mut plans).await {
+    let prepared = match prepare(&next, running, ctx, build, &mut serving, &mut plans).await {
         Ok(p) => p,
         Err(e) => {
             // What was bound for the reload closes; what served goes on serving.
@@ -220,7 +208,7 @@ async fn prepare(
     next: &Config,
     running: &Running,
     ctx: &Context,
-    parts: &ProxyParts,
+    build: &BuildProxy,
     serving: &mut [Option<Serving>],
     plans: &mut Vec<Plan>,
 ) -> Result<Prepared, String> {
@@ -261,16 +249,10 @@ async fn prepare(
         AccessLog::start(
             &next.log,
             ctx.hup.clone(),
-            parts.metrics.access_log_dropped.clone(),
+            ctx.metrics.access_log_dropped.clone(),
         )
     };
-    let proxy = Proxy::new(
-        next,
-        parts.tasks.clone(),
-        parts.upstream.clone(),
-        parts.metrics.clone(),
-        access.clone(),
-    )?;
+    let proxy = build(next, access.clone())?;
     Ok(Prepared {
         admin,
         access,

@@ -53,7 +53,7 @@ pub enum Error {
     /// The response broke the wire format (`http1`), or was too large.
     Wire(http1::Error),
     /// The client's request body failed (it went away or broke its framing).
-    RequestBody(crate::upstream::BoxError),
+    RequestBody(crate::body::BoxError),
     /// The request body ended before the length its `Content-Length` announced.
     ShortRequestBody,
 }
@@ -102,7 +102,7 @@ impl From<io::Error> for Error {
 /// response byte came before the connection closed or reset (RFC 9110 §9.2.2 allows an
 /// idempotent request to be sent again then).
 #[derive(Debug)]
-pub struct Failure {
+pub struct ExchangeFailure {
     pub error: Error,
     pub no_response: bool,
     /// The request as written, when it had no body or one in memory and got no
@@ -534,7 +534,7 @@ impl H1Conn {
         &mut self,
         cx: &mut Context<'_>,
         head_only: bool,
-    ) -> Poll<Result<Response<Framing>, Failure>> {
+    ) -> Poll<Result<Response<Framing>, ExchangeFailure>> {
         // A failed upload is reported only if no response explains it.
         let upload_error = self.poll_upload(cx).err();
         let polled = self.poll_head(cx, head_only);
@@ -566,7 +566,7 @@ impl H1Conn {
                 } else {
                     None
                 };
-                Poll::Ready(Err(Failure {
+                Poll::Ready(Err(ExchangeFailure {
                     error,
                     no_response,
                     replay,
@@ -576,7 +576,7 @@ impl H1Conn {
                 if let Some(e @ (Error::RequestBody(_) | Error::ShortRequestBody)) = upload_error {
                     // The client's body broke before any answer: the exchange is over.
                     self.broken = true;
-                    return Poll::Ready(Err(Failure {
+                    return Poll::Ready(Err(ExchangeFailure {
                         error: e,
                         no_response: false,
                         replay: None,

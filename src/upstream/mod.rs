@@ -10,6 +10,7 @@ pub mod balance;
 pub mod connect;
 pub mod h1;
 pub mod pool;
+pub mod relay;
 
 use std::fmt;
 use std::future::Future;
@@ -21,17 +22,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
+use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use crate::body::RequestBody as Body;
+use crate::body::BoxError;
+use crate::body::RequestBody;
 use crate::config::{self, Cidr, Scheme, Version};
 use crate::http1::list_has;
 pub use connect::{ConnectError, TlsSettings};
-pub use pool::BoxError;
-pub use pool::PoolKey;
+pub use pool::Target;
 use pool::{Checkout, CheckoutError, Pool, Reply, SendError};
 
 /// A request body up to this size is read before sending so it can be replayed.
@@ -90,10 +91,6 @@ pub struct ProfileSettings {
     pub response_timeout: Duration,
 }
 
-/// Where one request goes: scheme, authority (`host[:port]`, exactly as it should
-/// appear in the URI) and the [`Profile`] of connection settings, as a pool key.
-pub type Target = PoolKey;
-
 /// Why an upstream exchange failed.
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -122,7 +119,7 @@ pub struct Failure {
     /// The request, whole, when no byte of it reached any upstream (no connection could
     /// be opened or none took it): another upstream may take it, whatever its method
     /// and body.
-    pub request: Option<Box<Request<Body>>>,
+    pub request: Option<Box<Request<RequestBody>>>,
     /// A fresh HTTP/1.1 connection closed or reset before any response byte. The
     /// request may have been written, so only a caller holding its own copy of an
     /// idempotent request may send it elsewhere.
@@ -136,7 +133,7 @@ impl Failure {
                 // The watcher belongs to the exchange that set it; the next one decides
                 // again.
                 let body = req.body_mut();
-                if let Body::Incoming(b) = body {
+                if let RequestBody::Incoming(b) = body {
                     b.watch(None);
                 }
                 Some(Box::new(req))
@@ -224,7 +221,7 @@ impl Upstream {
     /// `timeouts.upstream_response` (profiles with shorter timeouts make it check more
     /// often).
     pub fn new(pool: &config::Pool, timeouts: &config::Timeouts) -> Self {
-        let connector: pool::Connector = Arc::new(|key: &PoolKey| Box::pin(open(key.clone())));
+        let connector: pool::Connector = Arc::new(|key: &Target| Box::pin(open(key.clone())));
         let limits = pool::Limits {
             idle_timeout: pool.idle_timeout,
             max_idle_per_host: pool.max_idle_per_host,
@@ -256,6 +253,17 @@ impl Upstream {
     }
 
     /// The pool's counters and gauges.
+    /// A TCP connection for a CONNECT tunnel to `host:port`, under `profile`'s address
+    /// policy and connect timeout (the proxy opens no socket itself).
+    pub async fn open_tunnel(
+        &self,
+        host: &str,
+        port: u16,
+        profile: &Profile,
+    ) -> Result<tokio::net::TcpStream, ConnectError> {
+        connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await
+    }
+
     pub fn stats(&self) -> &Arc<pool::Stats> {
         self.pool.stats()
     }
@@ -293,7 +301,7 @@ impl Upstream {
     /// for the response head, at most `timeouts.upstream_response`.
     pub fn send<'a>(
         &'a self,
-        req: Request<Body>,
+        req: Request<RequestBody>,
         target: &'a Target,
     ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + Send + 'a {
         let exchange = self.try_send(req, target);
@@ -304,7 +312,7 @@ impl Upstream {
     /// request, and hands the request back when it reached none (see [`Failure`]).
     pub fn try_send<'a>(
         &'a self,
-        req: Request<Body>,
+        req: Request<RequestBody>,
         target: &'a Target,
     ) -> impl Future<Output = Result<Response<ResponseBody>, Failure>> + Send + 'a {
         // One box for the whole exchange: its state is large, and callers move (and
@@ -327,8 +335,8 @@ impl Upstream {
     #[allow(clippy::manual_async_fn)]
     fn exchange<'a>(
         &'a self,
-        mut req: Request<Body>,
-        key: &'a PoolKey,
+        mut req: Request<RequestBody>,
+        key: &'a Target,
     ) -> impl Future<Output = Result<Response<ResponseBody>, Failure>> + Send + 'a {
         // An `async move` block rather than an `async fn`: the request then lives in the
         // future once (an `async fn` keeps each argument and its moved-in copy).
@@ -348,19 +356,19 @@ impl Upstream {
             let sent_whole = match std::mem::take(req.body_mut()) {
                 // An empty stream is sent by the head alone; nothing polls it, so a watcher
                 // would never see its end and the connection would not be reused.
-                Body::Incoming(b) if http_body::Body::is_end_stream(&b) => {
-                    *req.body_mut() = Body::Empty;
+                RequestBody::Incoming(b) if http_body::Body::is_end_stream(&b) => {
+                    *req.body_mut() = RequestBody::Empty;
                     None
                 }
-                Body::Incoming(b) if key.surely_h1() => {
-                    *req.body_mut() = Body::Incoming(b);
+                RequestBody::Incoming(b) if key.surely_h1() => {
+                    *req.body_mut() = RequestBody::Incoming(b);
                     None
                 }
-                Body::Incoming(b) => {
+                RequestBody::Incoming(b) => {
                     let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let mut b = b;
                     b.watch(Some(flag.clone()));
-                    *req.body_mut() = Body::Incoming(b);
+                    *req.body_mut() = RequestBody::Incoming(b);
                     Some(flag)
                 }
                 other => {
@@ -472,7 +480,7 @@ impl Upstream {
 }
 
 /// Opens a connection for a pool key: resolve, check, connect, TLS with ALPN.
-async fn open(key: PoolKey) -> Result<(connect::Stream, bool), ConnectError> {
+async fn open(key: Target) -> Result<(connect::Stream, bool), ConnectError> {
     let profile = &key.profile;
     let (host, port) = split_authority(key.authority.as_str(), key.scheme);
     let tcp = connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await?;
@@ -531,7 +539,7 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
 /// What an attempt sends: the request, or (a replay to an HTTP/1.1 upstream) the
 /// bytes written for it the first time.
 enum Outgoing {
-    Request(Request<Body>),
+    Request(Request<RequestBody>),
     Written(h1::Written),
 }
 
@@ -545,9 +553,9 @@ enum Replay {
     Never,
 }
 
-fn replay_plan(body: &Body) -> Replay {
+fn replay_plan(body: &RequestBody) -> Replay {
     use http_body::Body as _;
-    if body.is_end_stream() || matches!(body, Body::Full(_) | Body::Empty) {
+    if body.is_end_stream() || matches!(body, RequestBody::Full(_) | RequestBody::Empty) {
         return Replay::Ready;
     }
     match body.size_hint().exact() {
@@ -579,22 +587,22 @@ fn exchange_error(e: BoxError) -> UpstreamError {
 }
 
 /// Reads a small body whole so the request can be replayed; always true.
-async fn buffer_body(req: &mut Request<Body>) -> Result<bool, UpstreamError> {
+async fn buffer_body(req: &mut Request<RequestBody>) -> Result<bool, UpstreamError> {
     let body = std::mem::take(req.body_mut());
     let bytes = body
         .collect()
         .await
         .map_err(UpstreamError::ClientBody)?
         .to_bytes();
-    *req.body_mut() = Body::Full(Some(bytes));
+    *req.body_mut() = RequestBody::Full(Some(bytes));
     Ok(true)
 }
 
 /// A copy of a request whose body is replayable (empty or buffered).
-fn copy_request(req: &Request<Body>) -> Request<Body> {
+fn copy_request(req: &Request<RequestBody>) -> Request<RequestBody> {
     let body = match req.body() {
-        Body::Full(b) => Body::Full(b.clone()),
-        _ => Body::Empty,
+        RequestBody::Full(b) => RequestBody::Full(b.clone()),
+        _ => RequestBody::Empty,
     };
     let mut copy = Request::new(body);
     *copy.method_mut() = req.method().clone();
@@ -605,7 +613,7 @@ fn copy_request(req: &Request<Body>) -> Request<Body> {
 
 /// HTTP/1.1 wants origin form and `Host`; HTTP/2 wants scheme and authority in
 /// pseudo-headers and no `Host` beside them (RFC 9113 §8.3.1; nginx refuses both).
-fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), UpstreamError> {
+fn set_uri(req: &mut Request<RequestBody>, key: &Target, h2: bool) -> Result<(), UpstreamError> {
     *req.version_mut() = if h2 {
         http::Version::HTTP_2
     } else {
@@ -646,8 +654,8 @@ fn set_uri(req: &mut Request<Body>, key: &PoolKey, h2: bool) -> Result<(), Upstr
         let authority = authority.unwrap_or_else(|| key.authority.clone());
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(match key.scheme {
-            Scheme::Http => UriScheme::HTTP,
-            Scheme::Https => UriScheme::HTTPS,
+            Scheme::Http => http::uri::Scheme::HTTP,
+            Scheme::Https => http::uri::Scheme::HTTPS,
         });
         parts.authority = Some(authority);
         parts.path_and_query = Some(path);

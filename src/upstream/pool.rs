@@ -2,7 +2,7 @@
 //!
 //! # Invariants
 //!
-//! - **Key.** Connections are grouped by [`PoolKey`]: the connection profile (TLS roots,
+//! - **Key.** Connections are grouped by [`Target`]: the connection profile (TLS roots,
 //!   verification, server name, protocol, address policy), the scheme and the authority.
 //!   Never the client or the user: every client shares every connection.
 //! - **Ownership.** An HTTP/1.1 connection is owned by exactly one of: the pool's idle
@@ -53,7 +53,8 @@ use tokio::time::Instant;
 use super::Profile;
 use super::connect::{ConnectError, Stream};
 use super::h1::{self, H1Conn};
-use crate::body::RequestBody as Body;
+use crate::body::BoxError;
+use crate::body::RequestBody;
 use crate::config::Scheme;
 
 /// Most requests that may wait for one key's connections; more get 503 at once.
@@ -67,10 +68,12 @@ pub const SURPLUS_GRACE: Duration = Duration::from_secs(1);
 /// (at most half the hint), so no request races the origin's close.
 const HINT_MARGIN: Duration = Duration::from_secs(1);
 
-/// Everything that makes two connections interchangeable. Made with [`PoolKey::new`]:
-/// a route makes its keys once, the forward path one per request.
+/// Where one request goes, and the pool's key: scheme, authority (`host[:port]`,
+/// exactly as it should appear in the URI) and the [`Profile`] of connection settings,
+/// everything that makes two connections interchangeable. Made with [`Target::new`]:
+/// a route makes its targets once, the forward path one per request.
 #[derive(Debug, Clone)]
-pub struct PoolKey {
+pub struct Target {
     /// The connection profile: TLS roots, verification, server name, protocol and
     /// address policy. Compared by identity.
     pub profile: Arc<Profile>,
@@ -87,7 +90,7 @@ pub struct PoolKey {
 /// clients, who must not be able to aim collisions).
 static KEY_SEED: std::sync::OnceLock<foldhash::quality::RandomState> = std::sync::OnceLock::new();
 
-impl PartialEq for PoolKey {
+impl PartialEq for Target {
     fn eq(&self, other: &Self) -> bool {
         self.profile.id == other.profile.id
             && self.scheme == other.scheme
@@ -97,23 +100,23 @@ impl PartialEq for PoolKey {
     }
 }
 
-impl Eq for PoolKey {}
+impl Eq for Target {}
 
-impl std::hash::Hash for PoolKey {
+impl std::hash::Hash for Target {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u64(self.digest);
     }
 }
 
-impl PoolKey {
-    pub fn new(profile: Arc<Profile>, scheme: Scheme, authority: http::uri::Authority) -> PoolKey {
+impl Target {
+    pub fn new(profile: Arc<Profile>, scheme: Scheme, authority: http::uri::Authority) -> Target {
         use std::hash::BuildHasher;
         let digest = KEY_SEED.get_or_init(Default::default).hash_one((
             profile.id,
             scheme,
             authority.as_str(),
         ));
-        PoolKey {
+        Target {
             profile,
             scheme,
             authority,
@@ -122,8 +125,8 @@ impl PoolKey {
     }
 
     /// The same scheme and authority under another profile.
-    pub fn with_profile(&self, profile: Arc<Profile>) -> PoolKey {
-        PoolKey::new(profile, self.scheme, self.authority.clone())
+    pub fn with_profile(&self, profile: Arc<Profile>) -> Target {
+        Target::new(profile, self.scheme, self.authority.clone())
     }
 
     /// True when every connection for this key speaks HTTP/1.1: `version = "h1"`, or
@@ -137,7 +140,7 @@ impl PoolKey {
     }
 }
 
-impl fmt::Display for PoolKey {
+impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}", self.scheme.as_str(), self.authority)
     }
@@ -189,12 +192,9 @@ impl fmt::Display for BodyStalled {
 
 impl std::error::Error for BodyStalled {}
 
-/// Errors of any kind, as a response body reports them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Opens a connection for a key: returns the stream and whether it speaks HTTP/2.
 pub type Connector = Arc<
-    dyn Fn(&PoolKey) -> Pin<Box<dyn Future<Output = Result<(Stream, bool), ConnectError>> + Send>>
+    dyn Fn(&Target) -> Pin<Box<dyn Future<Output = Result<(Stream, bool), ConnectError>> + Send>>
         + Send
         + Sync,
 >;
@@ -267,7 +267,7 @@ impl Stats {
 enum Sender {
     /// Boxed: a TLS connection's state is large, and checkouts move.
     H1(Box<H1Conn>),
-    H2(http2::SendRequest<Body>),
+    H2(http2::SendRequest<RequestBody>),
 }
 
 /// State shared by a connection's driver task, the pool and the request using it.
@@ -320,7 +320,7 @@ struct IdleConn {
 
 /// A live HTTP/2 connection.
 struct H2Conn {
-    sender: http2::SendRequest<Body>,
+    sender: http2::SendRequest<RequestBody>,
     shared: Arc<ConnShared>,
 }
 
@@ -379,12 +379,12 @@ impl Default for Host {
 type Hasher = foldhash::quality::RandomState;
 
 struct State {
-    hosts: HashMap<PoolKey, Host, Hasher>,
+    hosts: HashMap<Target, Host, Hasher>,
     /// Pool-wide order of idle connections, oldest first: (sequence number, key).
     /// Entries of connections taken back out are left in place and skipped when met
     /// (checking a sequence number against its key's short idle list); the queue is
     /// compacted when stale entries outnumber live ones. No allocation in steady state.
-    lru: VecDeque<(u64, PoolKey)>,
+    lru: VecDeque<(u64, Target)>,
     next_seq: u64,
     idle_total: usize,
     /// Every open HTTP/1.1 connection, for the sweep's look at response deadlines;
@@ -431,7 +431,7 @@ impl fmt::Debug for Pool {
 /// Dropping it without [`Checkout::release`] closes an HTTP/1.1 connection.
 pub struct Checkout {
     pool: Weak<Inner>,
-    key: PoolKey,
+    key: Target,
     /// `None` only once released.
     sender: Option<Sender>,
     shared: Arc<ConnShared>,
@@ -453,7 +453,7 @@ impl fmt::Debug for Checkout {
 /// What `send` on a checked-out connection gave back.
 pub enum SendError {
     /// The request never left: hyper handed it back (HTTP/2). Safe to send anywhere.
-    Unsent(Box<http::Request<Body>>, BoxError),
+    Unsent(Box<http::Request<RequestBody>>, BoxError),
     /// The request (or part of it) may have been written. `unprocessed` is true when the
     /// peer surely did not act on it: an HTTP/2 stream it refused or never took, or an
     /// HTTP/1.1 connection that closed or reset before any response byte.
@@ -606,7 +606,7 @@ impl Checkout {
     #[allow(clippy::manual_async_fn)]
     pub fn send(
         &mut self,
-        req: http::Request<Body>,
+        req: http::Request<RequestBody>,
         deadline: Instant,
     ) -> impl Future<Output = Result<http::Response<Reply>, SendError>> + Send + '_ {
         // An `async move` block: the request lives in the future once.
@@ -923,7 +923,7 @@ impl Pool {
 
     /// An idle connection or a free HTTP/2 stream slot for `key`, if there is one now.
     /// The fast path: no waiting, no connect, nothing to await.
-    pub fn try_checkout(&self, key: &PoolKey) -> Option<Checkout> {
+    pub fn try_checkout(&self, key: &Target) -> Option<Checkout> {
         let mut state = self.inner.state.lock().expect("pool lock");
         self.inner.take_available(&mut state, key)
         // pool lock released here
@@ -931,7 +931,7 @@ impl Pool {
 
     /// A connection for `key`: an idle one, a stream slot on an HTTP/2 one, or a new
     /// one. With `fresh`, never a reused connection.
-    pub async fn checkout(&self, key: &PoolKey, fresh: bool) -> Result<Checkout, CheckoutError> {
+    pub async fn checkout(&self, key: &Target, fresh: bool) -> Result<Checkout, CheckoutError> {
         let inner = &self.inner;
         let (rx, connect, queued_only) = {
             let mut state = inner.state.lock().expect("pool lock");
@@ -1015,7 +1015,7 @@ impl Pool {
 
     /// False when `key` is at `max_conns_per_host` with no idle connection and no free
     /// HTTP/2 stream: a request for it now would wait.
-    pub fn has_room(&self, key: &PoolKey) -> bool {
+    pub fn has_room(&self, key: &Target) -> bool {
         let max = self.inner.limits.max_conns_per_host;
         if max == 0 {
             return true;
@@ -1073,7 +1073,7 @@ impl Inner {
 
     fn checkout_from(
         self: &Arc<Self>,
-        key: &PoolKey,
+        key: &Target,
         sender: Sender,
         shared: Arc<ConnShared>,
         reused: bool,
@@ -1093,7 +1093,7 @@ impl Inner {
 
     /// Takes an idle HTTP/1.1 connection or an HTTP/2 stream slot, if one is usable.
     /// Called with the lock held.
-    fn take_available(self: &Arc<Self>, state: &mut State, key: &PoolKey) -> Option<Checkout> {
+    fn take_available(self: &Arc<Self>, state: &mut State, key: &Target) -> Option<Checkout> {
         let now = self.now_ms();
         let State {
             hosts,
@@ -1214,14 +1214,14 @@ impl Inner {
     }
 
     /// An HTTP/1.1 connection was dropped, which closed it. Called with the lock held.
-    fn h1_gone(self: &Arc<Self>, host: &mut Host, key: &PoolKey) {
+    fn h1_gone(self: &Arc<Self>, host: &mut Host, key: &Target) {
         Stats::bump(&self.stats.closed);
         host.open -= 1;
         self.maybe_connect_for_waiters(host, key);
     }
 
     /// An HTTP/1.1 connection a request held was dropped: forget it.
-    fn h1_closed(self: &Arc<Self>, key: &PoolKey) {
+    fn h1_closed(self: &Arc<Self>, key: &Target) {
         let mut state = self.state.lock().expect("pool lock");
         let Some(host) = state.hosts.get_mut(key) else {
             return;
@@ -1233,7 +1233,7 @@ impl Inner {
     }
 
     /// Opens a connection for `key` and hands it to the waiters.
-    async fn connect(self: Arc<Self>, key: PoolKey) {
+    async fn connect(self: Arc<Self>, key: Target) {
         let result = self.open(&key).await;
         let mut state = self.state.lock().expect("pool lock");
         let host = state.hosts.entry(key.clone()).or_default();
@@ -1276,8 +1276,8 @@ impl Inner {
     fn serve_h2_waiters(
         self: &Arc<Self>,
         host: &mut Host,
-        key: &PoolKey,
-        sender: &http2::SendRequest<Body>,
+        key: &Target,
+        sender: &http2::SendRequest<RequestBody>,
         shared: &Arc<ConnShared>,
         reused: bool,
     ) {
@@ -1304,7 +1304,7 @@ impl Inner {
     /// Hands an HTTP/1.1 connection to the longest waiter, or makes it idle.
     fn hand_h1(
         self: &Arc<Self>,
-        key: &PoolKey,
+        key: &Target,
         mut conn: Box<H1Conn>,
         shared: Arc<ConnShared>,
         reused: bool,
@@ -1337,7 +1337,7 @@ impl Inner {
     fn make_idle(
         self: &Arc<Self>,
         state: &mut State,
-        key: &PoolKey,
+        key: &Target,
         conn: Box<H1Conn>,
         shared: Arc<ConnShared>,
     ) {
@@ -1385,7 +1385,7 @@ impl Inner {
         lru.push_back((seq, key.clone()));
         *idle_total += 1;
         self.stats.idle.fetch_add(1, Ordering::Relaxed);
-        let is_live = |hosts: &HashMap<PoolKey, Host, Hasher>, seq: u64, key: &PoolKey| {
+        let is_live = |hosts: &HashMap<Target, Host, Hasher>, seq: u64, key: &Target| {
             hosts
                 .get(key)
                 .is_some_and(|h| h.idle.iter().any(|c| c.lru_seq == seq))
@@ -1412,7 +1412,7 @@ impl Inner {
 
     fn checkin_h1(
         self: &Arc<Self>,
-        key: &PoolKey,
+        key: &Target,
         conn: Box<H1Conn>,
         shared: Arc<ConnShared>,
         hint: Option<Duration>,
@@ -1436,7 +1436,7 @@ impl Inner {
     }
 
     /// A request finished with its HTTP/2 stream slot.
-    fn release_stream(self: &Arc<Self>, key: &PoolKey, shared: &Arc<ConnShared>) {
+    fn release_stream(self: &Arc<Self>, key: &Target, shared: &Arc<ConnShared>) {
         let before = shared.streams.fetch_sub(1, Ordering::SeqCst);
         if before == 1 {
             shared.idle_since.store(self.now_ms(), Ordering::Relaxed);
@@ -1460,7 +1460,7 @@ impl Inner {
     }
 
     /// Starts connects for waiters that have none, when capacity allows.
-    fn maybe_connect_for_waiters(self: &Arc<Self>, host: &mut Host, key: &PoolKey) {
+    fn maybe_connect_for_waiters(self: &Arc<Self>, host: &mut Host, key: &Target) {
         let max = self.limits.max_conns_per_host;
         let per_conn = if host.speaks_h2 { host.h2_streams } else { 1 };
         while host.connecting * per_conn < host.waiters.len() && (max == 0 || host.open < max) {
@@ -1471,7 +1471,7 @@ impl Inner {
     }
 
     /// The driver task of an HTTP/2 connection ended: forget it.
-    fn closed(self: &Arc<Self>, key: &PoolKey, id: u64) {
+    fn closed(self: &Arc<Self>, key: &Target, id: u64) {
         Stats::bump(&self.stats.closed);
         let mut state = self.state.lock().expect("pool lock");
         let Some(host) = state.hosts.get_mut(key) else {
@@ -1487,7 +1487,7 @@ impl Inner {
 
     /// The idle timer of HTTP/2 connection `id` fired: retire it if no stream uses it.
     /// Returns true when it was removed from the pool.
-    fn retire_idle_h2(&self, key: &PoolKey, id: u64) -> bool {
+    fn retire_idle_h2(&self, key: &Target, id: u64) -> bool {
         let mut state = self.state.lock().expect("pool lock");
         let Some(host) = state.hosts.get_mut(key) else {
             return false;
@@ -1504,7 +1504,7 @@ impl Inner {
 
     /// Connects; for HTTP/2 also runs the handshake and spawns the connection's driver
     /// task. An HTTP/1.1 connection needs neither: its requests drive it.
-    async fn open(self: &Arc<Self>, key: &PoolKey) -> Result<Opened, CheckoutError> {
+    async fn open(self: &Arc<Self>, key: &Target) -> Result<Opened, CheckoutError> {
         let started = Instant::now();
         let (stream, h2) = (self.connector)(key)
             .await
@@ -1582,7 +1582,7 @@ fn sweep_every(limits: &Limits, deadline_check: Duration) -> Duration {
 
 enum Opened {
     H1(Box<H1Conn>, Arc<ConnShared>),
-    H2(http2::SendRequest<Body>, Arc<ConnShared>),
+    H2(http2::SendRequest<RequestBody>, Arc<ConnShared>),
 }
 
 /// Spawns the tasks of one HTTP/2 connection and remembers the first, the connection
@@ -1617,7 +1617,7 @@ impl ConnExec {
 /// Polls an HTTP/2 connection and keeps the peer's stream limit current; dropping it
 /// ends the connection's tasks.
 struct H2Driver {
-    conn: http2::Connection<TokioIo<Stream>, Body, ConnExec>,
+    conn: http2::Connection<TokioIo<Stream>, RequestBody, ConnExec>,
     shared: Arc<ConnShared>,
     exec: ConnExec,
     finished: bool,
@@ -1654,7 +1654,7 @@ impl Future for H2Driver {
 async fn drive_h2(
     conn: H2Driver,
     pool: Weak<Inner>,
-    key: PoolKey,
+    key: Target,
     shared: Arc<ConnShared>,
     idle_timeout: Duration,
 ) {
@@ -1721,12 +1721,12 @@ mod tests {
     fn pool_with(limits: Limits, h2: bool) -> (Pool, Arc<AtomicUsize>) {
         let connects = Arc::new(AtomicUsize::new(0));
         let counter = connects.clone();
-        let connector: Connector = Arc::new(move |_key: &PoolKey| {
+        let connector: Connector = Arc::new(move |_key: &Target| {
             counter.fetch_add(1, Ordering::SeqCst);
             let (client, server) = tokio::io::duplex(1 << 16);
             tokio::spawn(async move {
                 let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let mut resp = http::Response::new(crate::body::Body::text("ok"));
+                    let mut resp = http::Response::new(crate::proxy::Body::text("ok"));
                     match req.uri().path() {
                         "/close" => {
                             resp.headers_mut()
@@ -1767,8 +1767,8 @@ mod tests {
         }
     }
 
-    fn key(authority: &str) -> PoolKey {
-        PoolKey::new(
+    fn key(authority: &str) -> Target {
+        Target::new(
             Arc::new(Profile {
                 id: 0,
                 version: Version::Auto,
@@ -1784,7 +1784,7 @@ mod tests {
 
     /// Sends `path` on a checked-out connection and reads the whole response.
     async fn get(c: &mut Checkout, path: &str) -> http::Response<Bytes> {
-        let mut req = http::Request::new(Body::Empty);
+        let mut req = http::Request::new(RequestBody::Empty);
         *req.uri_mut() = path.parse().unwrap();
         req.headers_mut().insert("host", "test".parse().unwrap());
         if c.is_h2() {
@@ -2095,7 +2095,7 @@ mod tests {
         let (pool, _) = pool_with(l, false);
         let k = key("a");
         let mut c = pool.checkout(&k, false).await.unwrap();
-        let mut req = http::Request::new(Body::Empty);
+        let mut req = http::Request::new(RequestBody::Empty);
         *req.uri_mut() = "/slow".parse().unwrap();
         req.headers_mut().insert("host", "test".parse().unwrap());
         let started = Instant::now();
