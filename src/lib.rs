@@ -20,6 +20,7 @@
 //! - [`upstream`]: pooled connections to origins, connect and TLS, load balancing. Knows
 //!   nothing of routes or users.
 //! - [`io`]: stream wrappers (idle timeout, byte counting).
+//! - [`pem`]: reading PEM certificate files (both sides of TLS).
 //! - [`metrics`]: the Prometheus registry and its bounded label sets.
 //! - [`access`]: the access log writer (bounded queue, never blocks a request).
 //! - [`date`]: the dates Strait writes (the HTTP `Date` field, the access log's time).
@@ -36,6 +37,7 @@ pub mod date;
 pub mod http1;
 pub mod io;
 pub mod metrics;
+pub mod pem;
 pub mod proxy;
 pub mod route;
 pub mod server;

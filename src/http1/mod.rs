@@ -118,6 +118,16 @@ static HOST_BYTES: [bool; 256] = {
     t
 };
 
+/// True when a `Connection` field of `headers` lists `token` (RFC 9110 §7.6.1), such
+/// as `close` or `keep-alive`. Compared as bytes: a `str` split and trim cost more than
+/// the rest of a response's reuse decision.
+pub fn connection_has(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| list_has(v.as_bytes(), token.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

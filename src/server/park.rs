@@ -34,8 +34,8 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::http1::connection_has;
 use crate::proxy::Tracked;
-use crate::upstream::connection_has;
 
 /// How long a connection stays with hyper after its last response before it parks.
 /// Long enough that a busy keep-alive client never parks between two requests (each

@@ -26,7 +26,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::TlsFiles;
-use crate::upstream::connect::read_pem_certs;
 
 /// How often the certificate and key files are looked at.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -64,7 +63,7 @@ fn provider() -> Arc<CryptoProvider> {
 /// Ed25519; PKCS#8, PKCS#1 or SEC1) and checks that they belong together. The error
 /// names the file at fault.
 pub fn load_pair(files: &TlsFiles) -> Result<CertifiedKey, String> {
-    let chain = read_pem_certs(&files.cert)?;
+    let chain = crate::pem::read_certs(&files.cert)?;
     let key_der = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("{}: no usable private key: {e}", files.key.display()))?;
     let key = provider()

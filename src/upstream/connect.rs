@@ -190,19 +190,6 @@ fn default_roots() -> &'static RootCertStore {
     })
 }
 
-/// Reads every certificate in a PEM file.
-pub fn read_pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate found", path.display()));
-    }
-    Ok(certs)
-}
-
 impl TlsSettings {
     /// Builds client TLS settings. `extra_roots` adds to the built-in roots.
     pub fn new(
@@ -223,7 +210,7 @@ impl TlsSettings {
         } else {
             let mut roots = default_roots().clone();
             if let Some(path) = extra_roots {
-                for cert in read_pem_certs(path)? {
+                for cert in crate::pem::read_certs(path)? {
                     roots
                         .add(cert)
                         .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;

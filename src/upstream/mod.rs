@@ -521,21 +521,6 @@ pub(crate) fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// True when a `Connection` field of `headers` lists `token` (RFC 9110 §7.6.1), such
-/// as `close` or `keep-alive`.
-pub fn connection_has(headers: &http::HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .any(|v| has_token(v, token))
-}
-
-/// Compared as bytes: a `str` split and trim cost more than the rest of a response's
-/// reuse decision.
-fn has_token(v: &HeaderValue, token: &str) -> bool {
-    list_has(v.as_bytes(), token.as_bytes())
-}
-
 /// What an attempt sends: the request, or (a replay to an HTTP/1.1 upstream) the
 /// bytes written for it the first time.
 enum Outgoing {
@@ -711,8 +696,8 @@ impl ResponseBody {
             let mut hop = crate::http1::response::Hop::default();
             for (name, v) in resp.headers() {
                 if name == CONNECTION {
-                    hop.close |= has_token(v, "close");
-                    hop.keep_alive |= has_token(v, "keep-alive");
+                    hop.close |= list_has(v.as_bytes(), b"close");
+                    hop.keep_alive |= list_has(v.as_bytes(), b"keep-alive");
                 } else if name == KEEP_ALIVE && hop.hint.is_none() {
                     hop.hint = crate::http1::response::keep_alive_timeout(v.as_bytes());
                 }
