@@ -19,7 +19,8 @@ use crate::body::RequestBody;
 use crate::config::{RouteConfig, Scheme, Timeouts, UpstreamUrl};
 use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::balance::Balancer;
-use crate::upstream::{ProfileSettings, Target, TlsSettings, Upstream, UpstreamError};
+use crate::upstream::retry::{self, Failover};
+use crate::upstream::{ProfileSettings, Target, TlsSettings, Upstream};
 
 /// A route, ready to serve: its upstreams, their balancer and connection profile.
 pub struct Route {
@@ -318,7 +319,7 @@ impl Proxy {
             // fresh connection dropped unanswered or that got no response head in time.
             let empty = http_body::Body::is_end_stream(&body);
             let replayable = empty || matches!(body, RequestBody::Full(_));
-            let idempotent = crate::upstream::is_idempotent(&parts.method);
+            let idempotent = retry::is_idempotent(&parts.method);
             let mut body = if empty { RequestBody::Empty } else { body };
             let progress = super::limit_body(&mut body, route.max_body, self.body_read)?;
             let progress = progress.as_deref();
@@ -372,15 +373,11 @@ impl Proxy {
                         // The upstream's own failures (no connection, a fresh one dropped,
                         // no response head in time) leave it out of the rotation for a
                         // while, as nginx counts them against `max_fails`.
-                        let timed_out = matches!(f.error, UpstreamError::Timeout(_));
-                        let reached_none = f.error.is_unsent();
-                        if !(reached_none || f.unanswered || timed_out) {
-                            return Err(super::body_refusal(f.error.into(), progress));
+                        let decision = retry::failover(&f, idempotent, replayable);
+                        if decision != Failover::Answer {
+                            route.balancer.mark_failed(i);
                         }
-                        route.balancer.mark_failed(i);
-                        let moves_on = reached_none
-                            || ((f.unanswered || timed_out) && idempotent && replayable);
-                        if !moves_on || last {
+                        if decision != Failover::Next || last {
                             return Err(super::body_refusal(f.error.into(), progress));
                         }
                         tracing::warn!(route = %route.label.0, upstream = %up, "upstream failed, trying the next: {}", f.error);

@@ -448,7 +448,7 @@ impl H1Conn {
         }
         // Kept only where a replay can happen: an idempotent request whose body was in
         // memory (a non-idempotent one is never sent twice).
-        self.written = (ended && super::is_idempotent(&parts.method)).then(|| Written {
+        self.written = (ended && super::retry::is_idempotent(&parts.method)).then(|| Written {
             head,
             body: full,
             head_only: parts.method == Method::HEAD,

@@ -11,6 +11,7 @@ pub mod connect;
 pub mod h1;
 pub mod pool;
 pub mod relay;
+pub mod retry;
 
 use std::fmt;
 use std::future::Future;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 
@@ -34,13 +35,6 @@ use crate::http1::list_has;
 pub use connect::{ConnectError, TlsSettings};
 pub use pool::Target;
 use pool::{Checkout, CheckoutError, Pool, Reply, SendError};
-
-/// A request body up to this size is read before sending so it can be replayed.
-pub const REPLAY_BUFFER: u64 = 64 * 1024;
-/// Most attempts for one request (first try plus retries). Unsent requests and
-/// unprocessed HTTP/2 streams may use them all; a replay after writing to a reused
-/// HTTP/1.1 connection happens at most once.
-const MAX_ATTEMPTS: usize = 8;
 
 /// Connection settings shared by a group of targets: protocol, TLS, address policy and
 /// timeouts. Two targets only ever share a connection when they share a profile.
@@ -341,14 +335,14 @@ impl Upstream {
         // An `async move` block rather than an `async fn`: the request then lives in the
         // future once (an `async fn` keeps each argument and its moved-in copy).
         async move {
-            let idempotent = is_idempotent(req.method());
+            let idempotent = retry::is_idempotent(req.method());
             // Only HTTP/2 replays a non-idempotent request (a stream the peer refused); to
             // an upstream that is surely HTTP/1.1, its body is streamed, never read whole.
             let may_replay = idempotent || !key.surely_h1();
-            let replayable = match replay_plan(req.body()) {
-                Replay::Ready => true,
-                Replay::Buffer if may_replay => Box::pin(buffer_body(&mut req)).await?,
-                Replay::Buffer | Replay::Never => false,
+            let replayable = match retry::replay_plan(req.body()) {
+                retry::Replay::Ready => true,
+                retry::Replay::Buffer if may_replay => Box::pin(buffer_body(&mut req)).await?,
+                retry::Replay::Buffer | retry::Replay::Never => false,
             };
             // A streamed body that may go to HTTP/2 is watched: if the response ends before
             // the body was sent whole, the stream slot is not reused (hyper would still be
@@ -385,7 +379,7 @@ impl Upstream {
             // first time: no copy of the request is made in advance.
             let h1_only = key.surely_h1();
             let mut out = Outgoing::Request(req);
-            for attempt in 1..=MAX_ATTEMPTS {
+            for attempt in 1..=retry::MAX_ATTEMPTS {
                 // The common case takes an idle connection without awaiting; the waiting
                 // and connecting path is boxed so this future stays small.
                 let found = if fresh {
@@ -433,11 +427,13 @@ impl Upstream {
                         replay,
                     }) => {
                         let h1_replay = !conn.is_h2()
-                            && conn.reused
-                            && idempotent
-                            && replayable
-                            && replays_left > 0
-                            && unprocessed;
+                            && retry::replay_on_fresh(
+                                conn.reused,
+                                idempotent,
+                                replayable,
+                                replays_left,
+                                unprocessed,
+                            );
                         let retry = match (copy, replay) {
                             // Not processed by the peer: safe to replay whatever the method.
                             (Some(copy), _) if conn.is_h2() && unprocessed => {
@@ -472,7 +468,8 @@ impl Upstream {
                 fresh = true;
             }
             let error = UpstreamError::BadTarget(format!(
-                "{key}: no connection took the request in {MAX_ATTEMPTS} attempts"
+                "{key}: no connection took the request in {} attempts",
+                retry::MAX_ATTEMPTS
             ));
             Err(Failure::reached_none(error, out))
         }
@@ -513,40 +510,11 @@ fn split_authority(authority: &str, scheme: Scheme) -> (&str, u16) {
     (host.trim_start_matches('[').trim_end_matches(']'), port)
 }
 
-/// RFC 9110 §9.2.2.
-pub(crate) fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// What an attempt sends: the request, or (a replay to an HTTP/1.1 upstream) the
 /// bytes written for it the first time.
 enum Outgoing {
     Request(Request<RequestBody>),
     Written(h1::Written),
-}
-
-/// Whether a request body can be replayed, and what it takes.
-enum Replay {
-    /// Empty or already in memory.
-    Ready,
-    /// Known to be at most [`REPLAY_BUFFER`] bytes: read it whole first.
-    Buffer,
-    /// Streamed: sent once.
-    Never,
-}
-
-fn replay_plan(body: &RequestBody) -> Replay {
-    use http_body::Body as _;
-    if body.is_end_stream() || matches!(body, RequestBody::Full(_) | RequestBody::Empty) {
-        return Replay::Ready;
-    }
-    match body.size_hint().exact() {
-        Some(n) if n <= REPLAY_BUFFER => Replay::Buffer,
-        _ => Replay::Never,
-    }
 }
 
 /// Names a failed exchange: the client's body broke, or the upstream failed.
@@ -787,6 +755,7 @@ impl http_body::Body for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Method;
 
     #[test]
     fn authorities_split_into_host_and_port() {
@@ -808,9 +777,9 @@ mod tests {
             Method::DELETE,
             Method::OPTIONS,
         ] {
-            assert!(is_idempotent(&m));
+            assert!(retry::is_idempotent(&m));
         }
-        assert!(!is_idempotent(&Method::POST));
-        assert!(!is_idempotent(&Method::PATCH));
+        assert!(!retry::is_idempotent(&Method::POST));
+        assert!(!retry::is_idempotent(&Method::PATCH));
     }
 }
