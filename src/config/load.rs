@@ -1,0 +1,270 @@
+//! Loading a configuration: the file read, parsed and checked, and every problem
+//! reported with the file, the line and the dotted key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{AccessLog, Config, Scheme};
+
+/// A configuration problem, reported as `file:line: key: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(message: impl Into<String>) -> Self {
+        ConfigError {
+            file: None,
+            line: None,
+            key: None,
+            message: message.into(),
+        }
+    }
+
+    fn at(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}", file.display())?;
+            if let Some(line) = self.line {
+                write!(f, ":{line}")?;
+            }
+            f.write_str(": ")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it are taken relative to
+    /// the file's own directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            line: None,
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        let mut config = Config::parse(&text).map_err(|mut e| {
+            e.file = Some(path.to_owned());
+            e
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(|mut e| {
+            e.file = Some(path.to_owned());
+            e.line = e.key.as_deref().and_then(|k| line_of_key(&text, k));
+            e
+        })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error carries the line and dotted key of the problem.
+    ///
+    /// ```
+    /// let c = strait::Config::parse("[timeouts]\nconnect = \"2s\"\n").unwrap();
+    /// assert_eq!(c.timeouts.connect, std::time::Duration::from_secs(2));
+    ///
+    /// let e = strait::Config::parse("[timeouts]\nconnect = \"fast\"\n").unwrap_err();
+    /// assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("timeouts.connect")));
+    /// ```
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, e, None))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = (path != ".").then_some(path);
+            toml_error(text, e.into_inner(), key)
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for l in &mut self.listen {
+            if let Some(tls) = &mut l.tls {
+                join(&mut tls.cert);
+                join(&mut tls.key);
+            }
+        }
+        for r in &mut self.route {
+            if let Some(ca) = &mut r.tls_ca {
+                join(ca);
+            }
+        }
+        if let AccessLog::File(p) = &mut self.log.access {
+            join(p);
+        }
+    }
+
+    /// Checks what a single key cannot check by itself. Keys in errors are dotted paths
+    /// such as `route[1].tls_server_name`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::new("at least one listener is required").at("listen"));
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            if let Some(tls) = &l.tls {
+                check_readable(&tls.cert).map_err(|e| e.at(format!("listen[{i}].tls.cert")))?;
+                check_readable(&tls.key).map_err(|e| e.at(format!("listen[{i}].tls.key")))?;
+            }
+        }
+        for (i, r) in self.route.iter().enumerate() {
+            let any_https = r.upstream.0.iter().any(|u| u.scheme == Scheme::Https);
+            if let Some(ca) = &r.tls_ca {
+                check_readable(ca).map_err(|e| e.at(format!("route[{i}].tls_ca")))?;
+            }
+            if !any_https && (r.tls_ca.is_some() || r.tls_server_name.is_some() || r.tls_insecure) {
+                return Err(ConfigError::new(
+                    "TLS settings need an https:// upstream; this route has none",
+                )
+                .at(format!("route[{i}].upstream")));
+            }
+            if r.upstream_response.is_some_and(|t| t.is_zero()) {
+                return Err(ConfigError::new("upstream_response must be more than 0")
+                    .at(format!("route[{i}].upstream_response")));
+            }
+            if r.health_interval < MIN_HEALTH_INTERVAL {
+                return Err(ConfigError::new(format!(
+                    "health_interval must be at least {}",
+                    humantime::format_duration(MIN_HEALTH_INTERVAL)
+                ))
+                .at(format!("route[{i}].health_interval")));
+            }
+            if let Some(name) = &r.tls_server_name
+                && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return Err(ConfigError::new(format!(
+                    "invalid server name {name:?}: expected a DNS name or an IP address"
+                ))
+                .at(format!("route[{i}].tls_server_name")));
+            }
+        }
+        let l = &self.limits;
+        for (key, zero) in [
+            ("limits.max_connections", l.max_connections == 0),
+            ("limits.backlog", l.backlog == 0),
+            (
+                "limits.h2_max_concurrent_streams",
+                l.h2_max_concurrent_streams == 0,
+            ),
+            (
+                "limits.h2_max_requests_per_connection",
+                l.h2_max_requests_per_connection == 0,
+            ),
+            ("timeouts.keepalive", self.timeouts.keepalive.is_zero()),
+            ("timeouts.body_read", self.timeouts.body_read.is_zero()),
+        ] {
+            if zero {
+                return Err(ConfigError::new("must be more than 0").at(key));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.route.iter().enumerate() {
+            if !seen.insert(r.label()) {
+                return Err(ConfigError::new(format!(
+                    "route {:?} is defined twice: each host and path pair may appear once",
+                    r.label()
+                ))
+                .at(format!("route[{i}].path")));
+            }
+        }
+        if let Some(admin) = &self.admin
+            && admin.addr.port() != 0
+            && self.listen.iter().any(|l| l.addr == admin.addr)
+        {
+            return Err(ConfigError::new(format!(
+                "{} is also a proxy listener: the admin listener needs its own address",
+                admin.addr
+            ))
+            .at("admin.addr"));
+        }
+        Ok(())
+    }
+}
+
+/// The shortest `health_interval`: probes more often than this would be load, not
+/// checks.
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+
+fn check_readable(path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| ConfigError::new(format!("cannot read {}: {e}", path.display())))
+}
+
+fn toml_error(text: &str, e: toml::de::Error, key: Option<String>) -> ConfigError {
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let mut message = e.message().trim().to_owned();
+    // serde's wording for unknown keys lists every valid key: keep it, it tells the fix.
+    if message.is_empty() {
+        message = "invalid value".to_owned();
+    }
+    let line = line.or_else(|| key.as_deref().and_then(|k| line_of_key(text, k)));
+    ConfigError {
+        file: None,
+        line,
+        key,
+        message,
+    }
+}
+
+/// Finds the line of a dotted key such as `route[1].upstream` or `timeouts.connect`, for
+/// errors found after parsing. Best effort: `None` when the key is not written out.
+pub(super) fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    // Split `route[1].upstream` into table `route`, index 1, field `upstream`.
+    let (table, rest) = key.split_once(['.', '[']).unwrap_or((key, ""));
+    let index: usize = rest
+        .split_once(']')
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0);
+    let field = key.rsplit('.').next().filter(|f| *f != table);
+    let mut seen = 0usize;
+    let mut in_table = false;
+    let mut table_line = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            let name = line.trim_matches(|c| c == '[' || c == ']').trim();
+            in_table = false;
+            if name == table {
+                if line.starts_with("[[") {
+                    in_table = seen == index;
+                    seen += 1;
+                } else {
+                    in_table = true;
+                }
+                if in_table {
+                    table_line = Some(n + 1);
+                }
+            }
+            continue;
+        }
+        if in_table && let Some(f) = field {
+            let k = line.split('=').next().unwrap_or("").trim();
+            if k == f {
+                return Some(n + 1);
+            }
+        }
+    }
+    table_line
+}
