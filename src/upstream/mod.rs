@@ -7,8 +7,8 @@
 //! *how*, including which failures are retried (RFC 9110 §9.2.2).
 
 pub mod balance;
+pub mod conn;
 pub mod connect;
-pub mod h1;
 pub mod pool;
 pub mod relay;
 pub mod retry;
@@ -32,9 +32,10 @@ use crate::body::BoxError;
 use crate::body::RequestBody;
 use crate::config::{self, Cidr, Scheme, Version};
 use crate::http1::list_has;
+use conn::{Lent, Pool, Reply, SendError, h1};
 pub use connect::{ConnectError, TlsSettings};
 pub use pool::Target;
-use pool::{Checkout, CheckoutError, Pool, Reply, SendError};
+use pool::{CheckoutError, Opened};
 
 /// Connection settings shared by a group of targets: protocol, TLS, address policy and
 /// timeouts. Two targets only ever share a connection when they share a profile.
@@ -215,7 +216,8 @@ impl Upstream {
     /// `timeouts.upstream_response` (profiles with shorter timeouts make it check more
     /// often).
     pub fn new(pool: &config::Pool, timeouts: &config::Timeouts) -> Self {
-        let connector: pool::Connector = Arc::new(|key: &Target| Box::pin(open(key.clone())));
+        let connector: pool::Connector<conn::Http> =
+            Arc::new(|key: &Target| Box::pin(open(key.clone())));
         let limits = pool::Limits {
             idle_timeout: pool.idle_timeout,
             max_idle_per_host: pool.max_idle_per_host,
@@ -476,8 +478,19 @@ impl Upstream {
     }
 }
 
-/// Opens a connection for a pool key: resolve, check, connect, TLS with ALPN.
-async fn open(key: Target) -> Result<(connect::Stream, bool), ConnectError> {
+/// Opens a connection for a pool key: resolve, check, connect, TLS with ALPN; then an
+/// HTTP/1.1 connection, or the HTTP/2 handshake.
+async fn open(key: Target) -> Result<Opened<conn::Http>, CheckoutError> {
+    let (stream, h2) = connect(&key).await.map_err(CheckoutError::Connect)?;
+    if !h2 {
+        return Ok(Opened::H1(Box::new(h1::H1Conn::new(stream))));
+    }
+    let (sender, driver) = conn::h2::handshake(stream, pool::H2_DEFAULT_STREAMS).await?;
+    Ok(Opened::H2(sender, driver))
+}
+
+/// Resolve, check, connect, TLS with ALPN: the stream and whether it speaks HTTP/2.
+async fn connect(key: &Target) -> Result<(connect::Stream, bool), ConnectError> {
     let profile = &key.profile;
     let (host, port) = split_authority(key.authority.as_str(), key.scheme);
     let tcp = connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await?;
@@ -636,7 +649,7 @@ static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive"
 pub struct ResponseBody {
     reply: Reply,
     /// Present until the body ends (then released) or is dropped (then closed).
-    conn: Option<Checkout>,
+    conn: Option<Lent>,
     reusable: bool,
     hint: Option<Duration>,
     /// Set once the request body was sent to its end; `None` when it had no stream.
@@ -654,7 +667,7 @@ impl ResponseBody {
     /// already complete: empty, or (HTTP/1.1) read whole with the head.
     fn wrap(
         resp: Response<Reply>,
-        mut conn: Checkout,
+        mut conn: Lent,
         request_sent: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Response<ResponseBody> {
         // `Connection: close` forbids reuse, HTTP/1.0 needs `keep-alive`, and
@@ -698,7 +711,7 @@ impl ResponseBody {
     /// The upstream connection of a 101 response, out of the pool: its stream and the
     /// bytes of the new protocol that came with the head. `None` over HTTP/2.
     pub fn take_upgraded(&mut self) -> Option<(connect::Stream, bytes::BytesMut)> {
-        self.conn.take()?.into_upgraded()
+        self.conn.take()?.into_exclusive().map(|c| c.into_io())
     }
 
     fn finish(&mut self) {

@@ -27,12 +27,12 @@ use http::{HeaderMap, Method, Request, Response};
 use http_body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::connect::Stream;
 use crate::body::RequestBody;
 use crate::http1::chunked::{self, Chunk};
 use crate::http1::response::Hop;
 use crate::http1::{self, Framing};
 use crate::io::{Slot, Slots};
+use crate::upstream::connect::Stream;
 
 /// Room made for the response head (and, usually, a small body with it).
 const READ_HEAD: usize = 8 * 1024;
@@ -448,12 +448,13 @@ impl H1Conn {
         }
         // Kept only where a replay can happen: an idempotent request whose body was in
         // memory (a non-idempotent one is never sent twice).
-        self.written = (ended && super::retry::is_idempotent(&parts.method)).then(|| Written {
-            head,
-            body: full,
-            head_only: parts.method == Method::HEAD,
-            upgrade: self.asks_upgrade,
-        });
+        self.written =
+            (ended && crate::upstream::retry::is_idempotent(&parts.method)).then(|| Written {
+                head,
+                body: full,
+                head_only: parts.method == Method::HEAD,
+                upgrade: self.asks_upgrade,
+            });
         self.upload = Some(Upload {
             queue,
             body: if ended { RequestBody::Empty } else { body },
@@ -733,7 +734,7 @@ mod tests {
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
         (
-            H1Conn::new(super::super::connect::Stream::Plain(client.unwrap())),
+            H1Conn::new(crate::upstream::connect::Stream::Plain(client.unwrap())),
             accepted.unwrap().0,
         )
     }
