@@ -59,7 +59,8 @@ const READ_SIZE: usize = 8 * 1024;
 ///
 /// One loop, and every wait a `poll_fn` over this function's own state: the request's
 /// future is the only one built per request (boxed), so nothing else is moved or
-/// copied from one future into another.
+/// copied from one future into another (helper futures cost copies per request:
+/// bench/proxy-instructions).
 pub(super) async fn serve(
     stream: TcpStream,
     info: ConnInfo,
@@ -123,7 +124,8 @@ pub(super) async fn serve(
                         let side =
                             hyper.get_or_insert_with(|| HyperSide::new(&shared, info, &bytes));
                         let unread = buf.split().freeze();
-                        // Boxed: hyper's connection state is large and rarely needed.
+                        // Boxed: hyper's connection state is large and rarely needed
+                        // (tests/parking.rs measures what a connection costs).
                         let session = side.serve(io, unread, head_since, &shared, &shutdown);
                         let Some((back, rest, since)) = Box::pin(session).await else {
                             break 'conn;
@@ -214,7 +216,7 @@ pub(super) async fn serve(
             head_since = None;
             let head_only = req.method() == Method::HEAD;
             // Boxed: a request's future is a few KiB, and a parked connection's task would
-            // otherwise keep room for it.
+            // otherwise keep room for it (tests/parking.rs, bench/proxy-instructions).
             (
                 Box::pin(shared.proxy.load_full().handle(req, info, bytes.clone())),
                 head_only,

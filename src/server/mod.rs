@@ -362,7 +362,8 @@ async fn accept_loop(
                     serve_plain(stream, info, shared, shutdown).await
                 }
                 // Boxed: the handshake's state is large, and every plain
-                // connection's task would otherwise reserve room for it.
+                // connection's task would otherwise reserve room for it
+                // (tests/parking.rs measures a plain connection's cost).
                 Some(acceptor) => {
                     Box::pin(async move {
                         let handshake = acceptor.accept(stream);
@@ -414,7 +415,7 @@ async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shu
     if h2watch::PREFACE.starts_with(&head[..n]) {
         // HTTP/2, or too few bytes to tell: hyper's auto builder reads on and decides.
         // Boxed, as its state is large and every plain connection's task would
-        // otherwise reserve room for it.
+        // otherwise reserve room for it (tests/parking.rs).
         Box::pin(serve(stream, info, shared, shutdown)).await
     } else {
         h1::serve(stream, info, shared, shutdown).await

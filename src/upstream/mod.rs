@@ -327,7 +327,8 @@ impl Upstream {
     ///   GOAWAY's last stream id) is replayed on a fresh connection when its body
     ///   is replayable;
     /// - a failure on a fresh HTTP/1.1 connection is never retried.
-    // Not an `async fn`, on purpose (see the body).
+    // Not an `async fn`: an `async fn` keeps each argument and its moved-in copy in its
+    // future; this future is moved per request (bench/proxy-instructions counts it).
     #[allow(clippy::manual_async_fn)]
     fn exchange<'a>(
         &'a self,
@@ -402,7 +403,8 @@ impl Upstream {
                         // A copy is needed only where a retry after writing is allowed:
                         // HTTP/2, or an idempotent request on a reused connection. Failures
                         // on fresh HTTP/1.1 connections are final. Boxed: the future would
-                        // otherwise keep room for a second request throughout.
+                        // otherwise keep room for a second request throughout
+                        // (bench/proxy-instructions).
                         let copy = (replayable
                             && !h1_only
                             && (conn.is_h2() || (conn.reused && idempotent && replays_left > 0)))

@@ -238,7 +238,8 @@ impl Checkout<Http> {
     /// HTTP/1.1 is driven right here, in the caller's task; the response body is read
     /// through [`Reply::poll_frame`]. HTTP/2 streams go through hyper's connection
     /// task.
-    // Not an `async fn`, on purpose (see the body).
+    // Not an `async fn`: an `async fn` keeps each argument and its moved-in copy in its
+    // future; this future is moved per request (bench/proxy-instructions counts it).
     #[allow(clippy::manual_async_fn)]
     pub fn send(
         &mut self,
@@ -290,7 +291,8 @@ impl Checkout<Http> {
                             })
                     };
                     // Boxed: its state is several times the HTTP/1.1 path's, and every
-                    // request's future would otherwise reserve room for it.
+                    // request's future would otherwise reserve room for it
+                    // (bench/proxy-instructions).
                     Box::pin(async move {
                         let mut exchange = std::pin::pin!(exchange);
                         let mut deadline = deadline;

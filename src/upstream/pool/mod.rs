@@ -191,7 +191,7 @@ impl Stats {
 
 /// A sender for one connection's requests.
 pub(in crate::upstream) enum Sender<P: Protocol> {
-    /// Boxed: a TLS connection's state is large, and checkouts move.
+    /// Boxed: a TLS connection's state is large, and checkouts move (benches/pool.rs).
     H1(Box<P::H1>),
     H2(P::H2),
 }
