@@ -46,7 +46,7 @@ impl<P: Protocol> Future for Driven<P> {
     }
 }
 
-/// An HTTP/2 connection's driver task: runs hyper's connection future and retires the
+/// A shared (HTTP/2) connection's task: runs the protocol's driver and retires the
 /// connection when no stream has used it for `idle_timeout`.
 pub(super) async fn drive_h2<P: Protocol>(
     conn: Driven<P>,
@@ -55,8 +55,8 @@ pub(super) async fn drive_h2<P: Protocol>(
     shared: Arc<ConnShared>,
     idle_timeout: Duration,
 ) {
-    // hyper's connection runs in a task of its own, so the timer here is not polled on
-    // every wake of a busy connection; aborting that task drops (and closes) it.
+    // The driver runs in a task of its own, so the timer here is not polled on every
+    // wake of a busy connection; aborting that task drops (and closes) it.
     let mut conn_task = tokio::spawn(conn);
     let sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(sleep);

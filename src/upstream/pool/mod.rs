@@ -15,8 +15,10 @@
 //!   is used and the coldest ages out. On checkout a connection is verified open: a
 //!   read that must not wait finds neither the upstream's close nor a stray byte.
 //! - **Driving.** An HTTP/1.1 connection has no task: the request holding it writes and
-//!   reads it ([`super::h1`]), and while idle it is plain data on its key's list. An
-//!   HTTP/2 connection runs in hyper's connection task, watched by a driver task.
+//!   reads it (`conn::h1`), and while idle it is plain data on its key's list. An
+//!   HTTP/2 connection runs in its driver's task (`conn::h2`), watched by a task of the
+//!   pool's (`driver.rs`). What a connection is, the pool learns from [`Protocol`]: it
+//!   knows nothing of HTTP.
 //! - **Bounds.** `max_idle` (pool-wide, least recently used first) caps idle connections
 //!   at once. `max_idle_per_host` caps them within [`SURPLUS_GRACE`]: a check-in beyond it
 //!   marks the key's coldest idle connections surplus, and each is retired by its own
