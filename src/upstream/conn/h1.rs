@@ -18,21 +18,26 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, Request, Response};
 use http_body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
+use super::{Http, Reply, SendError};
 use crate::body::RequestBody;
 use crate::http1::chunked::{self, Chunk};
 use crate::http1::response::Hop;
 use crate::http1::{self, Framing};
 use crate::io::{Slot, Slots};
 use crate::upstream::connect::Stream;
+use crate::upstream::pool::{ConnShared, Inner};
 
 /// Room made for the response head (and, usually, a small body with it).
 const READ_HEAD: usize = 8 * 1024;
@@ -723,6 +728,74 @@ fn write_length(head: &mut BytesMut, n: u64) {
     head.extend_from_slice(b"content-length: ");
     head.extend_from_slice(http1::decimal(n, &mut [0; 20]));
     head.extend_from_slice(b"\r\n");
+}
+
+// ---- an exchange on a lent connection, under the response deadline ----
+
+/// When an exchange's response head is due: `deadline`, or later while a streamed
+/// request body is why it is late ([`BodyProgress::later_deadline`]).
+pub(super) struct Due {
+    pub(super) deadline: Instant,
+    pub(super) progress: Option<Arc<crate::body::BodyProgress>>,
+    pub(super) timeout: Duration,
+}
+
+/// Drives a begun HTTP/1.1 exchange to its response head, or to its deadline: the sweep
+/// marks the connection timed out and wakes this task (no timer per request).
+pub(super) async fn h1_exchange(
+    pool: &Weak<Inner<Http>>,
+    shared: &ConnShared,
+    conn: &mut H1Conn,
+    head_only: bool,
+    due: Due,
+) -> Result<http::Response<Reply>, SendError> {
+    let Some(inner) = pool.upgrade() else {
+        return Err(SendError::TimedOut);
+    };
+    let deadline_ms = inner.ms_at(due.deadline);
+    drop(inner);
+    shared.timed_out.store(false, Ordering::Relaxed);
+    shared.head_deadline.store(deadline_ms, Ordering::Relaxed);
+    let mut registered = false;
+    let result = std::future::poll_fn(|cx| {
+        if shared.timed_out.load(Ordering::Relaxed) {
+            let later = due
+                .progress
+                .as_ref()
+                .and_then(|p| p.later_deadline(due.timeout));
+            match (later, pool.upgrade()) {
+                // The client's body is why: the deadline moves, the wait goes on.
+                (Some(later), Some(inner)) => {
+                    shared.timed_out.store(false, Ordering::Relaxed);
+                    shared
+                        .head_deadline
+                        .store(inner.ms_at(later), Ordering::Relaxed);
+                }
+                // The checkout is dropped, not released: the connection closes.
+                _ => return std::task::Poll::Ready(Err(SendError::TimedOut)),
+            }
+        }
+        let polled = conn.poll_exchange(cx, head_only);
+        if polled.is_pending() {
+            shared.wake_on_deadline(cx);
+            registered = true;
+        }
+        polled.map(|r| match r {
+            Ok(resp) => Ok(resp.map(Reply::H1)),
+            Err(f) => Err(SendError::Failed {
+                error: Box::new(f.error),
+                unprocessed: f.no_response,
+                replay: f.replay,
+            }),
+        })
+    })
+    .await;
+    shared.head_deadline.store(0, Ordering::Relaxed);
+    if registered {
+        // A waker keeps its task's memory alive: an idle connection holds none.
+        shared.waiter.lock().expect("waiter lock").take();
+    }
+    result
 }
 
 #[cfg(test)]

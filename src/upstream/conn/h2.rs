@@ -94,3 +94,37 @@ pub async fn handshake(
         .map_err(|e| CheckoutError::Handshake(e.to_string()))?;
     Ok((sender, Driver { conn, exec }))
 }
+
+/// An HTTP/2 response body, and its stall timer, made when the reader first waits.
+#[derive(Debug)]
+pub struct H2Reply {
+    pub(super) body: hyper::body::Incoming,
+    pub(super) stall: Option<StallTimer>,
+}
+
+/// How long an HTTP/2 response body has waited for its next frame: armed when the
+/// reader waits, disarmed when a frame comes (HTTP/1.1 bodies use the sweep instead).
+#[derive(Debug)]
+pub struct StallTimer {
+    pub(super) sleep: Pin<Box<tokio::time::Sleep>>,
+    pub(super) armed: bool,
+}
+
+/// True when an HTTP/2 peer did not process the stream (RFC 9113 §8.7): it refused it,
+/// or it was above the GOAWAY's last stream id, or it never left hyper's queue because
+/// the connection's task ended first ("dispatch task is gone": hyper has no predicate
+/// for that one, so its message is matched).
+pub(super) fn h2_unprocessed(e: &hyper::Error) -> bool {
+    if e.is_user() && e.to_string().contains("dispatch task is gone") {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<::h2::Error>() {
+            return h2e.reason() == Some(::h2::Reason::REFUSED_STREAM)
+                || (h2e.is_go_away() && h2e.is_remote());
+        }
+        source = s.source();
+    }
+    false
+}

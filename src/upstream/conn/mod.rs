@@ -12,8 +12,8 @@ mod tests;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,10 +21,11 @@ use http_body::Frame;
 use hyper::client::conn::http2;
 use tokio::time::Instant;
 
-use super::pool::{Checkout, ConnShared, Inner, Protocol, Sender};
+use super::pool::{Checkout, Protocol, Sender};
 use crate::body::{BoxError, RequestBody};
 use crate::io::Slots;
-use h1::H1Conn;
+use h1::{Due, H1Conn, h1_exchange};
+use h2::{H2Reply, StallTimer, h2_unprocessed};
 
 /// Strait's upstream HTTP: HTTP/1.1 connections of its own, HTTP/2 through hyper.
 pub struct Http;
@@ -63,21 +64,6 @@ impl Protocol for Http {
 pub type Pool = super::pool::Pool<Http>;
 /// A connection (or an HTTP/2 stream slot) lent to one request.
 pub type Lent = Checkout<Http>;
-
-/// An HTTP/2 response body, and its stall timer, made when the reader first waits.
-#[derive(Debug)]
-pub struct H2Reply {
-    body: hyper::body::Incoming,
-    stall: Option<StallTimer>,
-}
-
-/// How long an HTTP/2 response body has waited for its next frame: armed when the
-/// reader waits, disarmed when a frame comes (HTTP/1.1 bodies use the sweep instead).
-#[derive(Debug)]
-pub struct StallTimer {
-    sleep: Pin<Box<tokio::time::Sleep>>,
-    armed: bool,
-}
 
 /// An HTTP/1.1 response body that went `read_timeout` without a byte.
 #[derive(Debug)]
@@ -357,89 +343,4 @@ impl Checkout<Http> {
             *reply = Reply::Buffered(Some(data));
         }
     }
-}
-
-/// When an exchange's response head is due: `deadline`, or later while a streamed
-/// request body is why it is late ([`BodyProgress::later_deadline`]).
-struct Due {
-    deadline: Instant,
-    progress: Option<Arc<crate::body::BodyProgress>>,
-    timeout: Duration,
-}
-
-/// Drives a begun HTTP/1.1 exchange to its response head, or to its deadline: the sweep
-/// marks the connection timed out and wakes this task (no timer per request).
-async fn h1_exchange(
-    pool: &Weak<Inner<Http>>,
-    shared: &ConnShared,
-    conn: &mut H1Conn,
-    head_only: bool,
-    due: Due,
-) -> Result<http::Response<Reply>, SendError> {
-    let Some(inner) = pool.upgrade() else {
-        return Err(SendError::TimedOut);
-    };
-    let deadline_ms = inner.ms_at(due.deadline);
-    drop(inner);
-    shared.timed_out.store(false, Ordering::Relaxed);
-    shared.head_deadline.store(deadline_ms, Ordering::Relaxed);
-    let mut registered = false;
-    let result = std::future::poll_fn(|cx| {
-        if shared.timed_out.load(Ordering::Relaxed) {
-            let later = due
-                .progress
-                .as_ref()
-                .and_then(|p| p.later_deadline(due.timeout));
-            match (later, pool.upgrade()) {
-                // The client's body is why: the deadline moves, the wait goes on.
-                (Some(later), Some(inner)) => {
-                    shared.timed_out.store(false, Ordering::Relaxed);
-                    shared
-                        .head_deadline
-                        .store(inner.ms_at(later), Ordering::Relaxed);
-                }
-                // The checkout is dropped, not released: the connection closes.
-                _ => return std::task::Poll::Ready(Err(SendError::TimedOut)),
-            }
-        }
-        let polled = conn.poll_exchange(cx, head_only);
-        if polled.is_pending() {
-            shared.wake_on_deadline(cx);
-            registered = true;
-        }
-        polled.map(|r| match r {
-            Ok(resp) => Ok(resp.map(Reply::H1)),
-            Err(f) => Err(SendError::Failed {
-                error: Box::new(f.error),
-                unprocessed: f.no_response,
-                replay: f.replay,
-            }),
-        })
-    })
-    .await;
-    shared.head_deadline.store(0, Ordering::Relaxed);
-    if registered {
-        // A waker keeps its task's memory alive: an idle connection holds none.
-        shared.waiter.lock().expect("waiter lock").take();
-    }
-    result
-}
-
-/// True when an HTTP/2 peer did not process the stream (RFC 9113 §8.7): it refused it,
-/// or it was above the GOAWAY's last stream id, or it never left hyper's queue because
-/// the connection's task ended first ("dispatch task is gone": hyper has no predicate
-/// for that one, so its message is matched).
-fn h2_unprocessed(e: &hyper::Error) -> bool {
-    if e.is_user() && e.to_string().contains("dispatch task is gone") {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2e) = s.downcast_ref::<::h2::Error>() {
-            return h2e.reason() == Some(::h2::Reason::REFUSED_STREAM)
-                || (h2e.is_go_away() && h2e.is_remote());
-        }
-        source = s.source();
-    }
-    false
 }
