@@ -65,14 +65,14 @@ impl Drop for Reopener {
 
 impl AccessLog {
     /// Starts the writer; `None` when the log is off.
-    pub fn start(cfg: &config::Log, hup: Arc<Notify>, dropped: Counter) -> Option<AccessLog> {
+    pub fn start(cfg: &config::Log, reopen_on: Arc<Notify>, dropped: Counter) -> Option<AccessLog> {
         let sink = match &cfg.access {
             config::AccessLog::Off => return None,
             config::AccessLog::Stdout => Sink::Stdout,
             config::AccessLog::File(p) => Sink::File(p.clone()),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        // SIGHUP reaches the writer as a flag it looks at every round.
+        // SIGHUP and SIGUSR1 reach the writer as a flag it looks at every round.
         let reopen = Arc::new(AtomicBool::new(false));
         std::thread::Builder::new()
             .name("strait-access-log".into())
@@ -85,7 +85,7 @@ impl AccessLog {
             let reopen = reopen.clone();
             async move {
                 loop {
-                    hup.notified().await;
+                    reopen_on.notified().await;
                     reopen.store(true, Ordering::Relaxed);
                 }
             }

@@ -23,7 +23,7 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// Validate the configuration, print the problem if any, and exit 0 (ok) or 2.
-    #[arg(long)]
+    #[arg(short = 't', long)]
     pub check: bool,
 
     /// Listen on ADDR (repeatable); replaces the config's listeners.

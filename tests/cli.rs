@@ -111,3 +111,21 @@ fn a_port_in_use_exits_1_naming_the_address() {
     assert_eq!(code, 1);
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");
 }
+
+/// `-t` is `--check` (nginx's and Pingora's habit); `-V` prints the version.
+#[test]
+fn short_check_and_version_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[timeouts]\nconnect = \"2s\"\n").unwrap();
+    let (code, out, _) = run_strait(&["-t", "-c", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[timeouts]\nconnect = \"fast\"\n").unwrap();
+    let (code, out, err) = run_strait(&["-t", "-c", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(format!("{out}{err}").contains("bad.toml:2: timeouts.connect"));
+    let (code, out, _) = run_strait(&["-V"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), format!("strait {}", env!("CARGO_PKG_VERSION")));
+}

@@ -36,6 +36,27 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     assert_eq!(strait.wait_exit(Duration::from_secs(5)).await, 0);
 }
 
+/// SIGQUIT drains as SIGTERM does (nginx's graceful quit), rather than dumping core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_drains_and_exits_0() {
+    let origin = Origin::with(|_| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        ok("finished")
+    })
+    .await;
+    let mut strait = Strait::start(&route_to(&origin.url(), ""), &[]);
+    let url = format!("{}/slow", strait.url());
+    let request = tokio::spawn(async move { curl(&[&url]).await });
+    while origin.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    strait.signal("QUIT");
+    strait.wait_for_log("SIGQUIT: draining").await;
+    let out = request.await.unwrap();
+    assert_eq!((out.status, out.text().as_str()), (200, "finished"));
+    assert_eq!(strait.wait_exit(Duration::from_secs(5)).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_on_an_idle_proxy_exits_0_at_once() {
     let mut strait = Strait::start_args(&["-l", "127.0.0.1:0"]);

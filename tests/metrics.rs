@@ -267,6 +267,43 @@ async fn every_access_log_line_is_json_with_the_fields_and_the_file_reopens_on_s
     );
 }
 
+/// SIGUSR1 (what logrotate sends nginx) reopens the access log and nothing else: the
+/// configuration is not read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_only() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"", log.display());
+    let strait = Strait::start(&config(&origin, &extra), &[]);
+    curl(&[&format!("{}/api/before", strait.url())]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    // A config that would no longer parse: a reload would say so.
+    std::fs::write(strait.dir.path().join("strait.toml"), "[nonsense\n").unwrap();
+    strait.signal("USR1");
+    strait.wait_for_log("access log reopened").await;
+    curl(&[&format!("{}/api/after", strait.url())]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(fresh.lines().count(), 1, "{fresh}");
+    assert!(fresh.contains("/api/after"));
+    assert!(
+        std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("/api/before")
+    );
+    assert!(
+        !strait
+            .logs()
+            .iter()
+            .any(|l| l.contains("SIGHUP") || l.contains("reload")),
+        "SIGUSR1 reloaded the configuration: {:#?}",
+        strait.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_combined_format_is_one_apache_style_line() {
     let origin = Origin::start().await;

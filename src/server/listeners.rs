@@ -58,6 +58,8 @@ pub(super) struct Context {
     pub shutdown: Shutdown,
     pub tasks: TaskTracker,
     pub hup: Arc<Notify>,
+    /// Woken by SIGHUP and SIGUSR1: the access log reopens its file.
+    pub reopen: Arc<Notify>,
     pub metrics: Arc<Metrics>,
 }
 

@@ -154,6 +154,7 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
     } = parts;
     let shutdown = Shutdown::new();
     let hup = Arc::new(tokio::sync::Notify::new());
+    let reopen = Arc::new(tokio::sync::Notify::new());
 
     let backlog = limit::backlog(config.limits.backlog);
     let mut bound = Vec::with_capacity(config.listen.len());
@@ -165,7 +166,11 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
         None => None,
     };
 
-    let access = AccessLog::start(&config.log, hup.clone(), metrics.access_log_dropped.clone());
+    let access = AccessLog::start(
+        &config.log,
+        reopen.clone(),
+        metrics.access_log_dropped.clone(),
+    );
     let proxy = build(&config, access.clone()).map_err(RunError::Config)?;
     let shared = Arc::new(Shared {
         proxy: ArcSwap::from_pointee(proxy),
@@ -187,6 +192,7 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         hup: hup.clone(),
+        reopen: reopen.clone(),
         metrics: metrics.clone(),
     };
     let serving: Vec<_> = bound.into_iter().map(|b| ctx.serve(b)).collect();
@@ -208,7 +214,7 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
         drop((serving, admin));
     }
 
-    let signal = shutdown::wait_for_signal(&hup).await;
+    let signal = shutdown::wait_for_signal(&hup, &reopen).await;
     shutdown.trigger();
     let grace = Duration::from_nanos(grace.load(Ordering::Relaxed));
     tracing::info!(

@@ -248,7 +248,7 @@ async fn prepare(
     } else {
         AccessLog::start(
             &next.log,
-            ctx.hup.clone(),
+            ctx.reopen.clone(),
             ctx.metrics.access_log_dropped.clone(),
         )
     };

@@ -134,20 +134,32 @@ impl Signal {
     }
 }
 
-/// Waits for SIGTERM or SIGINT and names the one that came. SIGHUP (whose default action
-/// would kill the process) wakes everything waiting on `hup`: the configuration reload,
-/// certificate reloads and the access log's reopening.
-pub async fn wait_for_signal(hup_waiters: &tokio::sync::Notify) -> &'static str {
+/// Waits for SIGTERM, SIGINT or SIGQUIT (each drains) and names the one that came.
+/// SIGHUP (whose default action would kill the process) wakes everything waiting on
+/// `hup`, the configuration reload and the certificate reloads, and reopens the access
+/// log; SIGUSR1 (what logrotate sends nginx) only reopens the access log (`reopen`).
+pub async fn wait_for_signal(
+    hup: &tokio::sync::Notify,
+    reopen: &tokio::sync::Notify,
+) -> &'static str {
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
+    let mut quit = signal(SignalKind::quit()).expect("installing a SIGQUIT handler");
+    let mut hup_signal = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
+    let mut usr1 = signal(SignalKind::user_defined1()).expect("installing a SIGUSR1 handler");
     loop {
         tokio::select! {
             _ = term.recv() => return "SIGTERM",
             _ = int.recv() => return "SIGINT",
-            _ = hup.recv() => {
+            _ = quit.recv() => return "SIGQUIT",
+            _ = hup_signal.recv() => {
                 tracing::info!("SIGHUP: reloading");
-                hup_waiters.notify_waiters();
+                hup.notify_waiters();
+                reopen.notify_waiters();
+            }
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: reopening the access log");
+                reopen.notify_waiters();
             }
         }
     }
