@@ -28,7 +28,7 @@ pub struct Cli {
 
     /// Listen on ADDR (repeatable); replaces the config's listeners.
     #[arg(short, long = "listen", value_name = "ADDR")]
-    pub listen: Vec<std::net::SocketAddr>,
+    pub listen: Vec<crate::config::ListenAddrs>,
 
     /// Forward-proxy Basic auth user NAME:PASS (repeatable).
     #[arg(short, long = "user", value_name = "NAME:PASS")]
@@ -66,7 +66,7 @@ impl Cli {
             config.listen = self
                 .listen
                 .iter()
-                .map(|&addr| Listen { addr, tls: None })
+                .flat_map(|a| a.0.iter().map(|&addr| Listen { addr, tls: None }))
                 .collect();
         }
         config.forward.users.extend(self.user.iter().cloned());

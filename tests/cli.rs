@@ -129,3 +129,47 @@ fn short_check_and_version_flags() {
     assert_eq!(code, 0);
     assert_eq!(out.trim(), format!("strait {}", env!("CARGO_PKG_VERSION")));
 }
+
+/// `-l :PORT` listens on every IPv4 interface; `-l NAME:PORT` binds every address the
+/// name resolves to (resolved once, at start); a bad one is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_addresses_take_a_bare_port_and_a_name() {
+    let strait = Strait::start_args(&["-l", ":0"]);
+    assert!(
+        strait
+            .addrs
+            .iter()
+            .all(|a| a.ip().is_unspecified() && a.is_ipv4()),
+        "{:?}",
+        strait.addrs
+    );
+    let port = strait.addr().port();
+    let out = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://127.0.0.1:{port}/"),
+    ])
+    .await;
+    assert_eq!(out.status, 404);
+    drop(strait);
+
+    let strait = Strait::start_args(&["-l", "localhost:0"]);
+    assert!(!strait.addrs.is_empty());
+    assert!(
+        strait.addrs.iter().all(|a| a.ip().is_loopback()),
+        "{:?}",
+        strait.addrs
+    );
+
+    let (code, _, err) = run_strait(&["--check", "-l", "no such host:80"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid listen address"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.toml");
+    std::fs::write(&file, "[[listen]]\naddr = \":8080\"\n").unwrap();
+    let (code, out, err) = run_strait(&["--check", "-c", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+}

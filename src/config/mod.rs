@@ -23,7 +23,9 @@ use load::line_of_key;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "default_listeners")]
+    /// One entry per address bound: a `[[listen]]` whose `addr` is a name resolving
+    /// to several addresses becomes one entry for each.
+    #[serde(default = "default_listeners", deserialize_with = "de_listeners")]
     pub listen: Vec<Listen>,
     #[serde(default)]
     pub forward: Forward,
@@ -78,6 +80,70 @@ pub struct Listen {
     pub addr: SocketAddr,
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+}
+
+/// `[[listen]]` as written: `addr` not yet resolved.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenAs {
+    addr: ListenAddrs,
+    #[serde(default)]
+    tls: Option<TlsFiles>,
+}
+
+fn de_listeners<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Listen>, D::Error> {
+    let written = Vec::<ListenAs>::deserialize(d)?;
+    Ok(written
+        .into_iter()
+        .flat_map(|l| {
+            let tls = l.tls;
+            l.addr.0.into_iter().map(move |addr| Listen {
+                addr,
+                tls: tls.clone(),
+            })
+        })
+        .collect())
+}
+
+/// The addresses a listen address names: `IP:PORT`, `[v6]:PORT`, `:PORT` (every IPv4
+/// interface, as nginx's `listen PORT`), or `NAME:PORT`, resolved once, at start
+/// (every address it resolves to is bound).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddrs(pub Vec<SocketAddr>);
+
+impl std::str::FromStr for ListenAddrs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid listen address {s:?}: expected IP:PORT, [IPv6]:PORT, :PORT or NAME:PORT"
+            )
+        };
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddrs(vec![addr]));
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() {
+            return Ok(ListenAddrs(vec![SocketAddr::from(([0, 0, 0, 0], port))]));
+        }
+        if host.starts_with('[')
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(bad());
+        }
+        let mut addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+            .map_err(|e| format!("cannot resolve listen address {s:?}: {e}"))?
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return Err(format!("listen address {s:?} resolves to no address"));
+        }
+        Ok(ListenAddrs(addrs))
+    }
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -648,7 +714,15 @@ macro_rules! deserialize_from_str {
         }
     )*};
 }
-deserialize_from_str!(User, Cidr, HostPattern, PathPrefix, ProbePath, UpstreamUrl);
+deserialize_from_str!(
+    User,
+    Cidr,
+    HostPattern,
+    PathPrefix,
+    ProbePath,
+    UpstreamUrl,
+    ListenAddrs
+);
 
 impl<'de> Deserialize<'de> for Upstreams {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
