@@ -173,3 +173,26 @@ async fn listen_addresses_take_a_bare_port_and_a_name() {
     let (code, out, err) = run_strait(&["--check", "-c", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// The configuration shipped in deploy/kubernetes/configmap.yaml passes `--check`.
+#[test]
+fn the_kubernetes_configmap_holds_a_valid_config() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/configmap.yaml"
+    ))
+    .unwrap();
+    let toml: String = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "strait.toml: |")
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(toml.contains("[[listen]]"), "{toml}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("strait.toml");
+    std::fs::write(&file, toml).unwrap();
+    let (code, out, err) = run_strait(&["--check", "-c", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+}
