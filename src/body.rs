@@ -181,9 +181,9 @@ impl std::error::Error for BodyTooLarge {}
 
 /// A request body that stalled for `timeouts.body_read`.
 #[derive(Debug)]
-pub struct BodyStalled(pub Duration);
+pub struct ClientBodyStalled(pub Duration);
 
-impl std::fmt::Display for BodyStalled {
+impl std::fmt::Display for ClientBodyStalled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
@@ -193,7 +193,7 @@ impl std::fmt::Display for BodyStalled {
     }
 }
 
-impl std::error::Error for BodyStalled {}
+impl std::error::Error for ClientBodyStalled {}
 
 impl ClientBody {
     /// Puts `max` (bytes; 0 = none) and `within` (the longest wait for the client's
@@ -299,7 +299,7 @@ impl Checks {
                         progress
                             .cut
                             .store(BodyProgress::TIMED_OUT, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(Box::new(BodyStalled(within)))));
+                        return Poll::Ready(Some(Err(Box::new(ClientBodyStalled(within)))));
                     }
                     // A later wait than the one the timer was armed for.
                     timer.reset(due);

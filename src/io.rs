@@ -147,13 +147,13 @@ impl<T> IdleTimeoutIo<T> {
     /// Ready once nothing has moved for the timeout: for a caller that waits on the
     /// stream's readiness itself rather than reading through this wrapper.
     pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        self.limits()
+        self.limit()
             .check(&mut self.sleep, self.last_active, cx)
             .map(|_| ())
     }
 
-    fn limits(&self) -> Limits {
-        Limits::of(self.between, self.timeout, self.keepalive)
+    fn limit(&self) -> IdleLimit {
+        IdleLimit::of(self.between, self.timeout, self.keepalive)
     }
 }
 
@@ -218,14 +218,14 @@ impl std::fmt::Debug for LazySleep {
 
 /// The idle limit that holds now, and the furthest the timer is armed ahead.
 #[derive(Clone, Copy)]
-struct Limits {
+struct IdleLimit {
     now: Duration,
     arm: Duration,
 }
 
-impl Limits {
-    fn of(between: bool, timeout: Duration, keepalive: Duration) -> Limits {
-        Limits {
+impl IdleLimit {
+    fn of(between: bool, timeout: Duration, keepalive: Duration) -> IdleLimit {
+        IdleLimit {
             now: if between { keepalive } else { timeout },
             arm: keepalive,
         }
@@ -272,7 +272,7 @@ impl<T: AsyncRead> AsyncRead for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => Limits::of(*this.between, *this.timeout, *this.keepalive)
+            Poll::Pending => IdleLimit::of(*this.between, *this.timeout, *this.keepalive)
                 .check(this.sleep, *this.last_active, cx)
                 .map(Err),
         }
@@ -293,7 +293,7 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => Limits::of(*this.between, *this.timeout, *this.keepalive)
+            Poll::Pending => IdleLimit::of(*this.between, *this.timeout, *this.keepalive)
                 .check(this.sleep, *this.last_active, cx)
                 .map(Err),
         }
@@ -312,7 +312,7 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeoutIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => Limits::of(*this.between, *this.timeout, *this.keepalive)
+            Poll::Pending => IdleLimit::of(*this.between, *this.timeout, *this.keepalive)
                 .check(this.sleep, *this.last_active, cx)
                 .map(Err),
         }

@@ -36,18 +36,23 @@ async fn goaway_then_close(s: &mut TcpStream, within: Duration) -> (Option<u32>,
             Err(_) => break false,
         }
     };
+    (last_goaway(&all), closed)
+}
+
+/// The error code of the last GOAWAY among HTTP/2 frames, if any.
+fn last_goaway(frames: &[u8]) -> Option<u32> {
     let mut code = None;
     let mut at = 0;
-    while at + 9 <= all.len() {
-        let len = u32::from_be_bytes([0, all[at], all[at + 1], all[at + 2]]) as usize;
-        if all[at + 3] == 0x7 && at + 9 + 8 <= all.len() {
+    while at + 9 <= frames.len() {
+        let len = u32::from_be_bytes([0, frames[at], frames[at + 1], frames[at + 2]]) as usize;
+        if frames[at + 3] == 0x7 && at + 17 <= frames.len() {
             code = Some(u32::from_be_bytes(
-                all[at + 13..at + 17].try_into().unwrap(),
+                frames[at + 13..at + 17].try_into().unwrap(),
             ));
         }
         at += 9 + len;
     }
-    (code, closed)
+    code
 }
 
 /// 1. An HTTP/2 preface sent a byte at a time ends at `header_read`, as a trickled
@@ -582,19 +587,8 @@ async fn settings_and_ping_floods_end_the_connection() {
             all
         };
         let ((), all) = tokio::join!(write, read);
-        let mut code = None;
-        let mut at = 0;
-        while at + 9 <= all.len() {
-            let len = u32::from_be_bytes([0, all[at], all[at + 1], all[at + 2]]) as usize;
-            if all[at + 3] == 0x7 && at + 17 <= all.len() {
-                code = Some(u32::from_be_bytes(
-                    all[at + 13..at + 17].try_into().unwrap(),
-                ));
-            }
-            at += 9 + len;
-        }
         assert_eq!(
-            code,
+            last_goaway(&all),
             Some(0xb),
             "frame type {kind:#x}: no ENHANCE_YOUR_CALM"
         );
@@ -777,4 +771,33 @@ async fn self_dependent_streams_are_bounded_like_resets() {
     let ((), _) = tokio::join!(write, read);
     let upstream = origin.seen().len();
     assert!(upstream < 100, "{upstream} upstream requests");
+}
+
+/// A body refused for its length is never read as requests: with exact bytes, a
+/// request smuggled in an over-long body (by `Content-Length`, and after the chunk that
+/// passes the limit) gets no answer and never reaches the origin; the connection closes
+/// after the one 413.
+#[tokio::test]
+async fn a_body_refused_for_its_length_smuggles_nothing() {
+    let origin = Origin::start().await;
+    let strait = Strait::start(&route_to(&origin.url(), "[limits]\nmax_body = 64"), &[]);
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let padding = "x".repeat(100 - smuggled.len());
+    let by_length =
+        format!("POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{padding}{smuggled}");
+    let chunked = format!(
+        "POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+         50\r\n{}\r\n0\r\n\r\n{smuggled}",
+        "y".repeat(0x50)
+    );
+    for bytes in [by_length, chunked] {
+        let got = raw_exchange(strait.addr(), bytes.as_bytes(), Duration::from_secs(3)).await;
+        assert!(got.starts_with("HTTP/1.1 413 "), "{got}");
+        assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "{got}");
+    }
+    assert!(
+        origin.seen().iter().all(|s| !s.uri.contains("smuggled")),
+        "{:?}",
+        origin.seen()
+    );
 }
