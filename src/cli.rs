@@ -90,6 +90,13 @@ impl Cli {
             }
             e
         })?;
+        config.check_exposure().map_err(|e| match &self.config {
+            Some(path) if self.listen.is_empty() => e.in_file(path),
+            _ => ConfigError {
+                key: Some("--listen".to_owned()),
+                ..e
+            },
+        })?;
         Ok(config)
     }
 }

@@ -134,7 +134,8 @@ fn short_check_and_version_flags() {
 /// name resolves to (resolved once, at start); a bad one is refused with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_addresses_take_a_bare_port_and_a_name() {
-    let strait = Strait::start_args(&["-l", ":0"]);
+    // On every interface a forward proxy needs users (or allow_clients, or open = true).
+    let strait = Strait::start_args(&["-l", ":0", "-u", "a:b"]);
     assert!(
         strait
             .addrs
@@ -169,7 +170,11 @@ async fn listen_addresses_take_a_bare_port_and_a_name() {
     assert!(err.contains("invalid listen address"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("s.toml");
-    std::fs::write(&file, "[[listen]]\naddr = \":8080\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \":8080\"\n[forward]\nallow_clients = [\"10.0.0.0/8\"]\n",
+    )
+    .unwrap();
     let (code, out, err) = run_strait(&["--check", "-c", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
 }

@@ -26,8 +26,17 @@ impl ConfigError {
         }
     }
 
-    fn at(mut self, key: impl Into<String>) -> Self {
+    pub(crate) fn at(mut self, key: impl Into<String>) -> Self {
         self.key = Some(key.into());
+        self
+    }
+
+    /// Names the config file and, when the key is found in it, the line.
+    pub fn in_file(mut self, path: &Path) -> Self {
+        if let (Some(key), Ok(text)) = (&self.key, std::fs::read_to_string(path)) {
+            self.line = line_of_key(&text, key);
+        }
+        self.file = Some(path.to_owned());
         self
     }
 }
@@ -197,6 +206,40 @@ impl Config {
             .at("admin.addr"));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Refuses a forward proxy that anyone who reaches it could use: forwarding on, a
+    /// listener on an address other than loopback, and neither users nor
+    /// `allow_clients`, unless `[forward] open = true` says that is meant. Checked on
+    /// the config with the command line's flags applied (`-u` adds users).
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        let f = &self.forward;
+        if !f.enabled || f.open || !f.users.is_empty() || !f.allow_clients.is_empty() {
+            return Ok(());
+        }
+        let exposed = self.listen.iter().position(|l| {
+            let ip = match l.addr.ip() {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map(std::net::IpAddr::V4)
+                    .unwrap_or(std::net::IpAddr::V6(v6)),
+                v4 => v4,
+            };
+            !ip.is_loopback()
+        });
+        match exposed {
+            None => Ok(()),
+            Some(i) => Err(ConfigError::new(format!(
+                "{} is reachable from other hosts and the forward proxy has no users and no \
+                 allow_clients: anyone who reaches it could use it. Set [forward] users (or \
+                 users_file) or [forward] allow_clients, or [forward] open = true if an \
+                 open proxy is meant ([forward] enabled = false for a reverse proxy only)",
+                self.listen[i].addr
+            ))
+            .at(format!("listen[{i}].addr"))),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use super::Body;
 use super::auth::Auth;
 use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response, upgrade};
 use crate::body::RequestBody;
-use crate::config::{self, Cidr, Scheme, Version};
+use crate::config::{self, AddrRule, DomainRules, Scheme, Version};
 use crate::metrics::{Kind, Label};
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
 
@@ -22,7 +22,11 @@ pub struct ForwardPolicy {
     pub auth: Option<Auth>,
     pub hide: bool,
     pub connect_ports: Vec<u16>,
-    pub deny: Arc<[Cidr]>,
+    pub deny: Arc<[AddrRule]>,
+    /// Client addresses that may use the forward proxy; empty = any.
+    pub allow_clients: Vec<AddrRule>,
+    pub allow_domains: DomainRules,
+    pub deny_domains: DomainRules,
     /// Connections for forwarded requests; every target shares this one profile.
     pub profile: Arc<Profile>,
     /// The same over HTTP/1.1 only, for requests that switch protocols.
@@ -47,7 +51,7 @@ impl ForwardPolicy {
         timeouts: &config::Timeouts,
         upstream: &Upstream,
     ) -> Result<Self, String> {
-        let deny: Arc<[Cidr]> = cfg.deny_targets.clone().into();
+        let deny: Arc<[AddrRule]> = cfg.deny_targets.clone().into();
         let tls = TlsSettings::new(Version::Auto, None, None, false)?;
         let profile = upstream.profile(ProfileSettings {
             version: Version::Auto,
@@ -62,9 +66,46 @@ impl ForwardPolicy {
             auth: Auth::new(&cfg.users),
             hide: cfg.hide,
             connect_ports: cfg.connect_ports.clone(),
+            allow_clients: cfg.allow_clients.clone(),
+            allow_domains: cfg.allow_domains.clone(),
+            deny_domains: cfg.deny_domains.clone(),
             deny,
             profile,
         })
+    }
+
+    /// Refuses a client outside `allow_clients`, before any credentials are asked for.
+    pub fn admit_client(&self, client: std::net::IpAddr) -> Result<(), Refusal> {
+        if self.allow_clients.is_empty()
+            || self.allow_clients.iter().any(|r| r.covers_client(client))
+        {
+            return Ok(());
+        }
+        Err(Refusal::Denied(
+            "this client's address is not in allow_clients".into(),
+        ))
+    }
+
+    /// Refuses a target host by name, before DNS: `deny_domains` first, then
+    /// `allow_domains` (an address is no name, so an allow list refuses it). A host
+    /// that ends in a number but spells no address is a bad request.
+    pub fn admit_host(&self, host: &str) -> Result<(), Refusal> {
+        let literal = config::host_ip(host)
+            .map_err(|()| Refusal::BadRequest(format!("{host:?} is not a valid address")))?;
+        if literal.is_none()
+            && let Some(rule) = self.deny_domains.find(host)
+        {
+            return Err(Refusal::Denied(format!(
+                "{host} is in deny_domains ({rule:?})"
+            )));
+        }
+        if self.allow_domains.is_empty() {
+            return Ok(());
+        }
+        match literal {
+            None if self.allow_domains.find(host).is_some() => Ok(()),
+            _ => Err(Refusal::Denied(format!("{host} is not in allow_domains"))),
+        }
     }
 
     pub fn check(&self, req_headers: &http::HeaderMap) -> Access {
@@ -92,6 +133,12 @@ impl Proxy {
             .as_ref()
             .expect("forward requests need [forward]");
         meta.kind = Kind::Forward;
+        if let Err(refusal) = policy.admit_client(conn.peer.ip()) {
+            if policy.hide {
+                return self.reverse(req, conn, meta).await;
+            }
+            return Err(refusal);
+        }
         match policy.check(req.headers()) {
             Access::Granted(user) => {
                 if let Some(user) = user {
@@ -109,6 +156,7 @@ impl Proxy {
         };
         let authority = target_authority(req.uri(), scheme)
             .ok_or_else(|| Refusal::BadRequest("absolute URI without a host".into()))?;
+        policy.admit_host(req.uri().host().unwrap_or_default())?;
         let host = HeaderValue::from_str(&authority)
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
 

@@ -477,7 +477,8 @@ pub enum Refusal {
     /// 400 or 501: the head's framing fields refuse it (`http1::framing`); the
     /// connection closes after the answer, as where its body ends is in doubt.
     Framing(Refused),
-    /// 403: `deny_targets` or `connect_ports` forbid the target.
+    /// 403: a `[forward]` rule refuses the client or the target; the text names the
+    /// rule, and is the body's.
     Denied(String),
     /// 404: no route takes the request.
     NoRoute,
@@ -503,8 +504,11 @@ impl Refusal {
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            Refusal::Upstream(UpstreamError::Connect(ConnectError::Denied(_))) => {
+            Refusal::Upstream(UpstreamError::Connect(ConnectError::Denied(..))) => {
                 StatusCode::FORBIDDEN
+            }
+            Refusal::Upstream(UpstreamError::Connect(ConnectError::BadAddress(_))) => {
+                StatusCode::BAD_REQUEST
             }
             Refusal::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Upstream(UpstreamError::Exhausted) => StatusCode::SERVICE_UNAVAILABLE,
@@ -517,14 +521,21 @@ impl Refusal {
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         let body = match &self {
-            Refusal::BadRequest(_) | Refusal::Upstream(UpstreamError::ClientBody(_)) => {
+            Refusal::BadRequest(_)
+            | Refusal::Upstream(UpstreamError::ClientBody(_))
+            | Refusal::Upstream(UpstreamError::Connect(ConnectError::BadAddress(_))) => {
                 "400 bad request\n"
             }
-            Refusal::Denied(_)
-            | Refusal::Upstream(UpstreamError::Connect(ConnectError::Denied(_))) => {
-                "403 forbidden: the target address is blocked by the [forward] deny_targets \
-                 setting (or not in connect_ports); change deny_targets (deny_targets = [] \
-                 allows all) to allow it\n"
+            // The rule that refused, as the config writes it: what a user asks their
+            // administrator about.
+            Refusal::Denied(why) => {
+                return text_response(status, format!("403 forbidden: {why}\n"));
+            }
+            Refusal::Upstream(UpstreamError::Connect(ConnectError::Denied(_, rule))) => {
+                return text_response(
+                    status,
+                    format!("403 forbidden: the target address is in deny_targets ({rule:?})\n"),
+                );
             }
             Refusal::Framing(r) if r.status == StatusCode::NOT_IMPLEMENTED => {
                 "501 not implemented\n"
@@ -538,13 +549,8 @@ impl Refusal {
             Refusal::Upstream(UpstreamError::Exhausted) => "503 service unavailable\n",
             Refusal::Upstream(_) => "502 bad gateway\n",
         };
-        let mut resp = Response::new(Body::text(body));
-        *resp.status_mut() = status;
+        let mut resp = text_response(status, body);
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
         if let Refusal::Framing(_) | Refusal::BodyLimit(..) = self {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -568,7 +574,7 @@ impl Refusal {
                 tracing::info!(%client, %method, %uri, status, "bad request: {}", r.why)
             }
             Refusal::Denied(why) => {
-                tracing::info!(%client, %method, %uri, status, "target denied: {why}")
+                tracing::info!(%client, %method, %uri, status, "denied: {why}")
             }
             Refusal::NoRoute => tracing::info!(%client, %method, %uri, status, "no route"),
             Refusal::AuthRequired => {
@@ -580,14 +586,27 @@ impl Refusal {
             Refusal::BodyLimit(_, why) => {
                 tracing::info!(%client, %method, %uri, status, "client failed: {why}")
             }
-            Refusal::Upstream(e @ UpstreamError::Connect(ConnectError::Denied(_))) => {
-                tracing::info!(%client, %method, %uri, status, "target denied: {e}")
+            Refusal::Upstream(
+                e @ UpstreamError::Connect(ConnectError::Denied(..) | ConnectError::BadAddress(_)),
+            ) => {
+                tracing::info!(%client, %method, %uri, status, "denied: {e}")
             }
             Refusal::Upstream(e) => {
                 tracing::warn!(%client, %method, %uri, status, "upstream failed: {e}")
             }
         }
     }
+}
+
+/// A short plain-text answer.
+fn text_response(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Body::Full(Some(body.into())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }
 
 impl From<UpstreamError> for Refusal {

@@ -31,6 +31,14 @@ impl Proxy {
                 "CONNECT with forward proxying off".into(),
             ));
         };
+        if let Err(refusal) = policy.admit_client(conn.peer.ip()) {
+            if policy.hide {
+                return Err(Refusal::BadRequest(
+                    "CONNECT from outside allow_clients".into(),
+                ));
+            }
+            return Err(refusal);
+        }
         match policy.check(req.headers()) {
             Access::Granted(user) => {
                 if let Some(user) = user {
@@ -63,6 +71,7 @@ impl Proxy {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
+        policy.admit_host(authority.host())?;
         let target: Arc<str> = Arc::from(authority.as_str());
         meta.upstream = Some(target.clone());
         if !policy.connect_ports.is_empty() && !policy.connect_ports.contains(&port) {

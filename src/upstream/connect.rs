@@ -20,13 +20,16 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{Cidr, Version};
+use crate::config::{AddrRule, Version};
 
 /// Why a connection could not be opened. None of these sent a request byte.
 #[derive(Debug, Clone)]
 pub enum ConnectError {
-    /// Every address the target resolved to is in `deny_targets`.
-    Denied(IpAddr),
+    /// Every address the target resolved to is in `deny_targets`: the first such
+    /// address and the rule (as written) that covers it.
+    Denied(IpAddr, Arc<str>),
+    /// The host ends in a number but is no IPv4 address (`256.1`, `1.2.3.4.5`).
+    BadAddress(String),
     /// The name did not resolve.
     Resolve(String, Arc<io::Error>),
     /// No address accepted the connection.
@@ -40,7 +43,10 @@ pub enum ConnectError {
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConnectError::Denied(ip) => write!(f, "target address {ip} is in deny_targets"),
+            ConnectError::Denied(ip, rule) => {
+                write!(f, "target address {ip} is in deny_targets ({rule:?})")
+            }
+            ConnectError::BadAddress(host) => write!(f, "{host:?} is not a valid address"),
             ConnectError::Resolve(host, e) => write!(f, "cannot resolve {host}: {e}"),
             ConnectError::Refused(addr, e) => write!(f, "cannot connect to {addr}: {e}"),
             ConnectError::TimedOut(host) => write!(f, "connecting to {host} timed out"),
@@ -55,13 +61,17 @@ impl std::error::Error for ConnectError {}
 pub async fn connect_tcp(
     host: &str,
     port: u16,
-    deny: &[Cidr],
+    deny: &[AddrRule],
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let attempt = async {
-        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((host, port))
+        // An address in any spelling is connected to as the address it spells, never
+        // looked up as a name.
+        let literal =
+            crate::config::host_ip(host).map_err(|()| ConnectError::BadAddress(host.to_owned()))?;
+        let addrs: Vec<SocketAddr> = match literal {
+            Some(ip) => vec![SocketAddr::new(ip, port)],
+            None => tokio::net::lookup_host((host, port))
                 .await
                 .map_err(|e| ConnectError::Resolve(host.to_owned(), Arc::new(e)))?
                 .collect(),
@@ -69,21 +79,23 @@ pub async fn connect_tcp(
         let mut denied = None;
         let allowed: Vec<SocketAddr> = addrs
             .into_iter()
-            .filter(|addr| {
-                let deny = deny.iter().any(|c| c.contains(addr.ip()));
-                if deny {
-                    denied.get_or_insert(addr.ip());
+            .filter(|addr| match crate::config::denied_by(deny, addr.ip()) {
+                Some(rule) => {
+                    denied.get_or_insert((addr.ip(), rule.written.clone()));
+                    false
                 }
-                !deny
+                None => true,
             })
             .collect();
         if allowed.is_empty() {
-            return Err(denied.map(ConnectError::Denied).unwrap_or_else(|| {
-                ConnectError::Resolve(
-                    host.to_owned(),
-                    Arc::new(io::Error::new(io::ErrorKind::NotFound, "no addresses")),
-                )
-            }));
+            return Err(denied
+                .map(|(ip, rule)| ConnectError::Denied(ip, rule))
+                .unwrap_or_else(|| {
+                    ConnectError::Resolve(
+                        host.to_owned(),
+                        Arc::new(io::Error::new(io::ErrorKind::NotFound, "no addresses")),
+                    )
+                }));
         }
         let stream = connect_first(interleave_families(allowed)).await?;
         // Requests are written whole; waiting for more bytes only adds latency.

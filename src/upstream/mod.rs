@@ -30,7 +30,7 @@ use http_body_util::BodyExt;
 
 use crate::body::BoxError;
 use crate::body::RequestBody;
-use crate::config::{self, Cidr, Scheme, Version};
+use crate::config::{self, AddrRule, Scheme, Version};
 use crate::http1::list_has;
 use conn::{Lent, Pool, Reply, SendError, h1};
 pub use connect::{ConnectError, TlsSettings};
@@ -46,7 +46,7 @@ pub struct Profile {
     id: u32,
     version: Version,
     tls: Option<TlsSettings>,
-    deny: Arc<[Cidr]>,
+    deny: Arc<[AddrRule]>,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
@@ -79,7 +79,7 @@ pub struct ProfileSettings {
     /// Used for `https` targets; `None` refuses them.
     pub tls: Option<TlsSettings>,
     /// Addresses never connected to (checked after resolution).
-    pub deny: Arc<[Cidr]>,
+    pub deny: Arc<[AddrRule]>,
     /// `timeouts.connect`.
     pub connect_timeout: Duration,
     /// A route's own `upstream_response`, or `timeouts.upstream_response`.
@@ -248,7 +248,6 @@ impl Upstream {
         self.pool.has_room(target)
     }
 
-    /// The pool's counters and gauges.
     /// A TCP connection for a CONNECT tunnel to `host:port`, under `profile`'s address
     /// policy and connect timeout (the proxy opens no socket itself).
     pub async fn open_tunnel(
@@ -260,6 +259,7 @@ impl Upstream {
         connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await
     }
 
+    /// The pool's counters and gauges.
     pub fn stats(&self) -> &Arc<pool::Stats> {
         self.pool.stats()
     }
