@@ -60,6 +60,7 @@ impl StraitSide {
             version,
             tls: None,
             deny: Vec::new().into(),
+            via: None,
             connect_timeout: timeouts.connect,
             response_timeout: timeouts.upstream_response,
         });

@@ -143,6 +143,7 @@ fn parse_quick_route(spec: &str) -> Result<RouteConfig, ConfigError> {
         tls_server_name: None,
         tls_insecure: false,
         max_body: None,
+        via: None,
     })
 }
 

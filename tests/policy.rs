@@ -22,8 +22,7 @@ async fn get_via(strait: &Strait, authority: &str) -> String {
 /// Sends one CONNECT for `authority` and returns the raw reply head.
 async fn connect_via(strait: &Strait, authority: &str) -> String {
     let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
-    let reply = raw_exchange(strait.addr(), req.as_bytes(), Duration::from_millis(1500)).await;
-    reply
+    raw_exchange(strait.addr(), req.as_bytes(), Duration::from_millis(1500)).await
 }
 
 fn status(reply: &str) -> u16 {

@@ -174,6 +174,10 @@ pub struct Forward {
     pub allow_domains: DomainRules,
     /// Names the proxy refuses, checked before DNS; wins over `allow_domains`.
     pub deny_domains: DomainRules,
+    /// Another proxy every forward request goes through, but for `direct_domains`.
+    pub parent: Option<ProxyUrl>,
+    /// Names that bypass `parent`.
+    pub direct_domains: DomainRules,
     /// Request body limit for forward requests; overrides `limits.max_body` when set.
     pub max_body: Option<Size>,
 }
@@ -193,6 +197,8 @@ impl Default for Forward {
             open: false,
             allow_domains: DomainRules::default(),
             deny_domains: DomainRules::default(),
+            parent: None,
+            direct_domains: DomainRules::default(),
             max_body: None,
         }
     }
@@ -262,6 +268,9 @@ pub struct RouteConfig {
     /// This route's request body limit; overrides `limits.max_body` when set.
     #[serde(default)]
     pub max_body: Option<Size>,
+    /// A proxy this route's upstreams are reached through.
+    #[serde(default)]
+    pub via: Option<ProxyUrl>,
 }
 
 impl RouteConfig {
@@ -387,6 +396,81 @@ impl Scheme {
             Scheme::Https => 443,
         }
     }
+}
+
+/// Another proxy to go through: `http://[user:pass@]host:port` or `https://...`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    /// `host:port`, as log lines name the hop.
+    pub authority: String,
+    /// Basic credentials for the proxy, percent-decoded.
+    pub user: Option<(String, String)>,
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The password never reaches a log or an error.
+        write!(f, "ProxyUrl({}://{})", self.scheme.as_str(), self.authority)
+    }
+}
+
+impl std::str::FromStr for ProxyUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!("invalid proxy URL: {why} (expected like \"http://user:pass@proxy.corp:3128\")")
+        };
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| bad("the scheme must be http or https"))?;
+        let (user, hostport) = match rest.rsplit_once('@') {
+            Some((info, hostport)) => {
+                let (name, pass) = info.split_once(':').unwrap_or((info, ""));
+                let decode = |t: &str| {
+                    percent_decode(t).ok_or_else(|| bad("the user info has a bad %-escape"))
+                };
+                (Some((decode(name)?, decode(pass)?)), hostport)
+            }
+            None => (None, rest),
+        };
+        let hostport = hostport.strip_suffix('/').unwrap_or(hostport);
+        let url: UpstreamUrl = format!("{scheme}://{hostport}")
+            .parse()
+            .map_err(|_| bad("the scheme, host or port is malformed"))?;
+        if url.path.is_some() {
+            return Err(bad("a path is not allowed"));
+        }
+        let authority = if url.host.contains(':') {
+            format!("[{}]:{}", url.host, url.port)
+        } else {
+            format!("{}:{}", url.host, url.port)
+        };
+        Ok(ProxyUrl {
+            scheme: url.scheme,
+            host: url.host,
+            port: url.port,
+            authority,
+            user,
+        })
+    }
+}
+
+/// `%XX` escapes decoded; `None` for a bad escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// One upstream URL, split once at load time.
@@ -705,7 +789,8 @@ deserialize_from_str!(
     PathPrefix,
     ProbePath,
     UpstreamUrl,
-    ListenAddrs
+    ListenAddrs,
+    ProxyUrl
 );
 
 impl<'de> Deserialize<'de> for Upstreams {
@@ -801,6 +886,32 @@ mod tests {
         e.line = e.key.as_deref().and_then(|k| line_of_key(text, k));
         assert_eq!(e.key.as_deref(), Some("route[1].upstream"));
         assert_eq!(e.line, Some(7));
+    }
+
+    #[test]
+    fn proxy_urls_take_credentials_and_never_show_them() {
+        let u: ProxyUrl = "http://corp:p%40ss%20w@proxy.corp:3128".parse().unwrap();
+        assert_eq!(u.authority, "proxy.corp:3128");
+        assert_eq!(u.user, Some(("corp".into(), "p@ss w".into())));
+        assert!(!format!("{u:?}").contains("ss"), "{u:?}");
+        let u: ProxyUrl = "https://[::1]/".parse().unwrap();
+        assert_eq!(
+            (u.authority.as_str(), u.scheme),
+            ("[::1]:443", Scheme::Https)
+        );
+        for bad in [
+            "proxy:3128",
+            "socks5://p:1080",
+            "http://p:3128/path",
+            "http://u:%zz@p:1",
+        ] {
+            assert!(bad.parse::<ProxyUrl>().is_err(), "{bad}");
+        }
+        let e = Config::parse("[forward]\nparent = \"ftp://x\"\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("forward.parent"))
+        );
     }
 
     #[test]

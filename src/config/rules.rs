@@ -136,16 +136,20 @@ pub fn denied_by(rules: &[AddrRule], ip: IpAddr) -> Option<&AddrRule> {
     rules.iter().find(|r| r.covers_target(ip))
 }
 
+/// A host that ends in a number but spells no address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadAddress;
+
 /// A request's host read as an address, the way browsers and `getaddrinfo` read it:
 /// an IPv6 literal in brackets, or IPv4 in any of inet_aton's spellings (`127.1`,
 /// `0x7f000001`, `2130706433`, `0177.0.0.1`). `Ok(None)` for a name; `Err` for a host
 /// that ends in a number but is no valid address (WHATWG URL: an invalid host).
-pub fn host_ip(host: &str) -> Result<Option<IpAddr>, ()> {
+pub fn host_ip(host: &str) -> Result<Option<IpAddr>, BadAddress> {
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         return inner
             .parse::<Ipv6Addr>()
             .map(|a| Some(IpAddr::V6(a)))
-            .map_err(drop);
+            .map_err(|_| BadAddress);
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(Some(ip));
@@ -157,15 +161,15 @@ pub fn host_ip(host: &str) -> Result<Option<IpAddr>, ()> {
         return Ok(None);
     }
     if parts.len() > 4 {
-        return Err(());
+        return Err(BadAddress);
     }
     let mut numbers = Vec::with_capacity(parts.len());
     for p in &parts {
-        numbers.push(number(p).ok_or(())?);
+        numbers.push(number(p).ok_or(BadAddress)?);
     }
     let (last, first) = numbers.split_last().expect("at least one part");
     if first.iter().any(|&n| n > 255) || *last >= 1u64 << (8 * (5 - parts.len())) {
-        return Err(());
+        return Err(BadAddress);
     }
     let mut ip = *last;
     for (i, &n) in first.iter().enumerate() {
@@ -386,7 +390,7 @@ mod tests {
             "[::g]",
             "a.b.99999999999999999999",
         ] {
-            assert_eq!(host_ip(bad), Err(()), "{bad}");
+            assert_eq!(host_ip(bad), Err(BadAddress), "{bad}");
         }
     }
 

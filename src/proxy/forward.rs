@@ -15,6 +15,7 @@ use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response, upgrade};
 use crate::body::RequestBody;
 use crate::config::{self, AddrRule, DomainRules, Scheme, Version};
 use crate::metrics::{Kind, Label};
+use crate::upstream::via::Via;
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
 
 /// The `[forward]` settings, resolved.
@@ -33,6 +34,55 @@ pub struct ForwardPolicy {
     pub upgrade_profile: Arc<Profile>,
     /// `[forward] max_body`, else `[limits]`'s; 0 = none.
     pub max_body: u64,
+    /// `[forward] parent`: the profiles of connections through it, and the names
+    /// that bypass it.
+    pub parent: Option<Parent>,
+}
+
+/// Connections through `[forward] parent`.
+pub struct Parent {
+    pub profile: Arc<Profile>,
+    pub upgrade_profile: Arc<Profile>,
+    pub direct: DomainRules,
+}
+
+impl ForwardPolicy {
+    /// The profile for requests to `host`: through the parent unless `direct_domains`
+    /// names it.
+    pub fn profile_for(&self, host: &str, upgrading: bool) -> (&Arc<Profile>, bool) {
+        match &self.parent {
+            Some(p) if p.direct.find(host).is_none() => (
+                if upgrading {
+                    &p.upgrade_profile
+                } else {
+                    &p.profile
+                },
+                true,
+            ),
+            _ => (
+                if upgrading {
+                    &self.upgrade_profile
+                } else {
+                    &self.profile
+                },
+                false,
+            ),
+        }
+    }
+
+    /// Through the parent, Strait resolves no name, so `deny_targets` can only be held
+    /// against an address written in the request; the parent's policy covers names.
+    pub fn admit_parent_target(&self, host: &str) -> Result<(), Refusal> {
+        if let Ok(Some(ip)) = config::host_ip(host)
+            && let Some(rule) = config::denied_by(&self.deny, ip)
+        {
+            return Err(Refusal::Denied(format!(
+                "the target address is in deny_targets ({:?})",
+                rule.written
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What the credentials check decided.
@@ -55,11 +105,30 @@ impl ForwardPolicy {
         let tls = TlsSettings::new(Version::Auto, None, None, false)?;
         let profile = upstream.profile(ProfileSettings {
             version: Version::Auto,
-            tls: Some(tls),
+            tls: Some(tls.clone()),
             deny: deny.clone(),
+            via: None,
             connect_timeout: timeouts.connect,
             response_timeout: timeouts.upstream_response,
         });
+        let parent = match &cfg.parent {
+            None => None,
+            Some(url) => {
+                let profile = upstream.profile(ProfileSettings {
+                    version: Version::Auto,
+                    tls: Some(tls),
+                    deny: deny.clone(),
+                    via: Some(Arc::new(Via::new(url)?)),
+                    connect_timeout: timeouts.connect,
+                    response_timeout: timeouts.upstream_response,
+                });
+                Some(Parent {
+                    upgrade_profile: upstream.upgrade_profile(&profile),
+                    profile,
+                    direct: cfg.direct_domains.clone(),
+                })
+            }
+        };
         Ok(ForwardPolicy {
             max_body: 0,
             upgrade_profile: upstream.upgrade_profile(&profile),
@@ -71,6 +140,7 @@ impl ForwardPolicy {
             deny_domains: cfg.deny_domains.clone(),
             deny,
             profile,
+            parent,
         })
     }
 
@@ -91,7 +161,7 @@ impl ForwardPolicy {
     /// that ends in a number but spells no address is a bad request.
     pub fn admit_host(&self, host: &str) -> Result<(), Refusal> {
         let literal = config::host_ip(host)
-            .map_err(|()| Refusal::BadRequest(format!("{host:?} is not a valid address")))?;
+            .map_err(|_| Refusal::BadRequest(format!("{host:?} is not a valid address")))?;
         if literal.is_none()
             && let Some(rule) = self.deny_domains.find(host)
         {
@@ -187,17 +257,20 @@ impl Proxy {
         meta.upstream = Some(Arc::from(authority.as_str()));
         let authority = http::uri::Authority::try_from(authority)
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
-        let profile = if upgrading {
-            &policy.upgrade_profile
-        } else {
-            &policy.profile
-        };
+        let host = req.uri().host().unwrap_or_default();
+        let (profile, through_parent) = policy.profile_for(host, upgrading);
+        if through_parent {
+            policy.admit_parent_target(host)?;
+        }
         let target = Target::new(profile.clone(), scheme, authority);
         let resp = self
             .upstream
             .send(req, &target)
             .await
             .map_err(|e| super::body_refusal(e.into(), progress.as_deref()))?;
+        if through_parent {
+            super::parent_refused(&resp, profile)?;
+        }
         let mut resp = if upgrading {
             self.answer_upgrade(resp, &mut client, version, meta)?
         } else {

@@ -598,6 +598,23 @@ impl Refusal {
     }
 }
 
+/// A 407 from the proxy in between (`parent`, `via`) is about Strait's credentials
+/// for it, not the client's: a 502, with the hop named in the log.
+fn parent_refused<B>(
+    resp: &Response<B>,
+    profile: &crate::upstream::Profile,
+) -> Result<(), Refusal> {
+    match profile.via() {
+        Some(via) if resp.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED => Err(
+            Refusal::Upstream(UpstreamError::Connect(ConnectError::Via(format!(
+                "parent proxy {}: answered 407: check the credentials in its URL",
+                via.authority()
+            )))),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// A short plain-text answer.
 fn text_response(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
     let mut resp = Response::new(Body::Full(Some(body.into())));

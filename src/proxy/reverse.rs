@@ -20,6 +20,7 @@ use crate::config::{RouteConfig, Scheme, Timeouts, UpstreamUrl};
 use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::balance::Balancer;
 use crate::upstream::retry::{self, Failover};
+use crate::upstream::via::Via;
 use crate::upstream::{ProfileSettings, Target, TlsSettings, Upstream};
 
 /// A route, ready to serve: its upstreams, their balancer and connection profile.
@@ -146,6 +147,11 @@ impl Route {
             tls,
             // Reverse routes go where the operator said, loopback included.
             deny: Vec::new().into(),
+            via: cfg
+                .via
+                .as_ref()
+                .map(|url| Via::new(url).map(Arc::new))
+                .transpose()?,
             connect_timeout: timeouts.connect,
             response_timeout: cfg.upstream_response.unwrap_or(timeouts.upstream_response),
         });
@@ -353,6 +359,7 @@ impl Proxy {
                 meta.upstream = Some(route.names[i].clone());
                 match self.upstream.try_send(req, &targets[i]).await {
                     Ok(mut resp) => {
+                        super::parent_refused(&resp, &targets[i].profile)?;
                         route.balancer.mark_ok(i);
                         let status = resp.status();
                         if (status.is_redirection() || status == StatusCode::CREATED)

@@ -79,9 +79,13 @@ impl Proxy {
                 "port {port} is not in connect_ports"
             )));
         }
+        let (profile, through_parent) = policy.profile_for(&host, false);
+        if through_parent {
+            policy.admit_parent_target(authority.host())?;
+        }
         let upstream = self
             .upstream
-            .open_tunnel(&host, port, &policy.profile)
+            .open_tunnel(&host, port, profile)
             .await
             .map_err(|e| Refusal::Upstream(UpstreamError::Connect(e)))?;
 

@@ -38,6 +38,8 @@ pub enum ConnectError {
     TimedOut(String),
     /// The TLS handshake failed (certificate, name, protocol).
     Tls(String, Arc<io::Error>),
+    /// The proxy in between (`parent`, `via`) failed or refused: which hop, and how.
+    Via(String),
 }
 
 impl fmt::Display for ConnectError {
@@ -51,6 +53,7 @@ impl fmt::Display for ConnectError {
             ConnectError::Refused(addr, e) => write!(f, "cannot connect to {addr}: {e}"),
             ConnectError::TimedOut(host) => write!(f, "connecting to {host} timed out"),
             ConnectError::Tls(host, e) => write!(f, "TLS handshake with {host} failed: {e}"),
+            ConnectError::Via(why) => f.write_str(why),
         }
     }
 }
@@ -68,7 +71,7 @@ pub async fn connect_tcp(
         // An address in any spelling is connected to as the address it spells, never
         // looked up as a name.
         let literal =
-            crate::config::host_ip(host).map_err(|()| ConnectError::BadAddress(host.to_owned()))?;
+            crate::config::host_ip(host).map_err(|_| ConnectError::BadAddress(host.to_owned()))?;
         let addrs: Vec<SocketAddr> = match literal {
             Some(ip) => vec![SocketAddr::new(ip, port)],
             None => tokio::net::lookup_host((host, port))
@@ -260,6 +263,26 @@ impl TlsSettings {
 
     /// Runs the handshake over `tcp`.
     pub async fn handshake(&self, host: &str, tcp: TcpStream) -> Result<Stream, ConnectError> {
+        self.handshake_over(host, tcp)
+            .await
+            .map(|tls| Stream::Tls(Box::new(tls)))
+    }
+
+    /// Runs the handshake over a tunnel through a proxy.
+    pub async fn handshake_tunnelled(
+        &self,
+        host: &str,
+        tunnel: Stream,
+    ) -> Result<Stream, ConnectError> {
+        let tls = self.handshake_over(host, tunnel).await?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        Ok(Stream::Via(Box::new(tls), h2))
+    }
+
+    async fn handshake_over<IO>(&self, host: &str, io: IO) -> Result<TlsStream<IO>, ConnectError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let name = match &self.server_name {
             Some(n) => n.clone(),
             None => ServerName::try_from(host.to_owned()).map_err(|_| {
@@ -273,9 +296,8 @@ impl TlsSettings {
             })?,
         };
         self.connector
-            .connect(name, tcp)
+            .connect(name, io)
             .await
-            .map(|tls| Stream::Tls(Box::new(tls)))
             .map_err(|e| ConnectError::Tls(host.to_owned(), Arc::new(e)))
     }
 }
@@ -336,6 +358,9 @@ impl ServerCertVerifier for NoVerification {
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// Through another proxy's CONNECT tunnel (TLS inside it, or not), and whether
+    /// ALPN settled on HTTP/2.
+    Via(Box<dyn Tunnelled>, bool),
     /// An in-memory pipe, for the pool's unit tests.
     #[cfg(test)]
     Duplex(tokio::io::DuplexStream),
@@ -346,10 +371,15 @@ impl Stream {
     pub fn is_h2(&self) -> bool {
         match self {
             Stream::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+            Stream::Via(_, h2) => *h2,
             _ => false,
         }
     }
 }
+
+/// What a tunnel through a proxy is: any byte stream.
+pub trait Tunnelled: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Tunnelled for T {}
 
 impl AsyncRead for Stream {
     fn poll_read(
@@ -360,6 +390,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Via(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(test)]
             Stream::Duplex(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -375,6 +406,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Via(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(test)]
             Stream::Duplex(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -388,6 +420,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Via(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             #[cfg(test)]
             Stream::Duplex(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
@@ -397,6 +430,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Via(s, _) => s.is_write_vectored(),
             #[cfg(test)]
             Stream::Duplex(s) => s.is_write_vectored(),
         }
@@ -406,6 +440,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Via(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(test)]
             Stream::Duplex(s) => Pin::new(s).poll_flush(cx),
         }
@@ -415,6 +450,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Via(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(test)]
             Stream::Duplex(s) => Pin::new(s).poll_shutdown(cx),
         }

@@ -12,6 +12,7 @@ pub mod connect;
 pub mod pool;
 pub mod relay;
 pub mod retry;
+pub mod via;
 
 use std::fmt;
 use std::future::Future;
@@ -47,11 +48,18 @@ pub struct Profile {
     version: Version,
     tls: Option<TlsSettings>,
     deny: Arc<[AddrRule]>,
+    /// Another proxy every connection goes through.
+    via: Option<Arc<via::Via>>,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
 
 impl Profile {
+    /// The proxy this profile's connections go through, if any.
+    pub fn via(&self) -> Option<&via::Via> {
+        self.via.as_deref()
+    }
+
     /// `timeouts.connect`: TCP connect plus TLS handshake.
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
@@ -80,6 +88,8 @@ pub struct ProfileSettings {
     pub tls: Option<TlsSettings>,
     /// Addresses never connected to (checked after resolution).
     pub deny: Arc<[AddrRule]>,
+    /// Another proxy to go through (`[forward] parent`, `[[route]] via`).
+    pub via: Option<Arc<via::Via>>,
     /// `timeouts.connect`.
     pub connect_timeout: Duration,
     /// A route's own `upstream_response`, or `timeouts.upstream_response`.
@@ -248,15 +258,23 @@ impl Upstream {
         self.pool.has_room(target)
     }
 
-    /// A TCP connection for a CONNECT tunnel to `host:port`, under `profile`'s address
-    /// policy and connect timeout (the proxy opens no socket itself).
+    /// A connection for a CONNECT tunnel to `host:port`, under `profile`'s address
+    /// policy and connect timeout, through its proxy if it has one (the proxy module
+    /// opens no socket itself).
     pub async fn open_tunnel(
         &self,
         host: &str,
         port: u16,
         profile: &Profile,
-    ) -> Result<tokio::net::TcpStream, ConnectError> {
-        connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await
+    ) -> Result<connect::Stream, ConnectError> {
+        if let Some(via) = &profile.via {
+            return via
+                .tunnel(&authority(host, port), profile.connect_timeout)
+                .await;
+        }
+        connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout)
+            .await
+            .map(connect::Stream::Plain)
     }
 
     /// The pool's counters and gauges.
@@ -272,6 +290,7 @@ impl Upstream {
             version: settings.version,
             tls: settings.tls,
             deny: settings.deny,
+            via: settings.via,
             connect_timeout: settings.connect_timeout,
             response_timeout: settings.response_timeout,
         })
@@ -288,6 +307,7 @@ impl Upstream {
             version: Version::H1,
             tls: profile.tls.as_ref().map(TlsSettings::h1_only),
             deny: profile.deny.clone(),
+            via: profile.via.clone(),
             connect_timeout: profile.connect_timeout,
             response_timeout: profile.response_timeout,
         })
@@ -485,7 +505,15 @@ impl Upstream {
 async fn open(key: Target) -> Result<Opened<conn::Http>, CheckoutError> {
     let (stream, h2) = connect(&key).await.map_err(CheckoutError::Connect)?;
     if !h2 {
-        return Ok(Opened::H1(Box::new(h1::H1Conn::new(stream))));
+        let mut conn = h1::H1Conn::new(stream);
+        if let (Some(via), Scheme::Http) = (&key.profile.via, key.scheme) {
+            conn.set_absolute_form(via::AbsoluteForm::new(
+                via,
+                key.scheme,
+                key.authority.as_str(),
+            ));
+        }
+        return Ok(Opened::H1(Box::new(conn)));
     }
     let (sender, driver) = conn::h2::handshake(stream, pool::H2_DEFAULT_STREAMS).await?;
     Ok(Opened::H2(sender, driver))
@@ -495,6 +523,30 @@ async fn open(key: Target) -> Result<Opened<conn::Http>, CheckoutError> {
 async fn connect(key: &Target) -> Result<(connect::Stream, bool), ConnectError> {
     let profile = &key.profile;
     let (host, port) = split_authority(key.authority.as_str(), key.scheme);
+    if let Some(via) = &profile.via {
+        // `http`: requests in absolute form on a connection to the proxy; `https`:
+        // TLS with the target inside the proxy's tunnel.
+        return match (key.scheme, &profile.tls) {
+            (Scheme::Http, _) => Ok((via.connect(profile.connect_timeout).await?, false)),
+            (Scheme::Https, Some(tls)) => {
+                let open = async {
+                    let tunnel = via
+                        .tunnel(&authority(host, port), profile.connect_timeout)
+                        .await?;
+                    tls.handshake_tunnelled(host, tunnel).await
+                };
+                let stream = tokio::time::timeout(profile.connect_timeout, open)
+                    .await
+                    .unwrap_or_else(|_| Err(ConnectError::TimedOut(key.authority.to_string())))?;
+                let h2 = stream.is_h2() || profile.version == Version::H2;
+                Ok((stream, h2))
+            }
+            (Scheme::Https, None) => Err(ConnectError::Tls(
+                host.to_owned(),
+                Arc::new(std::io::Error::other("no TLS settings for an https target")),
+            )),
+        };
+    }
     let tcp = connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await?;
     match key.scheme {
         Scheme::Http => Ok((connect::Stream::Plain(tcp), profile.version == Version::H2)),
@@ -511,6 +563,15 @@ async fn connect(key: &Target) -> Result<(connect::Stream, bool), ConnectError> 
             let h2 = stream.is_h2() || profile.version == Version::H2;
             Ok((stream, h2))
         }
+    }
+}
+
+/// `host:port` as a CONNECT names it, an IPv6 host in brackets.
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 

@@ -53,9 +53,22 @@ impl Strait {
         Strait::start_args_in(tempfile::tempdir().unwrap(), args)
     }
 
+    /// [`Strait::start`] with environment variables set (`SSL_CERT_FILE`, say).
+    pub fn start_env(config: &str, env: &[(&str, &str)]) -> Strait {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("strait.toml");
+        std::fs::write(&path, config).unwrap();
+        Strait::start_full(dir, &["-c", path.to_str().unwrap()], env)
+    }
+
     fn start_args_in(dir: tempfile::TempDir, args: &[&str]) -> Strait {
+        Strait::start_full(dir, args, &[])
+    }
+
+    fn start_full(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Strait {
         let mut child = Command::new(strait_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "strait=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONTENT_LENGTH, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, Request, Response};
 use http_body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -38,6 +38,7 @@ use crate::http1::{self, Framing};
 use crate::io::{Slot, Slots};
 use crate::upstream::connect::Stream;
 use crate::upstream::pool::{ConnShared, Inner};
+use crate::upstream::via::AbsoluteForm;
 
 /// Room made for the response head (and, usually, a small body with it).
 const READ_HEAD: usize = 8 * 1024;
@@ -251,6 +252,9 @@ pub struct H1Conn {
     kept: Option<Slot<Arc<Slots>>>,
     /// A read reserved more than a head's room: the buffer is not worth keeping.
     big_reads: bool,
+    /// Set on a connection to another proxy: requests go in absolute form, with its
+    /// credentials.
+    absolute: Option<Box<AbsoluteForm>>,
 }
 
 impl H1Conn {
@@ -269,7 +273,13 @@ impl H1Conn {
             head_buf: BytesMut::new(),
             kept: None,
             big_reads: false,
+            absolute: None,
         }
+    }
+
+    /// Writes requests in absolute form, for a proxy in between.
+    pub fn set_absolute_form(&mut self, form: AbsoluteForm) {
+        self.absolute = Some(Box::new(form));
     }
 
     /// What the last response head said about the connection.
@@ -385,6 +395,9 @@ impl H1Conn {
         // Origin form: `http://h?x=1` has an empty path, which goes as `/` (RFC 9112
         // §3.2.1); the proxy's URIs always carry a path otherwise.
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Some(form) = &self.absolute {
+            head.extend_from_slice(&form.origin);
+        }
         if !target.starts_with('/') && target != "*" {
             head.extend_from_slice(b"/");
         }
@@ -399,6 +412,10 @@ impl H1Conn {
                 // comes only from an HTTP/2 client (its `trailers`, for an HTTP/2 hop).
                 continue;
             }
+            if name == PROXY_AUTHORIZATION && self.absolute.is_some() {
+                // The proxy in between gets its own credentials, never a client's.
+                continue;
+            }
             if name == CONTENT_LENGTH {
                 // Written below, canonical, from the value the client's server checked.
                 has_length = has_length.or(http1::framing::parse_length(value.as_bytes()));
@@ -407,6 +424,11 @@ impl H1Conn {
             head.extend_from_slice(name.as_str().as_bytes());
             head.extend_from_slice(b": ");
             head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        if let Some(auth) = self.absolute.as_ref().and_then(|f| f.auth.as_ref()) {
+            head.extend_from_slice(b"proxy-authorization: ");
+            head.extend_from_slice(auth.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
         let mut queue = WriteQueue {
