@@ -15,9 +15,11 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
 mod load;
+mod tls;
 pub use load::ConfigError;
 #[cfg(test)]
 use load::line_of_key;
+pub use tls::{ListenTls, TlsFiles, TlsWritten};
 
 /// A complete, validated configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -79,7 +81,7 @@ fn default_listeners() -> Vec<Listen> {
 pub struct Listen {
     pub addr: SocketAddr,
     #[serde(default)]
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<ListenTls>,
 }
 
 /// `[[listen]]` as written: `addr` not yet resolved.
@@ -88,7 +90,7 @@ pub struct Listen {
 struct ListenAs {
     addr: ListenAddrs,
     #[serde(default)]
-    tls: Option<TlsFiles>,
+    tls: Option<ListenTls>,
 }
 
 fn de_listeners<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Listen>, D::Error> {
@@ -144,14 +146,6 @@ impl std::str::FromStr for ListenAddrs {
         }
         Ok(ListenAddrs(addrs))
     }
-}
-
-/// A certificate chain and its private key, both PEM files.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 /// `[forward]`: absolute-form requests and CONNECT.
