@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    Admin, Config, ConfigError, HostPattern, Listen, PathPrefix, RouteConfig, TlsFiles, Upstreams,
-    User, Version,
+    Admin, Config, ConfigError, HostPattern, Listen, ListenTls, PathPrefix, RouteConfig, TlsFiles,
+    Upstreams, User, Version,
 };
 
 /// A fast HTTP forward and reverse proxy.
@@ -75,10 +75,10 @@ impl Cli {
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             for l in &mut config.listen {
-                l.tls = Some(TlsFiles {
+                l.tls = Some(ListenTls::one(TlsFiles {
                     cert: cert.clone(),
                     key: key.clone(),
-                });
+                }));
             }
         }
         if let Some(addr) = self.admin {

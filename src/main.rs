@@ -25,11 +25,21 @@ fn main() -> ExitCode {
     };
     // Certificates are read now, so a bad one is a config error (exit 2), in --check too.
     for l in &config.listen {
-        if let Some(files) = &l.tls
-            && let Err(e) = strait::server::tls::load_pair(files)
-        {
-            eprintln!("strait: {e}");
-            return ExitCode::from(2);
+        if let Some(tls) = &l.tls {
+            match strait::server::tls::load_all(tls) {
+                // A name two certificates cover is served by the first: worth a word,
+                // not a refusal. A run logs the same when the listener starts.
+                Ok(pairs) if cli.check => {
+                    for warning in strait::server::tls::overlaps(tls, &pairs) {
+                        eprintln!("strait: warning: listener {}: {warning}", l.addr);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("strait: {e}");
+                    return ExitCode::from(2);
+                }
+            }
         }
     }
     if cli.check {

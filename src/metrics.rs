@@ -123,6 +123,18 @@ pub struct EventLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CertificateLabels {
+    pub name: Label,
+}
+
+/// The names a listener's certificates serve, each with the end of its certificate's
+/// validity (`notAfter`, Unix seconds), read at scrape time for
+/// `strait_tls_certificate_expiry_seconds`.
+pub trait CertificateNames: Send + Sync {
+    fn for_each_name(&self, f: &mut dyn FnMut(&str, i64));
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub what: &'static str,
     pub result: &'static str,
@@ -145,6 +157,10 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     pub reloads: Family<ReloadLabels, Counter>,
     pub access_log_dropped: Counter,
+    certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// Whoever serves certificates, registered by [`Metrics::watch_certificates`]; gone
+    /// when its owner drops it.
+    certificates: std::sync::Mutex<Vec<std::sync::Weak<dyn CertificateNames>>>,
     pool_events: Family<EventLabels, Counter>,
     pool_idle: Gauge,
     pool_waiting: Gauge,
@@ -181,6 +197,7 @@ impl Metrics {
         let tls_handshake_failures = Counter::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let access_log_dropped = Counter::default();
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
         let pool_events = Family::<EventLabels, Counter>::default();
         let pool_idle = Gauge::default();
         let pool_waiting = Gauge::default();
@@ -270,6 +287,11 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        r.register(
+            "strait_tls_certificate_expiry_seconds",
+            "Seconds until the certificate serving a name expires (negative once expired), by name",
+            certificate_expiry.clone(),
+        );
         let histogram = connect_duration.clone();
         let _ = pool
             .on_connect
@@ -292,6 +314,8 @@ impl Metrics {
             tls_handshake_failures,
             reloads,
             access_log_dropped,
+            certificate_expiry,
+            certificates: std::sync::Mutex::new(Vec::new()),
             pool_events,
             pool_idle,
             pool_waiting,
@@ -319,11 +343,44 @@ impl Metrics {
         self.pool_idle.set(s.idle.load(Ordering::Relaxed) as i64);
         self.pool_waiting
             .set(s.waiting.load(Ordering::Relaxed) as i64);
+        // Held while the family is refilled, so two scrapes never see each other's half.
+        let certificates = self.certificates.lock().expect("certificates lock");
+        self.fill_certificate_expiry(&certificates);
         let mut out = String::with_capacity(8 * 1024);
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");
         }
+        drop(certificates); // certificates lock released here
         out
+    }
+
+    /// Adds a source of `strait_tls_certificate_expiry_seconds`; its names are shown
+    /// while `source` lives.
+    pub fn watch_certificates(&self, source: &Arc<dyn CertificateNames>) {
+        let mut all = self.certificates.lock().expect("certificates lock");
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(source));
+    } // certificates lock released here
+
+    /// One series per name a live source serves, in seconds from now. A name two
+    /// listeners serve shows the certificate that expires first.
+    fn fill_certificate_expiry(&self, sources: &[std::sync::Weak<dyn CertificateNames>]) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut soonest = std::collections::BTreeMap::<Arc<str>, i64>::new();
+        for source in sources.iter().filter_map(std::sync::Weak::upgrade) {
+            source.for_each_name(&mut |name, not_after| {
+                let at = soonest.entry(Arc::from(name)).or_insert(not_after);
+                *at = (*at).min(not_after);
+            });
+        }
+        self.certificate_expiry.clear();
+        for (name, not_after) in soonest {
+            self.certificate_expiry
+                .get_or_create(&CertificateLabels { name: Label(name) })
+                .set(not_after - now);
+        }
     }
 
     /// One reload of `what` (`certificate`, `config`), taken or refused.

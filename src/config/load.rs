@@ -75,11 +75,17 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
-        config.validate().map_err(|mut e| {
+        let located = |mut e: ConfigError| {
             e.file = Some(path.to_owned());
             e.line = e.key.as_deref().and_then(|k| line_of_key(&text, k));
             e
-        })?;
+        };
+        for (i, l) in config.listen.iter_mut().enumerate() {
+            if let Some(tls) = &mut l.tls {
+                tls.read_dir(i).map_err(located)?;
+            }
+        }
+        config.validate().map_err(located)?;
         Ok(config)
     }
 
@@ -109,8 +115,7 @@ impl Config {
         };
         for l in &mut self.listen {
             if let Some(tls) = &mut l.tls {
-                join(&mut tls.cert);
-                join(&mut tls.key);
+                tls.resolve_paths(join);
             }
         }
         for r in &mut self.route {
@@ -131,8 +136,7 @@ impl Config {
         }
         for (i, l) in self.listen.iter().enumerate() {
             if let Some(tls) = &l.tls {
-                check_readable(&tls.cert).map_err(|e| e.at(format!("listen[{i}].tls.cert")))?;
-                check_readable(&tls.key).map_err(|e| e.at(format!("listen[{i}].tls.key")))?;
+                tls.check_readable(i)?;
             }
         }
         for (i, r) in self.route.iter().enumerate() {
@@ -280,10 +284,17 @@ pub(super) fn line_of_key(text: &str, key: &str) -> Option<usize> {
         .split_once(']')
         .and_then(|(n, _)| n.parse().ok())
         .unwrap_or(0);
-    let field = key.rsplit('.').next().filter(|f| *f != table);
+    // The fields below the table, indexes dropped: `listen[0].tls[1]` is on the line of
+    // `tls`, and so is `listen[0].tls.cert` when `tls` is an inline table.
+    let fields: Vec<&str> = key
+        .split('.')
+        .skip(1)
+        .map(|f| f.split_once('[').map_or(f, |(f, _)| f))
+        .collect();
     let mut seen = 0usize;
     let mut in_table = false;
     let mut table_line = None;
+    let mut outer_line = None;
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.starts_with('[') {
@@ -302,12 +313,15 @@ pub(super) fn line_of_key(text: &str, key: &str) -> Option<usize> {
             }
             continue;
         }
-        if in_table && let Some(f) = field {
+        if in_table {
             let k = line.split('=').next().unwrap_or("").trim();
-            if k == f {
+            if fields.last() == Some(&k) {
                 return Some(n + 1);
+            }
+            if outer_line.is_none() && fields.contains(&k) {
+                outer_line = Some(n + 1);
             }
         }
     }
-    table_line
+    outer_line.or(table_line)
 }

@@ -15,10 +15,12 @@ use serde::de::{self, Deserializer};
 
 mod load;
 mod rules;
+mod tls;
 pub use load::ConfigError;
 #[cfg(test)]
 use load::line_of_key;
 pub use rules::{AddrRule, DomainRules, denied_by, host_ip};
+pub use tls::{ListenTls, TlsFiles, TlsWritten};
 
 /// A complete, validated configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -80,7 +82,7 @@ fn default_listeners() -> Vec<Listen> {
 pub struct Listen {
     pub addr: SocketAddr,
     #[serde(default)]
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<ListenTls>,
 }
 
 /// `[[listen]]` as written: `addr` not yet resolved.
@@ -89,7 +91,7 @@ pub struct Listen {
 struct ListenAs {
     addr: ListenAddrs,
     #[serde(default)]
-    tls: Option<TlsFiles>,
+    tls: Option<ListenTls>,
 }
 
 fn de_listeners<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Listen>, D::Error> {
@@ -145,14 +147,6 @@ impl std::str::FromStr for ListenAddrs {
         }
         Ok(ListenAddrs(addrs))
     }
-}
-
-/// A certificate chain and its private key, both PEM files.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 /// `[forward]`: absolute-form requests and CONNECT.
