@@ -188,7 +188,10 @@ impl Config {
         }
         if let Some(admin) = &self.admin
             && admin.addr.port() != 0
-            && self.listen.iter().any(|l| l.addr == admin.addr)
+            && self
+                .listen
+                .iter()
+                .any(|l| l.addr == super::ListenAddr::Tcp(admin.addr))
         {
             return Err(ConfigError::new(format!(
                 "{} is also a proxy listener: the admin listener needs its own address",

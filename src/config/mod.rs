@@ -66,19 +66,19 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 
 fn default_listeners() -> Vec<Listen> {
     vec![Listen {
-        addr: DEFAULT_LISTEN
-            .parse()
-            .expect("the default listen address is valid"),
+        addr: ListenAddr::Tcp(
+            DEFAULT_LISTEN
+                .parse()
+                .expect("the default listen address is valid"),
+        ),
         tls: None,
     }]
 }
 
 /// One `[[listen]]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
-    pub addr: SocketAddr,
-    #[serde(default)]
+    pub addr: ListenAddr,
     pub tls: Option<TlsFiles>,
 }
 
@@ -105,27 +105,69 @@ fn de_listeners<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Listen>, D::Error
         .collect())
 }
 
+/// One address a listener binds: a TCP address, or the path of a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    /// `unix:/path`: an absolute path (`server::listeners` says what becomes of a file
+    /// already there).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => a.fmt(f),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The path of `unix:/path`: absolute, and short enough for a socket address (108 bytes
+/// with the closing NUL on Linux).
+fn unix_path(s: &str) -> Option<Result<PathBuf, String>> {
+    let path = s.strip_prefix("unix:")?;
+    Some(if !path.starts_with('/') || path.contains('\0') {
+        Err(format!(
+            "invalid Unix socket {s:?}: expected an absolute path, like \"unix:/run/strait/proxy.sock\""
+        ))
+    } else if path.len() > 107 {
+        Err(format!(
+            "invalid Unix socket {s:?}: the path is {} bytes long; a socket path has at most 107",
+            path.len()
+        ))
+    } else {
+        Ok(PathBuf::from(path))
+    })
+}
+
 /// The addresses a listen address names: `IP:PORT`, `[v6]:PORT`, `:PORT` (every IPv4
-/// interface, as nginx's `listen PORT`), or `NAME:PORT`, resolved once, at start
-/// (every address it resolves to is bound).
+/// interface, as nginx's `listen PORT`), `NAME:PORT`, resolved once, at start
+/// (every address it resolves to is bound), or `unix:/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenAddrs(pub Vec<SocketAddr>);
+pub struct ListenAddrs(pub Vec<ListenAddr>);
 
 impl std::str::FromStr for ListenAddrs {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "invalid listen address {s:?}: expected IP:PORT, [IPv6]:PORT, :PORT or NAME:PORT"
+                "invalid listen address {s:?}: expected IP:PORT, [IPv6]:PORT, :PORT, NAME:PORT or unix:/path"
             )
         };
+        if let Some(path) = unix_path(s) {
+            return Ok(ListenAddrs(vec![ListenAddr::Unix(path?)]));
+        }
         if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(ListenAddrs(vec![addr]));
+            return Ok(ListenAddrs(vec![ListenAddr::Tcp(addr)]));
         }
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         if host.is_empty() {
-            return Ok(ListenAddrs(vec![SocketAddr::from(([0, 0, 0, 0], port))]));
+            return Ok(ListenAddrs(vec![ListenAddr::Tcp(SocketAddr::from((
+                [0, 0, 0, 0],
+                port,
+            )))]));
         }
         if host.starts_with('[')
             || !host
@@ -142,7 +184,9 @@ impl std::str::FromStr for ListenAddrs {
         if addrs.is_empty() {
             return Err(format!("listen address {s:?} resolves to no address"));
         }
-        Ok(ListenAddrs(addrs))
+        Ok(ListenAddrs(
+            addrs.into_iter().map(ListenAddr::Tcp).collect(),
+        ))
     }
 }
 

@@ -300,7 +300,7 @@ impl Proxy {
                 upgrade::restore(&mut parts, switch);
             }
             let h = &mut parts.headers;
-            headers::append_forwarded_for(h, conn.peer.ip());
+            headers::append_forwarded_for(h, conn.peer);
             h.insert(
                 &X_FORWARDED_PROTO,
                 HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
