@@ -460,6 +460,9 @@ pub struct UpstreamUrl {
     /// `Some` when the URL has a path: it replaces the route's matched prefix (nginx's
     /// proxy_pass rule). `None`: the request's URI passes unchanged.
     pub path: Option<String>,
+    /// `unix:/path`: HTTP over this Unix socket. `host` and `authority` are then
+    /// `localhost` (the route says what `Host` carries), `scheme` is http.
+    pub unix: Option<PathBuf>,
 }
 
 impl std::str::FromStr for UpstreamUrl {
@@ -467,9 +470,19 @@ impl std::str::FromStr for UpstreamUrl {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| {
             format!(
-                "invalid upstream {s:?}: {why} (expected like \"http://127.0.0.1:8080\" or \"https://backend:8443/v1/\")"
+                "invalid upstream {s:?}: {why} (expected like \"http://127.0.0.1:8080\", \"https://backend:8443/v1/\" or \"unix:/run/app.sock\")"
             )
         };
+        if let Some(path) = unix_path(s) {
+            return Ok(UpstreamUrl {
+                scheme: Scheme::Http,
+                host: "localhost".to_owned(),
+                port: Scheme::Http.default_port(),
+                authority: "localhost".to_owned(),
+                path: None,
+                unix: Some(path?),
+            });
+        }
         let (scheme, rest) = if let Some(rest) = s.strip_prefix("http://") {
             (Scheme::Http, rest)
         } else if let Some(rest) = s.strip_prefix("https://") {
@@ -509,12 +522,16 @@ impl std::str::FromStr for UpstreamUrl {
             port,
             authority,
             path: path.map(str::to_owned),
+            unix: None,
         })
     }
 }
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = &self.unix {
+            return write!(f, "unix:{}", p.display());
+        }
         write!(f, "{}://{}", self.scheme.as_str(), self.authority)?;
         if let Some(p) = &self.path {
             f.write_str(p)?;
@@ -851,6 +868,32 @@ mod tests {
         assert_eq!(u.authority, "[::1]:9000");
         assert!("ftp://x".parse::<UpstreamUrl>().is_err());
         assert!("http://x/a?b".parse::<UpstreamUrl>().is_err());
+    }
+
+    #[test]
+    fn unix_sockets_are_listen_addresses_and_upstreams() {
+        let l: ListenAddrs = "unix:/run/strait/p.sock".parse().unwrap();
+        assert_eq!(l.0, vec![ListenAddr::Unix("/run/strait/p.sock".into())]);
+        assert_eq!(l.0[0].to_string(), "unix:/run/strait/p.sock");
+        let u: UpstreamUrl = "unix:/run/app.sock".parse().unwrap();
+        assert_eq!(
+            u.unix.as_deref(),
+            Some(std::path::Path::new("/run/app.sock"))
+        );
+        assert_eq!(
+            (u.scheme, u.authority.as_str()),
+            (Scheme::Http, "localhost")
+        );
+        assert_eq!(u.to_string(), "unix:/run/app.sock");
+        let long = format!("unix:/{}", "a".repeat(107));
+        for bad in ["unix:run/p.sock", "unix:", long.as_str()] {
+            assert!(bad.parse::<ListenAddrs>().is_err(), "{bad}");
+            assert!(bad.parse::<UpstreamUrl>().is_err(), "{bad}");
+        }
+        let e =
+            Config::parse("[[route]]\nupstream = [\"http://a\", \"unix:x.sock\"]\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("route[0].upstream"));
+        assert!(e.message.contains("absolute path"), "{e}");
     }
 
     #[test]
