@@ -9,7 +9,6 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,13 +19,14 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::config::{self, LogFormat};
+use crate::net::ClientAddr;
 
 /// Lines that may wait for the writer; more are dropped.
 pub const QUEUE: usize = 8192;
 
 /// One request or tunnel, as logged.
 pub struct Entry<'a> {
-    pub client: SocketAddr,
+    pub client: ClientAddr,
     pub user: &'a str,
     pub method: &'a str,
     pub target: &'a str,
@@ -264,7 +264,11 @@ fn json_line(e: &Entry<'_>) -> String {
 /// nginx escapes it, so a quote in a field cannot end it early.
 fn combined_line(e: &Entry<'_>) -> String {
     let mut o = String::with_capacity(256);
-    let _ = write!(o, "{} - ", e.client.ip());
+    // `%h`: the address without its port; `unix:` for a Unix socket's client.
+    let _ = match e.client {
+        ClientAddr::Ip(a) => write!(o, "{} - ", a.ip()),
+        ClientAddr::Unix => write!(o, "{} - ", e.client),
+    };
     clf_str(&mut o, e.user);
     o.push_str(" [");
     o.push_str(std::str::from_utf8(&crate::date::clf_now()).unwrap_or("-"));
@@ -308,7 +312,7 @@ mod tests {
     /// A reverse request's entry; each test changes what it is about.
     fn entry() -> Entry<'static> {
         Entry {
-            client: "10.0.0.1:5".parse().unwrap(),
+            client: ClientAddr::Ip("10.0.0.1:5".parse().unwrap()),
             user: "-",
             method: "GET",
             target: "/",

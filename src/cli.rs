@@ -66,7 +66,12 @@ impl Cli {
             config.listen = self
                 .listen
                 .iter()
-                .flat_map(|a| a.0.iter().map(|&addr| Listen { addr, tls: None }))
+                .flat_map(|a| {
+                    a.0.iter().map(|addr| Listen {
+                        addr: addr.clone(),
+                        tls: None,
+                    })
+                })
                 .collect();
         }
         config.forward.users.extend(self.user.iter().cloned());

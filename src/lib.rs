@@ -20,6 +20,8 @@
 //! - [`upstream`]: pooled connections to origins, connect and TLS, load balancing. Knows
 //!   nothing of routes or users.
 //! - [`io`]: stream wrappers (idle timeout, byte counting).
+//! - [`net`]: client sockets of either family (TCP, or a Unix socket's path) and the
+//!   client's address as logs show it.
 //! - [`pem`]: reading PEM certificate files (both sides of TLS).
 //! - [`metrics`]: the Prometheus registry and its bounded label sets.
 //! - [`access`]: the access log writer (bounded queue, never blocks a request).
@@ -37,6 +39,7 @@ pub mod date;
 pub mod http1;
 pub mod io;
 pub mod metrics;
+pub mod net;
 pub mod pem;
 pub mod proxy;
 pub mod route;

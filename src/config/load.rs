@@ -201,7 +201,10 @@ impl Config {
         }
         if let Some(admin) = &self.admin
             && admin.addr.port() != 0
-            && self.listen.iter().any(|l| l.addr == admin.addr)
+            && self
+                .listen
+                .iter()
+                .any(|l| l.addr == super::ListenAddr::Tcp(admin.addr))
         {
             return Err(ConfigError::new(format!(
                 "{} is also a proxy listener: the admin listener needs its own address",
@@ -223,15 +226,19 @@ impl Config {
         if !f.enabled || f.open || !f.users.is_empty() || !f.allow_clients.is_empty() {
             return Ok(());
         }
-        let exposed = self.listen.iter().position(|l| {
-            let ip = match l.addr.ip() {
-                std::net::IpAddr::V6(v6) => v6
-                    .to_ipv4_mapped()
-                    .map(std::net::IpAddr::V4)
-                    .unwrap_or(std::net::IpAddr::V6(v6)),
-                v4 => v4,
-            };
-            !ip.is_loopback()
+        // A Unix socket is reached through its file's permissions, not the network.
+        let exposed = self.listen.iter().position(|l| match &l.addr {
+            super::ListenAddr::Tcp(addr) => {
+                let ip = match addr.ip() {
+                    std::net::IpAddr::V6(v6) => v6
+                        .to_ipv4_mapped()
+                        .map(std::net::IpAddr::V4)
+                        .unwrap_or(std::net::IpAddr::V6(v6)),
+                    v4 => v4,
+                };
+                !ip.is_loopback()
+            }
+            super::ListenAddr::Unix(_) => false,
         });
         match exposed {
             None => Ok(()),

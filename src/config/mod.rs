@@ -69,19 +69,19 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 
 fn default_listeners() -> Vec<Listen> {
     vec![Listen {
-        addr: DEFAULT_LISTEN
-            .parse()
-            .expect("the default listen address is valid"),
+        addr: ListenAddr::Tcp(
+            DEFAULT_LISTEN
+                .parse()
+                .expect("the default listen address is valid"),
+        ),
         tls: None,
     }]
 }
 
 /// One `[[listen]]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
-    pub addr: SocketAddr,
-    #[serde(default)]
+    pub addr: ListenAddr,
     pub tls: Option<ListenTls>,
 }
 
@@ -108,27 +108,69 @@ fn de_listeners<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Listen>, D::Error
         .collect())
 }
 
+/// One address a listener binds: a TCP address, or the path of a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    /// `unix:/path`: an absolute path (`server::listeners` says what becomes of a file
+    /// already there).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => a.fmt(f),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The path of `unix:/path`: absolute, and short enough for a socket address (108 bytes
+/// with the closing NUL on Linux).
+fn unix_path(s: &str) -> Option<Result<PathBuf, String>> {
+    let path = s.strip_prefix("unix:")?;
+    Some(if !path.starts_with('/') || path.contains('\0') {
+        Err(format!(
+            "invalid Unix socket {s:?}: expected an absolute path, like \"unix:/run/strait/proxy.sock\""
+        ))
+    } else if path.len() > 107 {
+        Err(format!(
+            "invalid Unix socket {s:?}: the path is {} bytes long; a socket path has at most 107",
+            path.len()
+        ))
+    } else {
+        Ok(PathBuf::from(path))
+    })
+}
+
 /// The addresses a listen address names: `IP:PORT`, `[v6]:PORT`, `:PORT` (every IPv4
-/// interface, as nginx's `listen PORT`), or `NAME:PORT`, resolved once, at start
-/// (every address it resolves to is bound).
+/// interface, as nginx's `listen PORT`), `NAME:PORT`, resolved once, at start
+/// (every address it resolves to is bound), or `unix:/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenAddrs(pub Vec<SocketAddr>);
+pub struct ListenAddrs(pub Vec<ListenAddr>);
 
 impl std::str::FromStr for ListenAddrs {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "invalid listen address {s:?}: expected IP:PORT, [IPv6]:PORT, :PORT or NAME:PORT"
+                "invalid listen address {s:?}: expected IP:PORT, [IPv6]:PORT, :PORT, NAME:PORT or unix:/path"
             )
         };
+        if let Some(path) = unix_path(s) {
+            return Ok(ListenAddrs(vec![ListenAddr::Unix(path?)]));
+        }
         if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(ListenAddrs(vec![addr]));
+            return Ok(ListenAddrs(vec![ListenAddr::Tcp(addr)]));
         }
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         if host.is_empty() {
-            return Ok(ListenAddrs(vec![SocketAddr::from(([0, 0, 0, 0], port))]));
+            return Ok(ListenAddrs(vec![ListenAddr::Tcp(SocketAddr::from((
+                [0, 0, 0, 0],
+                port,
+            )))]));
         }
         if host.starts_with('[')
             || !host
@@ -145,7 +187,9 @@ impl std::str::FromStr for ListenAddrs {
         if addrs.is_empty() {
             return Err(format!("listen address {s:?} resolves to no address"));
         }
-        Ok(ListenAddrs(addrs))
+        Ok(ListenAddrs(
+            addrs.into_iter().map(ListenAddr::Tcp).collect(),
+        ))
     }
 }
 
@@ -479,6 +523,9 @@ pub struct UpstreamUrl {
     /// `Some` when the URL has a path: it replaces the route's matched prefix (nginx's
     /// proxy_pass rule). `None`: the request's URI passes unchanged.
     pub path: Option<String>,
+    /// `unix:/path`: HTTP over this Unix socket. `host` and `authority` are then
+    /// `localhost` (the route says what `Host` carries), `scheme` is http.
+    pub unix: Option<PathBuf>,
 }
 
 impl std::str::FromStr for UpstreamUrl {
@@ -486,9 +533,19 @@ impl std::str::FromStr for UpstreamUrl {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| {
             format!(
-                "invalid upstream {s:?}: {why} (expected like \"http://127.0.0.1:8080\" or \"https://backend:8443/v1/\")"
+                "invalid upstream {s:?}: {why} (expected like \"http://127.0.0.1:8080\", \"https://backend:8443/v1/\" or \"unix:/run/app.sock\")"
             )
         };
+        if let Some(path) = unix_path(s) {
+            return Ok(UpstreamUrl {
+                scheme: Scheme::Http,
+                host: "localhost".to_owned(),
+                port: Scheme::Http.default_port(),
+                authority: "localhost".to_owned(),
+                path: None,
+                unix: Some(path?),
+            });
+        }
         let (scheme, rest) = if let Some(rest) = s.strip_prefix("http://") {
             (Scheme::Http, rest)
         } else if let Some(rest) = s.strip_prefix("https://") {
@@ -528,12 +585,16 @@ impl std::str::FromStr for UpstreamUrl {
             port,
             authority,
             path: path.map(str::to_owned),
+            unix: None,
         })
     }
 }
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = &self.unix {
+            return write!(f, "unix:{}", p.display());
+        }
         write!(f, "{}://{}", self.scheme.as_str(), self.authority)?;
         if let Some(p) = &self.path {
             f.write_str(p)?;
@@ -870,6 +931,32 @@ mod tests {
         assert_eq!(u.authority, "[::1]:9000");
         assert!("ftp://x".parse::<UpstreamUrl>().is_err());
         assert!("http://x/a?b".parse::<UpstreamUrl>().is_err());
+    }
+
+    #[test]
+    fn unix_sockets_are_listen_addresses_and_upstreams() {
+        let l: ListenAddrs = "unix:/run/strait/p.sock".parse().unwrap();
+        assert_eq!(l.0, vec![ListenAddr::Unix("/run/strait/p.sock".into())]);
+        assert_eq!(l.0[0].to_string(), "unix:/run/strait/p.sock");
+        let u: UpstreamUrl = "unix:/run/app.sock".parse().unwrap();
+        assert_eq!(
+            u.unix.as_deref(),
+            Some(std::path::Path::new("/run/app.sock"))
+        );
+        assert_eq!(
+            (u.scheme, u.authority.as_str()),
+            (Scheme::Http, "localhost")
+        );
+        assert_eq!(u.to_string(), "unix:/run/app.sock");
+        let long = format!("unix:/{}", "a".repeat(107));
+        for bad in ["unix:run/p.sock", "unix:", long.as_str()] {
+            assert!(bad.parse::<ListenAddrs>().is_err(), "{bad}");
+            assert!(bad.parse::<UpstreamUrl>().is_err(), "{bad}");
+        }
+        let e =
+            Config::parse("[[route]]\nupstream = [\"http://a\", \"unix:x.sock\"]\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("route[0].upstream"));
+        assert!(e.message.contains("absolute path"), "{e}");
     }
 
     #[test]

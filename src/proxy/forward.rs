@@ -145,7 +145,12 @@ impl ForwardPolicy {
     }
 
     /// Refuses a client outside `allow_clients`, before any credentials are asked for.
-    pub fn admit_client(&self, client: std::net::IpAddr) -> Result<(), Refusal> {
+    /// A client on a Unix socket (no address) got in through the socket file's
+    /// permissions, which are its allow list.
+    pub fn admit_client(&self, client: Option<std::net::IpAddr>) -> Result<(), Refusal> {
+        let Some(client) = client else {
+            return Ok(());
+        };
         if self.allow_clients.is_empty()
             || self.allow_clients.iter().any(|r| r.covers_client(client))
         {

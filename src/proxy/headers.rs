@@ -4,6 +4,8 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::net::ClientAddr;
+
 /// `Proxy-Connection`: not standard, but sent by old clients in place of `Connection`.
 pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -130,10 +132,13 @@ fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Appends the client's address to `X-Forwarded-For`, folding earlier values into one
-/// comma-separated field.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let client = client.to_canonical();
-    let Some(value) = client_value(client) else {
+/// comma-separated field. A Unix socket's client is `unix:`, as nginx writes it.
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: ClientAddr) {
+    let value = match client {
+        ClientAddr::Ip(a) => client_value(a.ip().to_canonical()),
+        ClientAddr::Unix => Some(HeaderValue::from_static("unix:")),
+    };
+    let Some(value) = value else {
         return;
     };
     // One lookup: the usual request has no X-Forwarded-For yet.
@@ -235,7 +240,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", "1.1.1.1".parse().unwrap());
         h.append("x-forwarded-for", "2.2.2.2".parse().unwrap());
-        append_forwarded_for(&mut h, "::ffff:10.0.0.1".parse().unwrap());
+        append_forwarded_for(&mut h, client("[::ffff:10.0.0.1]:5"));
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.1");
     }
 
@@ -253,8 +258,20 @@ mod tests {
             assert_eq!(write_ipv4(ip, &mut buf), ip.to_string().as_bytes());
         }
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "2001:db8::1".parse().unwrap());
+        append_forwarded_for(&mut h, client("[2001:db8::1]:5"));
         assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+    }
+
+    fn client(addr: &str) -> ClientAddr {
+        ClientAddr::Ip(addr.parse().unwrap())
+    }
+
+    #[test]
+    fn a_unix_socket_client_is_forwarded_as_unix() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "1.1.1.1".parse().unwrap());
+        append_forwarded_for(&mut h, ClientAddr::Unix);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, unix:");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::body::RequestBody;
 use crate::config::Config;
 use crate::http1::{self, framing::Refused};
 use crate::metrics::{BytesLabels, Direction, Kind, Label, Metrics, RequestLabels, RouteLabels};
+use crate::net::ClientAddr;
 use crate::route::RouteTable;
 use crate::upstream::{ConnectError, ResponseBody, Upstream, UpstreamError};
 pub use body::Body;
@@ -107,8 +108,9 @@ pub fn attribute_bytes(
 /// What Strait knows about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
+    pub peer: ClientAddr,
+    /// The address the connection came to; `None` on a Unix socket.
+    pub local: Option<SocketAddr>,
     pub tls: bool,
 }
 
@@ -451,9 +453,13 @@ fn drop_underscored(headers: &mut http::HeaderMap) {
     }
 }
 
-/// True when `uri`'s authority is the listener's own address (or localhost on its port).
-fn names_listener(uri: &http::Uri, local: SocketAddr) -> bool {
+/// True when `uri`'s authority is the listener's own address (or localhost on its port);
+/// on a Unix socket, when it is `localhost` (on any port: the socket has none).
+fn names_listener(uri: &http::Uri, local: Option<SocketAddr>) -> bool {
     let Some(host) = uri.host() else { return true };
+    let Some(local) = local else {
+        return host.eq_ignore_ascii_case("localhost");
+    };
     let port = uri
         .port_u16()
         .unwrap_or(if uri.scheme_str() == Some("https") {
@@ -727,7 +733,7 @@ struct Done {
     method: Method,
     uri: Uri,
     version: http::Version,
-    client: SocketAddr,
+    client: ClientAddr,
     referer: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
     /// Response body bytes handed to the client (nginx's `$body_bytes_sent`).

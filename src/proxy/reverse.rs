@@ -3,8 +3,9 @@
 //!
 //! The nginx `proxy_pass` rule rewrites the path: an upstream URL with a path replaces
 //! the matched prefix; without one the URI passes unchanged. `Host` becomes the
-//! upstream's authority unless `preserve_host`; `X-Forwarded-For` is appended to and
-//! `X-Forwarded-Proto` and `X-Forwarded-Host` are set.
+//! upstream's authority unless `preserve_host` (a Unix socket's upstream has none: the
+//! route's host when it is one name, else `localhost`); `X-Forwarded-For` is appended
+//! to and `X-Forwarded-Proto` and `X-Forwarded-Host` are set.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use super::Body;
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::{ConnInfo, Meta, Proxy, Refusal, health, relay_response, upgrade};
 use crate::body::RequestBody;
-use crate::config::{RouteConfig, Scheme, Timeouts, UpstreamUrl};
+use crate::config::{HostPattern, RouteConfig, Scheme, Timeouts, UpstreamUrl};
 use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::balance::Balancer;
 use crate::upstream::retry::{self, Failover};
@@ -156,29 +157,27 @@ impl Route {
             response_timeout: cfg.upstream_response.unwrap_or(timeouts.upstream_response),
         });
         let upgrade_profile = upstream.upgrade_profile(&profile);
-        let targets = cfg
-            .upstream
-            .0
+        let upstreams = named_upstreams(cfg);
+        let targets = upstreams
             .iter()
             .map(|u| {
-                Authority::from_maybe_shared(bytes::Bytes::from(u.authority.clone()))
-                    .map(|a| Target::new(profile.clone(), u.scheme, a))
-                    .map_err(|_| format!("invalid upstream host {}", u.authority))
+                let a = Authority::from_maybe_shared(bytes::Bytes::from(u.authority.clone()))
+                    .map_err(|_| format!("invalid upstream host {}", u.authority))?;
+                Ok(match &u.unix {
+                    Some(path) => Target::unix(profile.clone(), a, Arc::from(path.as_path())),
+                    None => Target::new(profile.clone(), u.scheme, a),
+                })
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, String>>()?;
         let upgrade_targets = targets
             .iter()
             .map(|t| t.with_profile(upgrade_profile.clone()))
             .collect();
-        let names: Vec<Arc<str>> = cfg
-            .upstream
-            .0
+        let names: Vec<Arc<str>> = upstreams
             .iter()
             .map(|u| Arc::from(u.to_string().as_str()))
             .collect();
-        let host_values = cfg
-            .upstream
-            .0
+        let host_values = upstreams
             .iter()
             .map(|u| {
                 HeaderValue::from_str(&u.authority)
@@ -211,15 +210,14 @@ impl Route {
             label,
             names,
             prefix_len: cfg.path.0.len(),
-            upstreams: cfg.upstream.0.clone(),
+            upstreams: upstreams.clone(),
             host_values,
             targets,
             upgrade_targets,
             balancer,
             preserve_host: cfg.preserve_host,
             locations: if cfg.rewrite_location {
-                cfg.upstream
-                    .0
+                upstreams
                     .iter()
                     .map(|u| LocationRewrite::new(u, &cfg.path.0))
                     .collect()
@@ -306,7 +304,7 @@ impl Proxy {
                 upgrade::restore(&mut parts, switch);
             }
             let h = &mut parts.headers;
-            headers::append_forwarded_for(h, conn.peer.ip());
+            headers::append_forwarded_for(h, conn.peer);
             h.insert(
                 &X_FORWARDED_PROTO,
                 HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -407,6 +405,20 @@ impl Proxy {
             Err(last_err.map(Refusal::from).unwrap_or(Refusal::NoRoute))
         }
     }
+}
+
+/// A route's upstream URLs, each with the authority its requests name: a Unix socket's
+/// upstream takes the route's host when that is one name (not `*.suffix`), else keeps
+/// `localhost`.
+fn named_upstreams(cfg: &RouteConfig) -> Vec<UpstreamUrl> {
+    let mut upstreams = cfg.upstream.0.clone();
+    if let Some(HostPattern::Exact(host)) = &cfg.host {
+        for u in upstreams.iter_mut().filter(|u| u.unix.is_some()) {
+            u.host.clone_from(host);
+            u.authority.clone_from(host);
+        }
+    }
+    upstreams
 }
 
 /// The host the client asked for: the URI's authority (HTTP/2, absolute form) or `Host`.

@@ -135,7 +135,7 @@ struct TunnelEnd {
     bytes: Arc<ConnBytes>,
     user: Label,
     target: Arc<str>,
-    client: std::net::SocketAddr,
+    client: crate::net::ClientAddr,
     version: http::Version,
     start: Instant,
 }

@@ -8,7 +8,6 @@
 //! one that a reverse route takes goes to the upstream as the HTTP/1.1 handshake, and
 //! the upstream's 101 reaches the client as a 200 on that stream.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use http::header::{
@@ -258,7 +257,7 @@ impl SwitchSlot {
 /// The fields of a switched request's access log line, known when it was answered.
 pub(super) struct Line {
     pub access: AccessLog,
-    pub client: SocketAddr,
+    pub client: crate::net::ClientAddr,
     pub user: Label,
     pub method: Method,
     pub uri: Uri,

@@ -31,7 +31,6 @@ use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::Body as _;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
@@ -62,7 +61,7 @@ const READ_SIZE: usize = 8 * 1024;
 /// copied from one future into another (helper futures cost copies per request:
 /// bench/proxy-instructions).
 pub(super) async fn serve(
-    stream: TcpStream,
+    stream: crate::net::Stream,
     info: ConnInfo,
     shared: Arc<Shared>,
     shutdown: Shutdown,

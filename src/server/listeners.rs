@@ -2,7 +2,8 @@
 //! watcher of its certificate files) and the admin listener. Binding is apart from
 //! serving, so a reload binds everything new before it changes anything, and a
 //! listener told to stop hands its socket back, to be served again with another
-//! acceptor (a reload that changed its `tls`) or closed.
+//! acceptor (a reload that changed its `tls`) or closed. A Unix socket's file is
+//! removed when its listener closes (`net::SocketFile`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,13 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{RunError, Shared, Shutdown, accept_loop, admin, tls};
-use crate::config::Listen;
+use crate::config::{Listen, ListenAddr};
 use crate::metrics::{Label, ListenerLabels, Metrics};
+use crate::net::{self, Listener};
 
 /// A bound proxy listener, not yet served.
 pub(super) struct Bound {
     pub cfg: Listen,
-    pub listener: TcpListener,
+    pub listener: Listener,
     pub acceptor: Option<tls::Acceptor>,
 }
 
@@ -31,7 +33,11 @@ pub(super) async fn bind(cfg: &Listen, backlog: u32) -> Result<Bound, RunError> 
         Some(files) => Some(tls::Acceptor::load(files).map_err(RunError::Config)?),
         None => None,
     };
-    let listener = listen(cfg.addr, backlog).map_err(|e| RunError::Bind(cfg.addr, e))?;
+    let listener = match &cfg.addr {
+        ListenAddr::Tcp(addr) => listen(*addr, backlog).map(Listener::Tcp),
+        ListenAddr::Unix(path) => net::bind_unix(path, backlog),
+    }
+    .map_err(|e| RunError::Bind(cfg.addr.clone(), e))?;
     Ok(Bound {
         cfg: cfg.clone(),
         listener,
@@ -68,7 +74,7 @@ pub(super) struct Serving {
     pub cfg: Listen,
     stop: CancellationToken,
     /// The accept loop; it returns the listener once stopped (not after shutdown).
-    task: JoinHandle<Option<TcpListener>>,
+    task: JoinHandle<Option<Listener>>,
     /// The certificate files' watcher, on a TLS listener.
     watcher: Option<AbortHandle>,
 }
@@ -82,9 +88,8 @@ impl Context {
             listener,
             acceptor,
         } = bound;
-        let local = listener.local_addr().unwrap_or(cfg.addr);
         let kind = if acceptor.is_some() { "https" } else { "http" };
-        tracing::info!("listening on {local} ({kind})");
+        tracing::info!("listening on {} ({kind})", listener.describe());
         let watcher = acceptor.as_ref().map(|a| {
             tokio::spawn(a.clone().watch(self.hup.clone(), self.metrics.clone())).abort_handle()
         });
@@ -118,7 +123,7 @@ impl Context {
 impl Serving {
     /// Stops accepting and returns the listener (closing it is dropping it).
     /// Connections it accepted go on.
-    pub async fn stop(self) -> Option<TcpListener> {
+    pub async fn stop(self) -> Option<Listener> {
         self.stop.cancel();
         if let Some(w) = &self.watcher {
             w.abort();
@@ -137,7 +142,7 @@ pub(super) struct AdminServing {
 pub(super) async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, RunError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| RunError::Bind(addr, e))
+        .map_err(|e| RunError::Bind(ListenAddr::Tcp(addr), e))
 }
 
 /// Serves `/metrics` and `/healthz` on a bound admin listener.

@@ -22,7 +22,6 @@ mod reload;
 mod shutdown;
 pub mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,14 +30,14 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessLog;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ListenAddr};
 use crate::io::{CountingIo, IdleTimeoutIo};
 use crate::metrics::Metrics;
+use crate::net::{Listener, Stream};
 use crate::proxy::{ConnInfo, Proxy};
 use hyper_side::{HyperSide, serve};
 use hyper_side::{InFlight, account_connection_end};
@@ -51,7 +50,7 @@ pub use shutdown::Shutdown;
 #[derive(Debug)]
 pub enum RunError {
     /// A listener could not be bound (exit 1).
-    Bind(SocketAddr, std::io::Error),
+    Bind(ListenAddr, std::io::Error),
     /// A file the config names cannot be used, for example a certificate that does not
     /// parse (exit 2, like any other config problem).
     Config(String),
@@ -278,15 +277,15 @@ const TRIM_EVERY: Duration = Duration::from_millis(250);
 /// listener closes) or `stop` (a reload: the listener is handed back). Each connection
 /// takes a place under `limits.max_connections` before it is accepted ([`limit`]).
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     acceptor: Option<tls::Acceptor>,
     (label, gauge): (crate::metrics::Label, Gauge),
     shared: Arc<Shared>,
     shutdown: Shutdown,
     tasks: TaskTracker,
     stop: tokio_util::sync::CancellationToken,
-) -> Option<TcpListener> {
-    let local = listener.local_addr().ok();
+) -> Option<Listener> {
+    let name = listener.describe();
     let mut errors = limit::AcceptErrors::new(label);
     let mut full_logged: Option<Instant> = None;
     loop {
@@ -298,7 +297,7 @@ async fn accept_loop(
                 shutdown.trim();
                 if full_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     tracing::warn!(
-                        listener = ?local,
+                        listener = %name,
                         max_connections = shared.limit.max(),
                         "connection cap reached: not accepting until a connection closes"
                     );
@@ -323,13 +322,13 @@ async fn accept_loop(
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = shutdown.triggered() => {
-                tracing::debug!(listener = ?local, "stopped accepting");
+                tracing::debug!(listener = %name, "stopped accepting");
                 return None;
             }
             () = stop.cancelled() => break,
         };
         let mut place = place;
-        let (stream, peer) = match accepted {
+        let (stream, peer, local) = match accepted {
             Ok(a) => {
                 errors.succeeded();
                 place.claim();
@@ -346,10 +345,6 @@ async fn accept_loop(
                 }
             }
         };
-        let _ = stream.set_nodelay(true);
-        let local = stream
-            .local_addr()
-            .unwrap_or_else(|_| local.expect("bound listener"));
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let acceptor = acceptor.clone();
@@ -398,14 +393,14 @@ async fn accept_loop(
             }
         });
     }
-    tracing::debug!(listener = ?local, "stopped accepting");
+    tracing::debug!(listener = %name, "stopped accepting");
     Some(listener)
 }
 
-/// Serves a plain-TCP client connection: HTTP/2 with prior knowledge through hyper's
+/// Serves a plain (TCP or Unix socket) client connection: HTTP/2 with prior knowledge through hyper's
 /// auto builder, HTTP/1.1 through Strait's own server ([`h1`]). Until the first bytes arrive (at most
 /// `header_read`), the connection holds nothing but its socket.
-async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown) {
+async fn serve_plain(stream: Stream, info: ConnInfo, shared: Arc<Shared>, shutdown: Shutdown) {
     let deadline = Instant::now() + shared.settings.load().header_read;
     let mut head = [0u8; h2watch::PREFACE.len()];
     // `peek` waits for bytes (readiness alone can be a false positive) and leaves
@@ -429,7 +424,7 @@ async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shu
 }
 
 /// The socket under a plain HTTP/1.1 connection, as hyper sees it.
-type PlainIo = IdleTimeoutIo<CountingIo<TcpStream, crate::proxy::BytesOwner>>;
+type PlainIo = IdleTimeoutIo<CountingIo<Stream, crate::proxy::BytesOwner>>;
 
 /// Decrements a gauge when dropped (a connection's end, however it ends).
 struct DecOnDrop(Gauge);

@@ -141,7 +141,7 @@ async fn apply(
         .store(grace_nanos(next.timeouts.shutdown_grace), Ordering::Relaxed);
     running.access = access;
     for gone in serving.into_iter().flatten() {
-        let addr = gone.cfg.addr;
+        let addr = gone.cfg.addr.clone();
         drop(gone.stop().await);
         tracing::info!("stopped listening on {addr}");
     }

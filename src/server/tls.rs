@@ -29,13 +29,13 @@ use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{ListenTls, TlsFiles};
 use crate::metrics::{CertificateNames, Metrics};
+use crate::net::Stream;
 
 /// How often the certificate and key files are looked at.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -284,8 +284,8 @@ impl Acceptor {
         })
     }
 
-    pub async fn accept(&self, tcp: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
-        self.inner.accept(tcp).await
+    pub async fn accept(&self, stream: Stream) -> std::io::Result<TlsStream<Stream>> {
+        self.inner.accept(stream).await
     }
 
     /// Loads pair `i`'s files again; on success new handshakes use the new pair, the

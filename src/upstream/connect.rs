@@ -1,4 +1,5 @@
-//! Opening upstream connections: resolve, check, TCP connect, TLS with ALPN.
+//! Opening upstream connections: resolve, check, TCP connect, TLS with ALPN; or a
+//! Unix socket's connect.
 //!
 //! The address that is checked against `deny_targets` is the very address connected to:
 //! resolution happens once, here, and the result is filtered before any connect, so a
@@ -7,6 +8,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -16,7 +18,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -34,6 +36,9 @@ pub enum ConnectError {
     Resolve(String, Arc<io::Error>),
     /// No address accepted the connection.
     Refused(SocketAddr, Arc<io::Error>),
+    /// The Unix socket did not accept the connection (no file, nobody listening, no
+    /// permission).
+    UnixRefused(Arc<Path>, Arc<io::Error>),
     /// `timeouts.connect` passed.
     TimedOut(String),
     /// The TLS handshake failed (certificate, name, protocol).
@@ -51,6 +56,9 @@ impl fmt::Display for ConnectError {
             ConnectError::BadAddress(host) => write!(f, "{host:?} is not a valid address"),
             ConnectError::Resolve(host, e) => write!(f, "cannot resolve {host}: {e}"),
             ConnectError::Refused(addr, e) => write!(f, "cannot connect to {addr}: {e}"),
+            ConnectError::UnixRefused(path, e) => {
+                write!(f, "cannot connect to unix:{}: {e}", path.display())
+            }
             ConnectError::TimedOut(host) => write!(f, "connecting to {host} timed out"),
             ConnectError::Tls(host, e) => write!(f, "TLS handshake with {host} failed: {e}"),
             ConnectError::Via(why) => f.write_str(why),
@@ -108,6 +116,15 @@ pub async fn connect_tcp(
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| Err(ConnectError::TimedOut(format!("{host}:{port}"))))
+}
+
+/// Connects to the Unix socket at `path` within `timeout`.
+pub async fn connect_unix(path: &Arc<Path>, timeout: Duration) -> Result<UnixStream, ConnectError> {
+    match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(ConnectError::UnixRefused(path.clone(), Arc::new(e))),
+        Err(_) => Err(ConnectError::TimedOut(format!("unix:{}", path.display()))),
+    }
 }
 
 /// How long a connection attempt runs alone before the next address is tried beside it
@@ -354,13 +371,14 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-/// An open upstream connection, plain or TLS.
+/// An open upstream connection: plain TCP, TLS, or a Unix socket.
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
     /// Through another proxy's CONNECT tunnel (TLS inside it, or not), and whether
     /// ALPN settled on HTTP/2.
     Via(Box<dyn Tunnelled>, bool),
+    Unix(UnixStream),
     /// An in-memory pipe, for the pool's unit tests.
     #[cfg(test)]
     Duplex(tokio::io::DuplexStream),
@@ -389,6 +407,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Via(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(test)]
@@ -405,6 +424,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Via(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(test)]
@@ -419,6 +439,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::Via(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             #[cfg(test)]
@@ -429,6 +450,7 @@ impl AsyncWrite for Stream {
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
             Stream::Via(s, _) => s.is_write_vectored(),
             #[cfg(test)]
@@ -439,6 +461,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Via(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(test)]
@@ -449,6 +472,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Via(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(test)]

@@ -519,9 +519,18 @@ async fn open(key: Target) -> Result<Opened<conn::Http>, CheckoutError> {
     Ok(Opened::H2(sender, driver))
 }
 
-/// Resolve, check, connect, TLS with ALPN: the stream and whether it speaks HTTP/2.
+/// Resolve, check, connect, TLS with ALPN (or a Unix socket's connect): the stream and
+/// whether it speaks HTTP/2.
 async fn connect(key: &Target) -> Result<(connect::Stream, bool), ConnectError> {
     let profile = &key.profile;
+    if let Some(path) = &key.unix {
+        // HTTP/2 with prior knowledge when asked for, as over plain TCP.
+        let stream = connect::connect_unix(path, profile.connect_timeout).await?;
+        return Ok((
+            connect::Stream::Unix(stream),
+            profile.version == Version::H2,
+        ));
+    }
     let (host, port) = split_authority(key.authority.as_str(), key.scheme);
     if let Some(via) = &profile.via {
         // `http`: requests in absolute form on a connection to the proxy; `https`:

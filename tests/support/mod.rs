@@ -28,6 +28,8 @@ use tokio::net::TcpListener;
 pub struct Strait {
     child: Option<Child>,
     pub addrs: Vec<SocketAddr>,
+    /// The Unix sockets it listens on (`unix:/path` listeners).
+    pub sockets: Vec<PathBuf>,
     logs: Arc<Mutex<Vec<String>>>,
     pub dir: tempfile::TempDir,
 }
@@ -95,14 +97,18 @@ impl Strait {
         let mut strait = Strait {
             child: Some(child),
             addrs: Vec::new(),
+            sockets: Vec::new(),
             logs,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(addr) => strait.addrs.push(addr.parse().unwrap()),
-                Err(_) if !strait.addrs.is_empty() => break,
+                Ok(addr) => match addr.strip_prefix("unix:") {
+                    Some(path) => strait.sockets.push(path.into()),
+                    None => strait.addrs.push(addr.parse().unwrap()),
+                },
+                Err(_) if !strait.addrs.is_empty() || !strait.sockets.is_empty() => break,
                 Err(_) => {}
             }
             if let Some(status) = strait.child.as_mut().unwrap().try_wait().unwrap() {

@@ -334,10 +334,14 @@ impl H1Conn {
     /// neither closed it nor sent anything (no byte may arrive between exchanges).
     pub fn is_alive(&mut self) -> bool {
         let mut probe = [0u8; 64];
-        if let Stream::Plain(tcp) = &self.io {
-            // Answered from the socket's known readiness when nothing arrived (the usual
-            // case): no system call, no waker to register.
-            return matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        // Answered from the socket's known readiness when nothing arrived (the usual
+        // case): no system call, no waker to register.
+        let idle =
+            |r: io::Result<usize>| matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        match &self.io {
+            Stream::Plain(tcp) => return idle(tcp.try_read(&mut probe)),
+            Stream::Unix(unix) => return idle(unix.try_read(&mut probe)),
+            _ => {}
         }
         // TLS: a session ticket may arrive while idle, which the TLS layer takes without
         // handing any byte up.
