@@ -123,6 +123,11 @@ pub struct EventLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub what: &'static str,
     pub result: &'static str,
@@ -145,6 +150,9 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     pub reloads: Family<ReloadLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// Proxy credentials checked because no earlier check remembered them
+    /// (`proxy::auth`), by result.
+    pub auth_checks: Family<AuthLabels, Counter>,
     pool_events: Family<EventLabels, Counter>,
     pool_idle: Gauge,
     pool_waiting: Gauge,
@@ -181,6 +189,7 @@ impl Metrics {
         let tls_handshake_failures = Counter::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let access_log_dropped = Counter::default();
+        let auth_checks = Family::<AuthLabels, Counter>::default();
         let pool_events = Family::<EventLabels, Counter>::default();
         let pool_idle = Gauge::default();
         let pool_waiting = Gauge::default();
@@ -270,6 +279,11 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        r.register(
+            "strait_auth_checks",
+            "Proxy credentials checked in full (not remembered from an earlier check), by result",
+            auth_checks.clone(),
+        );
         let histogram = connect_duration.clone();
         let _ = pool
             .on_connect
@@ -292,6 +306,7 @@ impl Metrics {
             tls_handshake_failures,
             reloads,
             access_log_dropped,
+            auth_checks,
             pool_events,
             pool_idle,
             pool_waiting,

@@ -66,6 +66,15 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        if let Some(users) = &config.forward.users_file {
+            config.forward.file_users = super::users::read(users).map_err(|mut e| {
+                if e.file.is_none() {
+                    e.file = Some(path.to_owned());
+                    e.line = line_of_key(&text, "forward.users_file");
+                }
+                e
+            })?;
+        }
         config.validate().map_err(|mut e| {
             e.file = Some(path.to_owned());
             e.line = e.key.as_deref().and_then(|k| line_of_key(&text, k));
@@ -110,6 +119,9 @@ impl Config {
             }
         }
         if let AccessLog::File(p) = &mut self.log.access {
+            join(p);
+        }
+        if let Some(p) = &mut self.forward.users_file {
             join(p);
         }
     }
@@ -186,6 +198,7 @@ impl Config {
                 .at(format!("route[{i}].path")));
             }
         }
+        self.check_user_names()?;
         if let Some(admin) = &self.admin
             && admin.addr.port() != 0
             && self.listen.iter().any(|l| l.addr == admin.addr)
@@ -195,6 +208,39 @@ impl Config {
                 admin.addr
             ))
             .at("admin.addr"));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// A user name appears once across `forward.users`, `--user` and the users file:
+    /// two passwords for one name would leave which one counts to chance.
+    fn check_user_names(&self) -> Result<(), ConfigError> {
+        let f = &self.forward;
+        let mut seen = std::collections::HashSet::new();
+        for u in &f.users {
+            if !seen.insert(u.name.as_str()) {
+                return Err(ConfigError::new(format!(
+                    "user {:?} is defined twice (in users or by --user): each name may \
+                     appear once",
+                    u.name
+                ))
+                .at("forward.users"));
+            }
+        }
+        if let (Some(file), Some(u)) = (
+            &f.users_file,
+            f.file_users.iter().find(|u| seen.contains(u.name.as_str())),
+        ) {
+            return Err(ConfigError::new(format!(
+                "user {:?} is in users (or given by --user) and at {}:{}: each name may \
+                 appear once",
+                u.name,
+                file.display(),
+                u.line
+            ))
+            .at("forward.users"));
         }
         Ok(())
     }

@@ -15,9 +15,11 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
 mod load;
+mod users;
 pub use load::ConfigError;
 #[cfg(test)]
 use load::line_of_key;
+pub use users::{FileUser, PasswordHash};
 
 /// A complete, validated configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +162,11 @@ pub struct TlsFiles {
 pub struct Forward {
     pub enabled: bool,
     pub users: Vec<User>,
+    /// `htpasswd -B` lines; read by [`Config::load`] (and on each reload) into
+    /// `file_users`. Set, it turns auth on even when the file names no one.
+    pub users_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub file_users: Vec<FileUser>,
     pub hide: bool,
     pub connect_ports: Vec<u16>,
     pub deny_targets: Vec<Cidr>,
@@ -172,6 +179,8 @@ impl Default for Forward {
         Forward {
             enabled: true,
             users: Vec::new(),
+            users_file: None,
+            file_users: Vec::new(),
             hide: false,
             connect_ports: Vec::new(),
             deny_targets: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"]
