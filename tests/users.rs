@@ -309,7 +309,7 @@ fn a_bad_users_file_is_a_config_error_naming_the_file_and_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_once_checked_costs_no_hashing_again() {
     let origin = Origin::start().await;
-    // Cost 10: what `htpasswd -B` writes by default.
+    // Cost 10, as `htpasswd -B -C 10` writes it: tens of milliseconds a check.
     let strait = start(&bcrypt_line("alice", "s3cret", 10));
     let target = format!("{}/", origin.url());
     let auth = basic(b"alice:s3cret");
