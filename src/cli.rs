@@ -30,7 +30,8 @@ pub struct Cli {
     #[arg(short, long = "listen", value_name = "ADDR")]
     pub listen: Vec<crate::config::ListenAddrs>,
 
-    /// Forward-proxy Basic auth user NAME:PASS (repeatable).
+    /// Forward-proxy Basic auth user NAME:PASS (repeatable; shows in `ps`: prefer
+    /// [forward] users_file).
     #[arg(short, long = "user", value_name = "NAME:PASS")]
     pub user: Vec<User>,
 

@@ -135,6 +135,11 @@ pub trait CertificateNames: Send + Sync {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub what: &'static str,
     pub result: &'static str,
@@ -161,6 +166,9 @@ pub struct Metrics {
     /// Whoever serves certificates, registered by [`Metrics::watch_certificates`]; gone
     /// when its owner drops it.
     certificates: std::sync::Mutex<Vec<std::sync::Weak<dyn CertificateNames>>>,
+    /// Proxy credentials checked because no earlier check remembered them
+    /// (`proxy::auth`), by result.
+    pub auth_checks: Family<AuthLabels, Counter>,
     pool_events: Family<EventLabels, Counter>,
     pool_idle: Gauge,
     pool_waiting: Gauge,
@@ -198,6 +206,7 @@ impl Metrics {
         let reloads = Family::<ReloadLabels, Counter>::default();
         let access_log_dropped = Counter::default();
         let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        let auth_checks = Family::<AuthLabels, Counter>::default();
         let pool_events = Family::<EventLabels, Counter>::default();
         let pool_idle = Gauge::default();
         let pool_waiting = Gauge::default();
@@ -292,6 +301,11 @@ impl Metrics {
             "Seconds until the certificate serving a name expires (negative once expired), by name",
             certificate_expiry.clone(),
         );
+        r.register(
+            "strait_auth_checks",
+            "Proxy credentials checked in full (not remembered from an earlier check), by result",
+            auth_checks.clone(),
+        );
         let histogram = connect_duration.clone();
         let _ = pool
             .on_connect
@@ -316,6 +330,7 @@ impl Metrics {
             access_log_dropped,
             certificate_expiry,
             certificates: std::sync::Mutex::new(Vec::new()),
+            auth_checks,
             pool_events,
             pool_idle,
             pool_waiting,

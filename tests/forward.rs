@@ -86,7 +86,7 @@ async fn basic_auth_knows_several_users_and_challenges_the_rest() {
     assert_eq!(out.status, 407);
     assert_eq!(
         out.header("proxy-authenticate"),
-        Some("Basic realm=\"strait\"")
+        Some("Basic realm=\"strait\", charset=\"UTF-8\"")
     );
 
     let wrong = format!("http://alice:nope@{}", strait.addr());

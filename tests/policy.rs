@@ -21,8 +21,11 @@ async fn get_via(strait: &Strait, authority: &str) -> String {
 
 /// Sends one CONNECT for `authority` and returns the raw reply head.
 async fn connect_via(strait: &Strait, authority: &str) -> String {
+    use tokio::io::AsyncWriteExt;
     let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
-    raw_exchange(strait.addr(), req.as_bytes(), Duration::from_millis(1500)).await
+    let mut s = tokio::net::TcpStream::connect(strait.addr()).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_until(&mut s, |t| t.contains("\r\n\r\n")).await
 }
 
 fn status(reply: &str) -> u16 {

@@ -75,6 +75,15 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        if let Some(users) = &config.forward.users_file {
+            config.forward.file_users = super::users::read(users).map_err(|mut e| {
+                if e.file.is_none() {
+                    e.file = Some(path.to_owned());
+                    e.line = line_of_key(&text, "forward.users_file");
+                }
+                e
+            })?;
+        }
         let located = |mut e: ConfigError| {
             e.file = Some(path.to_owned());
             e.line = e.key.as_deref().and_then(|k| line_of_key(&text, k));
@@ -124,6 +133,9 @@ impl Config {
             }
         }
         if let AccessLog::File(p) = &mut self.log.access {
+            join(p);
+        }
+        if let Some(p) = &mut self.forward.users_file {
             join(p);
         }
     }
@@ -199,6 +211,7 @@ impl Config {
                 .at(format!("route[{i}].path")));
             }
         }
+        self.check_user_names()?;
         if let Some(admin) = &self.admin
             && admin.addr.port() != 0
             && self
@@ -223,7 +236,12 @@ impl Config {
     /// the config with the command line's flags applied (`-u` adds users).
     pub fn check_exposure(&self) -> Result<(), ConfigError> {
         let f = &self.forward;
-        if !f.enabled || f.open || !f.users.is_empty() || !f.allow_clients.is_empty() {
+        if !f.enabled
+            || f.open
+            || !f.users.is_empty()
+            || f.users_file.is_some()
+            || !f.allow_clients.is_empty()
+        {
             return Ok(());
         }
         // A Unix socket is reached through its file's permissions, not the network.
@@ -251,6 +269,37 @@ impl Config {
             ))
             .at(format!("listen[{i}].addr"))),
         }
+    }
+
+    /// A user name appears once across `forward.users`, `--user` and the users file:
+    /// two passwords for one name would leave which one counts to chance.
+    fn check_user_names(&self) -> Result<(), ConfigError> {
+        let f = &self.forward;
+        let mut seen = std::collections::HashSet::new();
+        for u in &f.users {
+            if !seen.insert(u.name.as_str()) {
+                return Err(ConfigError::new(format!(
+                    "user {:?} is defined twice (in users or by --user): each name may \
+                     appear once",
+                    u.name
+                ))
+                .at("forward.users"));
+            }
+        }
+        if let (Some(file), Some(u)) = (
+            &f.users_file,
+            f.file_users.iter().find(|u| seen.contains(u.name.as_str())),
+        ) {
+            return Err(ConfigError::new(format!(
+                "user {:?} is in users (or given by --user) and at {}:{}: each name may \
+                 appear once",
+                u.name,
+                file.display(),
+                u.line
+            ))
+            .at("forward.users"));
+        }
+        Ok(())
     }
 }
 

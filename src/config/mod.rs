@@ -16,11 +16,13 @@ use serde::de::{self, Deserializer};
 mod load;
 mod rules;
 mod tls;
+mod users;
 pub use load::ConfigError;
 #[cfg(test)]
 use load::line_of_key;
 pub use rules::{AddrRule, DomainRules, denied_by, host_ip};
 pub use tls::{ListenTls, TlsFiles, TlsWritten};
+pub use users::{FileUser, PasswordHash};
 
 /// A complete, validated configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +201,11 @@ impl std::str::FromStr for ListenAddrs {
 pub struct Forward {
     pub enabled: bool,
     pub users: Vec<User>,
+    /// `htpasswd -B` lines; read by [`Config::load`] (and on each reload) into
+    /// `file_users`. Set, it turns auth on even when the file names no one.
+    pub users_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub file_users: Vec<FileUser>,
     pub hide: bool,
     pub connect_ports: Vec<u16>,
     /// Target addresses refused after resolution: CIDRs or groups.
@@ -225,6 +232,8 @@ impl Default for Forward {
         Forward {
             enabled: true,
             users: Vec::new(),
+            users_file: None,
+            file_users: Vec::new(),
             hide: false,
             connect_ports: Vec::new(),
             deny_targets: rules::DEFAULT_DENY

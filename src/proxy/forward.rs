@@ -10,17 +10,17 @@ use http::header::{HOST, HeaderValue};
 use http::{Request, Response};
 
 use super::Body;
-use super::auth::Auth;
+use super::auth::{Auth, Presented, Verdict};
 use super::{ConnInfo, Meta, Proxy, Refusal, headers, relay_response, upgrade};
 use crate::body::RequestBody;
 use crate::config::{self, AddrRule, DomainRules, Scheme, Version};
-use crate::metrics::{Kind, Label};
+use crate::metrics::{Kind, Label, Metrics};
 use crate::upstream::via::Via;
 use crate::upstream::{Profile, ProfileSettings, Target, TlsSettings, Upstream};
 
 /// The `[forward]` settings, resolved.
 pub struct ForwardPolicy {
-    pub auth: Option<Auth>,
+    pub auth: Option<Arc<Auth>>,
     pub hide: bool,
     pub connect_ports: Vec<u16>,
     pub deny: Arc<[AddrRule]>,
@@ -93,6 +93,8 @@ pub enum Access {
     Challenge,
     /// Refused, and the proxy must not reveal itself.
     Hidden,
+    /// Not checked: every password-hashing slot stayed busy (503).
+    Busy,
 }
 
 impl ForwardPolicy {
@@ -100,6 +102,7 @@ impl ForwardPolicy {
         cfg: &config::Forward,
         timeouts: &config::Timeouts,
         upstream: &Upstream,
+        metrics: &Metrics,
     ) -> Result<Self, String> {
         let deny: Arc<[AddrRule]> = cfg.deny_targets.clone().into();
         let tls = TlsSettings::new(Version::Auto, None, None, false)?;
@@ -132,7 +135,7 @@ impl ForwardPolicy {
         Ok(ForwardPolicy {
             max_body: 0,
             upgrade_profile: upstream.upgrade_profile(&profile),
-            auth: Auth::new(&cfg.users),
+            auth: Auth::new(cfg, metrics),
             hide: cfg.hide,
             connect_ports: cfg.connect_ports.clone(),
             allow_clients: cfg.allow_clients.clone(),
@@ -183,14 +186,24 @@ impl ForwardPolicy {
         }
     }
 
-    pub fn check(&self, req_headers: &http::HeaderMap) -> Access {
-        match &self.auth {
-            None => Access::Granted(None),
-            Some(auth) => match auth.user(req_headers) {
-                Some(user) => Access::Granted(Some(user.clone())),
-                None if self.hide => Access::Hidden,
-                None => Access::Challenge,
-            },
+    /// Checks the request's proxy credentials. A credential seen to be good before
+    /// is answered at once; only others wait for a check (`auth`'s module doc).
+    pub async fn check(&self, req_headers: &http::HeaderMap) -> Access {
+        let Some(auth) = &self.auth else {
+            return Access::Granted(None);
+        };
+        let verdict = match auth.presented(req_headers) {
+            Presented::Remembered(user) => return Access::Granted(Some(user)),
+            Presented::Nothing => Verdict::Refused,
+            // Boxed: the check's state stays out of the future of every request that
+            // does not need it.
+            Presented::Unchecked(credential) => Box::pin(auth.check(credential)).await,
+        };
+        match verdict {
+            Verdict::User(user) => Access::Granted(Some(user)),
+            Verdict::Refused | Verdict::Busy if self.hide => Access::Hidden,
+            Verdict::Refused => Access::Challenge,
+            Verdict::Busy => Access::Busy,
         }
     }
 }
@@ -214,13 +227,14 @@ impl Proxy {
             }
             return Err(refusal);
         }
-        match policy.check(req.headers()) {
+        match policy.check(req.headers()).await {
             Access::Granted(user) => {
                 if let Some(user) = user {
                     meta.user = Label(user);
                 }
             }
             Access::Challenge => return Err(Refusal::AuthRequired),
+            Access::Busy => return Err(Refusal::AuthBusy),
             // Answer as a web server that was asked for one of its own paths.
             Access::Hidden => return self.reverse(req, conn, meta).await,
         }

@@ -167,7 +167,9 @@ impl Proxy {
         let forward = config
             .forward
             .enabled
-            .then(|| forward::ForwardPolicy::new(&config.forward, &config.timeouts, &upstream))
+            .then(|| {
+                forward::ForwardPolicy::new(&config.forward, &config.timeouts, &upstream, &metrics)
+            })
             .transpose()?
             .map(|mut f| {
                 f.max_body = config.limits.max_body(config.forward.max_body);
@@ -490,6 +492,9 @@ pub enum Refusal {
     NoRoute,
     /// 407: proxy credentials missing or wrong.
     AuthRequired,
+    /// 503: the credentials could not be checked now (every password-hashing slot
+    /// stayed busy; `auth.rs`).
+    AuthBusy,
     /// 502 / 403 / 503 / 504: the upstream exchange failed; 400 when the client's
     /// request body broke on the way.
     Upstream(UpstreamError),
@@ -510,6 +515,7 @@ impl Refusal {
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Refusal::AuthBusy => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Upstream(UpstreamError::Connect(ConnectError::Denied(..))) => {
                 StatusCode::FORBIDDEN
             }
@@ -551,6 +557,7 @@ impl Refusal {
             Refusal::BodyLimit(_, _) => "408 request timeout\n",
             Refusal::NoRoute => "404 not found\n",
             Refusal::AuthRequired => "407 proxy authentication required\n",
+            Refusal::AuthBusy => "503 service unavailable\n",
             Refusal::Upstream(UpstreamError::Timeout(_)) => "504 gateway timeout\n",
             Refusal::Upstream(UpstreamError::Exhausted) => "503 service unavailable\n",
             Refusal::Upstream(_) => "502 bad gateway\n",
@@ -563,7 +570,8 @@ impl Refusal {
         if let Refusal::AuthRequired = self {
             h.insert(
                 header::PROXY_AUTHENTICATE,
-                header::HeaderValue::from_static("Basic realm=\"strait\""),
+                // RFC 7617 §2.1: ask for UTF-8; Latin-1 still works (`auth.rs`).
+                header::HeaderValue::from_static("Basic realm=\"strait\", charset=\"UTF-8\""),
             );
         }
         resp
@@ -586,6 +594,10 @@ impl Refusal {
             Refusal::AuthRequired => {
                 tracing::info!(%client, %method, %uri, status, "proxy authentication required")
             }
+            Refusal::AuthBusy => tracing::warn!(
+                %client, %method, %uri, status,
+                "proxy credentials not checked: every password-hashing slot stayed busy"
+            ),
             Refusal::Upstream(UpstreamError::ClientBody(e)) => {
                 tracing::info!(%client, %method, %uri, status, "client failed: request body: {e}")
             }

@@ -39,13 +39,14 @@ impl Proxy {
             }
             return Err(refusal);
         }
-        match policy.check(req.headers()) {
+        match policy.check(req.headers()).await {
             Access::Granted(user) => {
                 if let Some(user) = user {
                     meta.user = Label(user);
                 }
             }
             Access::Challenge => return Err(Refusal::AuthRequired),
+            Access::Busy => return Err(Refusal::AuthBusy),
             // A plain web server does not know CONNECT.
             Access::Hidden => {
                 return Err(Refusal::BadRequest("CONNECT without credentials".into()));

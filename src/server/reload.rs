@@ -1,8 +1,9 @@
 //! Configuration reloads on SIGHUP, as nginx's `reload` does them: everything but
 //! `[pool]` and `[runtime]` changes without a connection dropped.
 //!
-//! - `[[route]]` and `[forward]` serve every request that starts after the reload;
-//!   requests, tunnels and upgraded connections under way finish as they began.
+//! - `[[route]]` and `[forward]` (its users file read again) serve every request that
+//!   starts after the reload; requests, tunnels and upgraded connections under way
+//!   finish as they began.
 //! - `[timeouts]`: `connect` and `upstream_response` for requests that start after it,
 //!   `idle` and `header_read` for connections accepted after it (`header_read` also for
 //!   the next request head of a connection already open), `shutdown_grace` at the drain.
