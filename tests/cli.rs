@@ -201,3 +201,19 @@ fn the_kubernetes_configmap_holds_a_valid_config() {
     let (code, out, err) = run_strait(&["--check", "-c", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// The configuration baked into the container image passes `--check` (it listens on every
+/// interface, so it must say who may use the forward proxy).
+#[test]
+fn the_container_config_is_valid() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/strait.docker.toml");
+    let (code, out, err) = run_strait(&["--check", "-c", file]);
+    assert_eq!(code, 0, "{out}{err}");
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/Dockerfile"))
+            .unwrap();
+    assert!(
+        dockerfile.contains("COPY deploy/strait.docker.toml /etc/strait/strait.toml"),
+        "{dockerfile}"
+    );
+}
