@@ -112,6 +112,15 @@ fn a_port_in_use_exits_1_naming_the_address() {
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");
 }
 
+/// Listeners share ports with SO_REUSEPORT (docs/deployment.md, "Upgrading the binary"),
+/// so one address named twice would bind twice: it is refused instead.
+#[test]
+fn an_address_listed_twice_is_a_config_error() {
+    let (code, _, err) = run_strait(&["-l", "127.0.0.1:3999", "-l", "127.0.0.1:3999", "-t"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("127.0.0.1:3999 is listed twice"), "{err}");
+}
+
 /// `-t` is `--check` (nginx's and Pingora's habit); `-V` prints the version.
 #[test]
 fn short_check_and_version_flags() {

@@ -125,6 +125,11 @@ impl Config {
                 check_readable(&tls.cert).map_err(|e| e.at(format!("listen[{i}].tls.cert")))?;
                 check_readable(&tls.key).map_err(|e| e.at(format!("listen[{i}].tls.key")))?;
             }
+            // With SO_REUSEPORT a second bind would succeed: the mistake is caught here.
+            if l.addr.port() != 0 && self.listen[..i].iter().any(|o| o.addr == l.addr) {
+                return Err(ConfigError::new(format!("{} is listed twice", l.addr))
+                    .at(format!("listen[{i}].addr")));
+            }
         }
         for (i, r) in self.route.iter().enumerate() {
             let any_https = r.upstream.0.iter().any(|u| u.scheme == Scheme::Https);

@@ -14,9 +14,11 @@ mod guard;
 #[doc(hidden)]
 pub mod h1;
 mod h2watch;
+mod handover;
 mod hyper_side;
 mod limit;
 mod listeners;
+mod notify;
 pub mod park;
 mod reload;
 mod shutdown;
@@ -98,6 +100,8 @@ struct Shared {
     limit: Arc<ConnLimit>,
     /// `limits.backlog`, as the kernel allows it (fixed at start).
     backlog: u32,
+    /// The exit's first step: listeners close, shared ports handed over ([`handover`]).
+    leaving: handover::Leaving,
 }
 
 /// What client connections take from `[timeouts]`.
@@ -181,12 +185,14 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
         metrics: metrics.clone(),
         limit: Arc::new(ConnLimit::new(config.limits.max_connections)),
         backlog,
+        leaving: handover::Leaving::default(),
     });
     metrics
         .client_connections_max
         .set(config.limits.max_connections as i64);
 
-    let admin = admin.map(|(addr, l)| listeners::serve_admin(addr, l, &metrics, &shutdown));
+    let admin = admin
+        .map(|(addr, l)| listeners::serve_admin(addr, l, &metrics, &shutdown, &shared.leaving));
     let ctx = listeners::Context {
         shared: shared.clone(),
         shutdown: shutdown.clone(),
@@ -214,7 +220,16 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
         drop((serving, admin));
     }
 
+    notify::notify("READY=1");
+
     let signal = shutdown::wait_for_signal(&hup, &reopen).await;
+    notify::notify("STOPPING=1");
+    // Listeners close first; one whose port another process shares (a new binary)
+    // hands it over before it does, so that no connection is refused or reset.
+    shared
+        .leaving
+        .leave(handover::HANDOVER_MAX + Duration::from_secs(1))
+        .await;
     shutdown.trigger();
     let grace = Duration::from_nanos(grace.load(Ordering::Relaxed));
     tracing::info!(
@@ -289,6 +304,9 @@ async fn accept_loop(
     let local = listener.local_addr().ok();
     let mut errors = limit::AcceptErrors::new(label);
     let mut full_logged: Option<Instant> = None;
+    // At the exit: closed at once, or handed over first if the port is shared.
+    let _open = shared.leaving.hold();
+    let mut handing = None;
     loop {
         let place = match shared.limit.try_take() {
             Some(p) => p,
@@ -310,6 +328,10 @@ async fn accept_loop(
                     tokio::select! {
                         p = shared.limit.take() => break Some(p),
                         () = tokio::time::sleep(TRIM_EVERY) => shutdown.trim(),
+                        _ = handover::closing(&mut handing, &shared.leaving, &listener, "listener") => {
+                            handover::close(handing, listener);
+                            return None;
+                        }
                         () = shutdown.triggered() => return None,
                         () = stop.cancelled() => break None,
                     }
@@ -322,6 +344,10 @@ async fn accept_loop(
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            _ = handover::closing(&mut handing, &shared.leaving, &listener, "listener") => {
+                handover::close(handing, listener);
+                return None;
+            }
             () = shutdown.triggered() => {
                 tracing::debug!(listener = ?local, "stopped accepting");
                 return None;
@@ -333,6 +359,9 @@ async fn accept_loop(
             Ok(a) => {
                 errors.succeeded();
                 place.claim();
+                if let Some(h) = &mut handing {
+                    h.accepted();
+                }
                 a
             }
             Err(e) => {

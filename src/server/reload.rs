@@ -182,6 +182,7 @@ async fn apply(
                 listener,
                 &ctx.metrics,
                 &ctx.shutdown,
+                &ctx.shared.leaving,
             ));
         }
         (None, _) => {
