@@ -1,6 +1,7 @@
 //! A binary upgrade refuses no connection: a new Strait started on the same addresses
 //! (SO_REUSEPORT) serves beside the old one, and SIGTERM to the old one hands its ports
-//! over before it drains, while clients open new connections without pause. And
+//! over before it drains, while clients open new connections without pause and others
+//! keep theirs busy with request after request. And
 //! systemd's readiness messages, which the upgrade under a `Type=notify` unit waits for.
 
 mod support;
@@ -11,6 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -18,6 +20,9 @@ use support::*;
 
 /// Clients that open connections in a tight loop, one request on each.
 const CONNECTORS: usize = 48;
+
+/// Clients that send request after request on keep-alive connections.
+const KEEPALIVE_CONNECTORS: usize = 16;
 
 fn config(listen: &str, admin: &str, origin: &str) -> String {
     format!(
@@ -54,19 +59,15 @@ async fn one_request(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// Opens connections to `addr` until `stop`, counting each in `tally`.
-async fn connector(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
-    while !stop.load(Ordering::Relaxed) {
-        let outcome = tokio::time::timeout(Duration::from_secs(10), one_request(addr))
-            .await
-            .unwrap_or_else(|_| Err("no answer within 10 s".into()));
+impl Tally {
+    fn count(&self, outcome: Result<(), String>) {
         match outcome {
             Ok(()) => {
-                tally.ok.fetch_add(1, Ordering::Relaxed);
+                self.ok.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
-                tally.failed.fetch_add(1, Ordering::Relaxed);
-                let mut errors = tally.errors.lock().unwrap();
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut errors = self.errors.lock().unwrap();
                 if errors.len() < 10 {
                     errors.push(e);
                 }
@@ -75,7 +76,66 @@ async fn connector(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
     }
 }
 
-/// [`CONNECTORS`] connectors running against one address.
+/// Opens connections to `addr` until `stop`, one request on each, counting each in
+/// `tally`.
+async fn connector(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    while !stop.load(Ordering::Relaxed) {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), one_request(addr))
+            .await
+            .unwrap_or_else(|_| Err("no answer within 10 s".into()));
+        tally.count(outcome);
+    }
+}
+
+/// Sends requests on one keep-alive connection after another until `stop`. A
+/// connection the server closed while idle is replaced; a request sent and not
+/// answered is a failure.
+async fn keepalive_connector(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                tally.count(Err(format!("keep-alive connect: {e}")));
+                continue;
+            }
+        };
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake::<_, String>(TokioIo::new(stream)).await
+        else {
+            continue;
+        };
+        tokio::spawn(conn);
+        while !stop.load(Ordering::Relaxed) {
+            // Closed by the server between requests: nothing was sent, reconnect.
+            if sender.ready().await.is_err() {
+                break;
+            }
+            let req = http::Request::get("/up")
+                .header("host", "upgrade.test")
+                .body(String::new())
+                .unwrap();
+            let sent = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req));
+            let outcome = match sent.await {
+                Ok(Ok(resp)) if resp.status() == 200 => {
+                    match http_body_util::BodyExt::collect(resp.into_body()).await {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(format!("keep-alive body: {e}")),
+                    }
+                }
+                Ok(Ok(resp)) => Err(format!("keep-alive status {}", resp.status())),
+                Ok(Err(e)) => Err(format!("keep-alive request: {e}")),
+                Err(_) => Err("keep-alive: no answer within 10 s".into()),
+            };
+            let failed = outcome.is_err();
+            tally.count(outcome);
+            if failed {
+                break;
+            }
+        }
+    }
+}
+
+/// [`CONNECTORS`] and [`KEEPALIVE_CONNECTORS`] running against one address.
 struct Load {
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
@@ -86,9 +146,13 @@ impl Load {
     fn start(addr: SocketAddr) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
-        let connectors = (0..CONNECTORS)
+        let mut connectors: Vec<_> = (0..CONNECTORS)
             .map(|_| tokio::spawn(connector(addr, stop.clone(), tally.clone())))
             .collect();
+        connectors.extend(
+            (0..KEEPALIVE_CONNECTORS)
+                .map(|_| tokio::spawn(keepalive_connector(addr, stop.clone(), tally.clone()))),
+        );
         Load {
             stop,
             tally,

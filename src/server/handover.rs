@@ -32,6 +32,8 @@
 use std::io::{self, BufRead};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -50,6 +52,14 @@ pub(super) const HANDOVER_MAX: Duration = Duration::from_secs(5);
 /// How often a handover looks at its socket's drop count and accept queue.
 const TICK: Duration = Duration::from_millis(20);
 
+/// After a handover, how long a plain HTTP/1.1 connection idle at the drain (between
+/// requests, or accepted and not yet sent its first) waits for one more request,
+/// answered with `Connection: close`, before it closes. Closing it at once could cut
+/// off a request its client is sending (a client that keeps its connections busy, as a
+/// load balancer's or a benchmark's do, is never idle for long); the clients of a
+/// process that handed its ports over reach the new one for their next connection.
+pub(super) const IDLE_LINGER: Duration = Duration::from_secs(1);
+
 /// The exit's first step, before the drain: every listener closes, those that share
 /// their port once they handed it over. Each listener's task holds a [`TaskTrackerToken`]
 /// while its socket is open.
@@ -57,6 +67,9 @@ const TICK: Duration = Duration::from_millis(20);
 pub(super) struct Leaving {
     begun: CancellationToken,
     open: TaskTracker,
+    /// A listener's port was shared when the exit began: idle connections linger
+    /// ([`IDLE_LINGER`]).
+    shared: Arc<AtomicBool>,
 }
 
 impl Leaving {
@@ -68,6 +81,12 @@ impl Leaving {
     /// Completes once the exit began.
     pub async fn begun(&self) {
         self.begun.cancelled().await
+    }
+
+    /// Whether a listener's port was shared when the exit began (another process takes
+    /// the clients over).
+    pub fn shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
     }
 
     /// Begins the exit and waits until every listener closed (at most `within`).
@@ -95,7 +114,11 @@ pub(super) async fn closing(
 ) -> bool {
     if state.is_none() {
         leaving.begun().await;
-        match Handover::begin(listener, what) {
+        let begin = Handover::begin(listener, what);
+        if !matches!(begin, Begin::Alone) {
+            leaving.shared.store(true, Ordering::Relaxed);
+        }
+        match begin {
             Begin::Alone => return false,
             Begin::CloseNow => return true,
             Begin::Handing(h) => *state = Some(h),

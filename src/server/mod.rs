@@ -27,6 +27,7 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -159,6 +160,10 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
     let shutdown = Shutdown::new();
     let hup = Arc::new(tokio::sync::Notify::new());
     let reopen = Arc::new(tokio::sync::Notify::new());
+    // Polled once now: the signal handlers are in place before a listener is served or
+    // systemd hears READY=1, so an early SIGTERM drains rather than kills.
+    let mut signal = std::pin::pin!(shutdown::wait_for_signal(&hup, &reopen));
+    let early = std::future::poll_fn(|cx| Poll::Ready(signal.as_mut().poll(cx))).await;
 
     let backlog = limit::backlog(config.limits.backlog);
     let mut bound = Vec::with_capacity(config.listen.len());
@@ -222,7 +227,10 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
 
     notify::notify("READY=1");
 
-    let signal = shutdown::wait_for_signal(&hup, &reopen).await;
+    let signal = match early {
+        Poll::Ready(signal) => signal,
+        Poll::Pending => signal.await,
+    };
     notify::notify("STOPPING=1");
     // Listeners close first; one whose port another process shares (a new binary)
     // hands it over before it does, so that no connection is refused or reset.
@@ -445,7 +453,7 @@ async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shu
             _ => return,
         },
         () = tokio::time::sleep_until(deadline) => return,
-        () = shutdown.triggered() => return,
+        () = first_request_cut(&shutdown, &shared) => return,
     };
     if h2watch::PREFACE.starts_with(&head[..n]) {
         // HTTP/2, or too few bytes to tell: hyper's auto builder reads on and decides.
@@ -454,6 +462,15 @@ async fn serve_plain(stream: TcpStream, info: ConnInfo, shared: Arc<Shared>, shu
         Box::pin(serve(stream, info, shared, shutdown)).await
     } else {
         h1::serve(stream, info, shared, shutdown).await
+    }
+}
+
+/// When a connection that has sent nothing yet gives up at the drain: at once, or, after
+/// a handover, [`handover::IDLE_LINGER`] later (its first request is likely on its way).
+async fn first_request_cut(shutdown: &Shutdown, shared: &Shared) {
+    shutdown.triggered().await;
+    if shared.leaving.shared() {
+        tokio::time::sleep(handover::IDLE_LINGER).await;
     }
 }
 
