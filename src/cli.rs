@@ -1,11 +1,13 @@
-//! The command line: flags, and the quick flags that become a [`Config`].
+//! The command line: flags, and the quick flags that become a [`Config`]; two
+//! subcommands print what packagers install beside the binary (shell completions and
+//! the man page), generated from the same definitions.
 //!
 //! Flags override the file: `--listen` replaces its listeners, `--user` and `--route`
 //! add to it, `--tls-cert`/`--tls-key` put TLS on every listener.
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{
     Admin, Config, ConfigError, HostPattern, Listen, ListenTls, PathPrefix, RouteConfig, TlsFiles,
@@ -16,7 +18,14 @@ use crate::config::{
 ///
 /// With no config file Strait is a forward proxy on 127.0.0.1:3128.
 #[derive(Debug, Parser)]
-#[command(name = "strait", version, about, long_about = None)]
+#[command(
+    name = "strait",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
+)]
 pub struct Cli {
     /// Config file (TOML); see docs/configuration.md.
     #[arg(short, long, value_name = "FILE")]
@@ -54,7 +63,105 @@ pub struct Cli {
     /// Log level: error, warn, info, debug or trace (RUST_LOG also works).
     #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
     pub log: Option<String>,
+
+    /// Without one, Strait runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
+
+/// What Strait prints instead of running.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the shell completion script for SHELL.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
+}
+
+impl Command {
+    /// Writes what the subcommand prints.
+    pub fn print(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut cli = Cli::command();
+        match self {
+            Command::Completions { shell } => {
+                clap_complete::generate(*shell, &mut cli, "strait", out);
+                Ok(())
+            }
+            Command::Man => {
+                let mut page = Vec::new();
+                clap_mangen::Man::new(cli.long_about(MAN_DESCRIPTION)).render(&mut page)?;
+                let page = String::from_utf8_lossy(&page);
+                // The title line first, as man(7) has it (clap_mangen puts its
+                // definition of the apostrophe before it; nothing before uses that).
+                let (before, title) = match page.find("\n.TH ") {
+                    Some(at) => page.split_at(at + 1),
+                    None => ("", &page[..]),
+                };
+                let (title, rest) = title.split_at(title.find('\n').map_or(title.len(), |i| i + 1));
+                // The sections the flags do not give go before the version's; the
+                // subcommands are among them (clap_mangen would point to a page each).
+                let at = rest.find(".SH VERSION").unwrap_or(rest.len());
+                let (options, version) = rest.split_at(at);
+                let options = match options.find(".SH SUBCOMMANDS") {
+                    Some(from) => {
+                        let to = options[from + 1..]
+                            .find("\n.SH ")
+                            .map_or(options.len(), |i| from + i + 2);
+                        format!("{}{}", &options[..from], &options[to..])
+                    }
+                    None => options.to_owned(),
+                };
+                for part in [title, before, &options, MAN_EXTRA, version] {
+                    out.write_all(part.as_bytes())?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The man page's description (`--help` keeps to the one line).
+const MAN_DESCRIPTION: &str = "Strait is an HTTP forward and reverse proxy in one binary. With no \
+configuration file it is a forward proxy on 127.0.0.1:3128; with --config it serves what the TOML \
+file describes (listeners, routes, the forward proxy, limits, timeouts, the admin listener). The \
+flags below add to the file or replace its listeners.";
+
+/// The man page's sections the flags do not give: commands, signals, files, exit status.
+const MAN_EXTRA: &str = r#".SH COMMANDS
+.TP
+\fBstrait completions\fR \fISHELL\fR
+Prints the completion script for \fISHELL\fR (bash, zsh, fish, elvish or powershell), for /usr/share/bash-completion/completions/strait, say.
+.TP
+\fBstrait man\fR
+Prints this page, for /usr/share/man/man1/strait.1.
+.SH SIGNALS
+.TP
+\fBSIGHUP\fR
+Reads the configuration file again and puts it in service; a file that does not load leaves the running configuration in place. Reopens the access log.
+.TP
+\fBSIGUSR1\fR
+Reopens the access log file (for logrotate), nothing else.
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR, \fBSIGQUIT\fR
+Stop accepting and drain: requests in flight finish within \fBtimeouts.shutdown_grace\fR, then Strait exits 0. A listener whose port another process shares (a new binary started on the same addresses) hands the port over first, so that the upgrade refuses no connection.
+.SH FILES
+.TP
+\fI/etc/strait/strait.toml\fR
+The configuration, as \fB\-c\fR names it; \fBstrait.example.toml\fR and docs/configuration.md in the sources describe every key.
+.SH "EXIT STATUS"
+.TP
+0
+Stopped by a signal after the drain, or \fB\-\-check\fR found the configuration good.
+.TP
+1
+A listener could not be bound, or the process could not start.
+.TP
+2
+The command line or the configuration is wrong; the message names the file, line and key.
+"#;
 
 impl Cli {
     /// The configuration these flags describe: the file (if any) with the flags applied.

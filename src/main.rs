@@ -16,6 +16,17 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(command) = &cli.command {
+        return match command.print(&mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            // A closed pipe (`strait man | head`) is not worth a message.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strait: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let config = match cli.to_config() {
         Ok(c) => c,
         Err(e) => {

@@ -197,6 +197,14 @@ pub enum Listener {
 }
 
 impl Listener {
+    /// The TCP listener, when it is one.
+    pub fn as_tcp(&self) -> Option<&TcpListener> {
+        match self {
+            Listener::Tcp(l) => Some(l),
+            Listener::Unix(..) => None,
+        }
+    }
+
     /// Accepts a connection: the stream, the client, and the local address it came
     /// to (`None` on a Unix socket).
     pub async fn accept(&self) -> io::Result<(Stream, ClientAddr, Option<SocketAddr>)> {

@@ -112,6 +112,15 @@ fn a_port_in_use_exits_1_naming_the_address() {
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");
 }
 
+/// Listeners share ports with SO_REUSEPORT (docs/deployment.md, "Upgrading the binary"),
+/// so one address named twice would bind twice: it is refused instead.
+#[test]
+fn an_address_listed_twice_is_a_config_error() {
+    let (code, _, err) = run_strait(&["-l", "127.0.0.1:3999", "-l", "127.0.0.1:3999", "-t"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("127.0.0.1:3999 is listed twice"), "{err}");
+}
+
 /// `-t` is `--check` (nginx's and Pingora's habit); `-V` prints the version.
 #[test]
 fn short_check_and_version_flags() {
@@ -210,10 +219,68 @@ fn the_container_config_is_valid() {
     let (code, out, err) = run_strait(&["--check", "-c", file]);
     assert_eq!(code, 0, "{out}{err}");
     let dockerfile =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/Dockerfile"))
-            .unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/Dockerfile")).unwrap();
     assert!(
         dockerfile.contains("COPY deploy/strait.docker.toml /etc/strait/strait.toml"),
         "{dockerfile}"
     );
+}
+
+/// `strait completions SHELL` and `strait man` print what packagers install, generated
+/// from the flags themselves; neither starts a proxy.
+#[test]
+fn completions_and_the_man_page_come_from_the_flags() {
+    let (code, bash, err) = run_strait(&["completions", "bash"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        bash.contains("--check") && bash.contains("--listen"),
+        "{bash}"
+    );
+    let (code, zsh, _) = run_strait(&["completions", "zsh"]);
+    assert_eq!(code, 0);
+    assert!(zsh.starts_with("#compdef strait"), "{zsh}");
+    let (code, _, err) = run_strait(&["completions", "tcsh"]);
+    assert_eq!(code, 2, "{err}");
+
+    let (code, man, err) = run_strait(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(man.starts_with(".TH strait 1 "), "{man}");
+    for section in [
+        ".SH OPTIONS",
+        ".SH COMMANDS",
+        ".SH SIGNALS",
+        ".SH \"EXIT STATUS\"",
+    ] {
+        assert!(man.contains(section), "no {section}: {man}");
+    }
+    assert!(man.contains(r"\-\-check"), "{man}");
+
+    // Rendered as man would, with groff's warnings on.
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("strait.1");
+    std::fs::write(&page, &man).unwrap();
+    match std::process::Command::new("groff")
+        .args(["-man", "-Tascii", "-P", "-cbou", "-ww"])
+        .arg(&page)
+        .output()
+    {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let warnings = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && warnings.is_empty(), "{warnings}");
+            assert!(
+                text.contains("SIGNALS") && text.contains("--check"),
+                "{text}"
+            );
+        }
+        Err(_) => eprintln!("skipped rendering: groff absent"),
+    }
+}
+
+/// A subcommand does not mix with the flags that run Strait.
+#[test]
+fn a_subcommand_with_run_flags_is_a_usage_error() {
+    let (code, _, err) = run_strait(&["-t", "man"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot be used with"), "{err}");
 }

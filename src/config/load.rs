@@ -150,6 +150,12 @@ impl Config {
             if let Some(tls) = &l.tls {
                 tls.check_readable(i)?;
             }
+            // With SO_REUSEPORT a second bind would succeed: the mistake is caught here.
+            let ephemeral = matches!(&l.addr, super::ListenAddr::Tcp(a) if a.port() == 0);
+            if !ephemeral && self.listen[..i].iter().any(|o| o.addr == l.addr) {
+                return Err(ConfigError::new(format!("{} is listed twice", l.addr))
+                    .at(format!("listen[{i}].addr")));
+            }
         }
         for (i, r) in self.route.iter().enumerate() {
             let any_https = r.upstream.0.iter().any(|u| u.scheme == Scheme::Https);

@@ -14,21 +14,41 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Shutdown;
+use super::handover::{self, Leaving};
 use crate::metrics::Metrics;
 
 /// Serves the admin endpoints until the process ends, or until `stop` (a reload that
-/// moved or removed `[admin]`); connections already open finish on their own.
+/// moved or removed `[admin]`); connections already open finish on their own. At the
+/// exit, an admin port that another process shares (a new binary) is handed over to it
+/// ([`handover`]); one this process has alone goes on serving (`/healthz` says 503)
+/// until the process ends.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
+    leaving: Leaving,
     stop: CancellationToken,
 ) {
+    let mut open = Some(leaving.hold());
+    let mut handing = None;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = stop.cancelled() => return,
+            shared = handover::closing(&mut handing, &leaving, Some(&listener), "admin listener"),
+                if open.is_some() =>
+            {
+                if shared {
+                    return handover::close(handing, crate::net::Listener::Tcp(listener));
+                }
+                // Alone on its port: it stays, and the exit does not wait for it.
+                open = None;
+                continue;
+            }
         };
+        if let (Ok(_), Some(h)) = (&accepted, &mut handing) {
+            h.accepted();
+        }
         let Ok((stream, _)) = accepted else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;

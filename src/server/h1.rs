@@ -34,6 +34,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
+use super::handover::IDLE_LINGER;
 use super::shutdown::Signal;
 use super::{HyperSide, PlainIo, Shared, Shutdown, account_connection_end};
 use crate::body::RequestBody;
@@ -165,6 +166,12 @@ pub(super) async fn serve(
                         poll_parked(&mut io, &mut buf, keep, cx)
                     })
                     .await;
+                    // After a handover, the client may be sending its next request
+                    // right now: it gets an answer (`Connection: close`), not a reset.
+                    let resume = resume
+                        || (shutdown.is_triggered()
+                            && shared.leaving.shared()
+                            && Box::pin(last_request(&mut io, &mut buf, keep)).await);
                     io.set_between(false);
                     parked.dec();
                     drop(kept);
@@ -326,6 +333,15 @@ fn poll_parked(
             Poll::Pending
         }
     }
+}
+
+/// Waits up to [`IDLE_LINGER`] for a parked connection's next request (true: its
+/// first bytes are in hand).
+async fn last_request(io: &mut PlainIo, buf: &mut BytesMut, keep: bool) -> bool {
+    let next = poll_fn(|cx| poll_parked(io, buf, keep, cx));
+    tokio::time::timeout(IDLE_LINGER, next)
+        .await
+        .unwrap_or(false)
 }
 
 /// Ready when the client closed its side or its connection failed.

@@ -14,7 +14,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{RunError, Shared, Shutdown, accept_loop, admin, tls};
+use super::{RunError, Shared, Shutdown, accept_loop, admin, handover, tls};
 use crate::config::{Listen, ListenAddr};
 use crate::metrics::{Label, ListenerLabels, Metrics};
 use crate::net::{self, Listener};
@@ -34,7 +34,7 @@ pub(super) async fn bind(cfg: &Listen, backlog: u32) -> Result<Bound, RunError> 
         None => None,
     };
     let listener = match &cfg.addr {
-        ListenAddr::Tcp(addr) => listen(*addr, backlog).map(Listener::Tcp),
+        ListenAddr::Tcp(addr) => listen(*addr, backlog, "listener").map(Listener::Tcp),
         ListenAddr::Unix(path) => net::bind_unix(path, backlog),
     }
     .map_err(|e| RunError::Bind(cfg.addr.clone(), e))?;
@@ -46,16 +46,21 @@ pub(super) async fn bind(cfg: &Listen, backlog: u32) -> Result<Bound, RunError> 
 }
 
 /// A listening socket as `TcpListener::bind` makes one (`SO_REUSEADDR`), with the
-/// backlog asked for rather than std's 128.
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// backlog asked for rather than std's 128, and `SO_REUSEPORT`: a new binary can listen
+/// beside this process and take the port over ([`handover`]). A socket without it (another
+/// program's) on the address still makes the bind fail.
+fn listen(addr: SocketAddr, backlog: u32, what: &str) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(backlog)
+    let listener = socket.listen(backlog)?;
+    handover::note_sharing(&listener, what);
+    Ok(listener)
 }
 
 /// What serving a proxy listener needs besides the listener.
@@ -138,11 +143,9 @@ pub(super) struct AdminServing {
     stop: CancellationToken,
 }
 
-/// Binds the admin address; the error names it.
+/// Binds the admin address (with `TcpListener::bind`'s backlog); the error names it.
 pub(super) async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| RunError::Bind(ListenAddr::Tcp(addr), e))
+    listen(addr, 1024, "admin listener").map_err(|e| RunError::Bind(ListenAddr::Tcp(addr), e))
 }
 
 /// Serves `/metrics` and `/healthz` on a bound admin listener.
@@ -151,6 +154,7 @@ pub(super) fn serve_admin(
     listener: TcpListener,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
+    leaving: &handover::Leaving,
 ) -> AdminServing {
     if let Ok(local) = listener.local_addr() {
         tracing::info!("admin listening on {local}");
@@ -160,6 +164,7 @@ pub(super) fn serve_admin(
         listener,
         metrics.clone(),
         shutdown.clone(),
+        leaving.clone(),
         stop.clone(),
     ));
     AdminServing { addr, stop }

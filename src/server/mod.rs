@@ -14,9 +14,11 @@ mod guard;
 #[doc(hidden)]
 pub mod h1;
 mod h2watch;
+mod handover;
 mod hyper_side;
 mod limit;
 mod listeners;
+mod notify;
 pub mod park;
 mod reload;
 mod shutdown;
@@ -24,6 +26,7 @@ pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -97,6 +100,8 @@ struct Shared {
     limit: Arc<ConnLimit>,
     /// `limits.backlog`, as the kernel allows it (fixed at start).
     backlog: u32,
+    /// The exit's first step: listeners close, shared ports handed over ([`handover`]).
+    leaving: handover::Leaving,
 }
 
 /// What client connections take from `[timeouts]`.
@@ -154,6 +159,10 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
     let shutdown = Shutdown::new();
     let hup = Arc::new(tokio::sync::Notify::new());
     let reopen = Arc::new(tokio::sync::Notify::new());
+    // Polled once now: the signal handlers are in place before a listener is served or
+    // systemd hears READY=1, so an early SIGTERM drains rather than kills.
+    let mut signal = std::pin::pin!(shutdown::wait_for_signal(&hup, &reopen));
+    let early = std::future::poll_fn(|cx| Poll::Ready(signal.as_mut().poll(cx))).await;
 
     let backlog = limit::backlog(config.limits.backlog);
     let mut bound = Vec::with_capacity(config.listen.len());
@@ -180,12 +189,14 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
         metrics: metrics.clone(),
         limit: Arc::new(ConnLimit::new(config.limits.max_connections)),
         backlog,
+        leaving: handover::Leaving::default(),
     });
     metrics
         .client_connections_max
         .set(config.limits.max_connections as i64);
 
-    let admin = admin.map(|(addr, l)| listeners::serve_admin(addr, l, &metrics, &shutdown));
+    let admin = admin
+        .map(|(addr, l)| listeners::serve_admin(addr, l, &metrics, &shutdown, &shared.leaving));
     let ctx = listeners::Context {
         shared: shared.clone(),
         shutdown: shutdown.clone(),
@@ -213,7 +224,19 @@ pub async fn run(config: Config, parts: Parts, reload: Option<Reload>) -> Result
         drop((serving, admin));
     }
 
-    let signal = shutdown::wait_for_signal(&hup, &reopen).await;
+    notify::notify("READY=1");
+
+    let signal = match early {
+        Poll::Ready(signal) => signal,
+        Poll::Pending => signal.await,
+    };
+    notify::notify("STOPPING=1");
+    // Listeners close first; one whose port another process shares (a new binary)
+    // hands it over before it does, so that no connection is refused or reset.
+    shared
+        .leaving
+        .leave(handover::HANDOVER_MAX + Duration::from_secs(1))
+        .await;
     shutdown.trigger();
     let grace = Duration::from_nanos(grace.load(Ordering::Relaxed));
     tracing::info!(
@@ -288,6 +311,9 @@ async fn accept_loop(
     let name = listener.describe();
     let mut errors = limit::AcceptErrors::new(label);
     let mut full_logged: Option<Instant> = None;
+    // At the exit: closed at once, or handed over first if the port is shared.
+    let _open = shared.leaving.hold();
+    let mut handing = None;
     loop {
         let place = match shared.limit.try_take() {
             Some(p) => p,
@@ -309,6 +335,10 @@ async fn accept_loop(
                     tokio::select! {
                         p = shared.limit.take() => break Some(p),
                         () = tokio::time::sleep(TRIM_EVERY) => shutdown.trim(),
+                        _ = handover::closing(&mut handing, &shared.leaving, listener.as_tcp(), "listener") => {
+                            handover::close(handing, listener);
+                            return None;
+                        }
                         () = shutdown.triggered() => return None,
                         () = stop.cancelled() => break None,
                     }
@@ -321,6 +351,10 @@ async fn accept_loop(
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            _ = handover::closing(&mut handing, &shared.leaving, listener.as_tcp(), "listener") => {
+                handover::close(handing, listener);
+                return None;
+            }
             () = shutdown.triggered() => {
                 tracing::debug!(listener = %name, "stopped accepting");
                 return None;
@@ -332,6 +366,9 @@ async fn accept_loop(
             Ok(a) => {
                 errors.succeeded();
                 place.claim();
+                if let Some(h) = &mut handing {
+                    h.accepted();
+                }
                 a
             }
             Err(e) => {
@@ -411,7 +448,7 @@ async fn serve_plain(stream: Stream, info: ConnInfo, shared: Arc<Shared>, shutdo
             _ => return,
         },
         () = tokio::time::sleep_until(deadline) => return,
-        () = shutdown.triggered() => return,
+        () = first_request_cut(&shutdown, &shared) => return,
     };
     if h2watch::PREFACE.starts_with(&head[..n]) {
         // HTTP/2, or too few bytes to tell: hyper's auto builder reads on and decides.
@@ -420,6 +457,15 @@ async fn serve_plain(stream: Stream, info: ConnInfo, shared: Arc<Shared>, shutdo
         Box::pin(serve(stream, info, shared, shutdown)).await
     } else {
         h1::serve(stream, info, shared, shutdown).await
+    }
+}
+
+/// When a connection that has sent nothing yet gives up at the drain: at once, or, after
+/// a handover, [`handover::IDLE_LINGER`] later (its first request is likely on its way).
+async fn first_request_cut(shutdown: &Shutdown, shared: &Shared) {
+    shutdown.triggered().await;
+    if shared.leaving.shared() {
+        tokio::time::sleep(handover::IDLE_LINGER).await;
     }
 }
 

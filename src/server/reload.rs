@@ -183,6 +183,7 @@ async fn apply(
                 listener,
                 &ctx.metrics,
                 &ctx.shutdown,
+                &ctx.shared.leaving,
             ));
         }
         (None, _) => {
