@@ -14,7 +14,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
+mod dns;
 mod load;
+pub use dns::{Dns, NameServer};
 pub use load::ConfigError;
 #[cfg(test)]
 use load::line_of_key;
@@ -43,6 +45,8 @@ pub struct Config {
     pub log: Log,
     #[serde(default)]
     pub runtime: Runtime,
+    #[serde(default)]
+    pub dns: Dns,
 }
 
 impl Default for Config {
@@ -57,6 +61,7 @@ impl Default for Config {
             admin: None,
             log: Log::default(),
             runtime: Runtime::default(),
+            dns: Dns::default(),
         }
     }
 }

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::dns::Resolver;
 use crate::config::{Cidr, Version};
 
 /// Why a connection could not be opened. None of these sent a request byte.
@@ -51,8 +52,10 @@ impl fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
-/// Resolves `host:port`, drops denied addresses, and connects to the first that answers.
+/// Resolves `host:port` (an IP literal as itself, a name through `resolver`), drops
+/// denied addresses, and connects to the first that answers.
 pub async fn connect_tcp(
+    resolver: &Resolver,
     host: &str,
     port: u16,
     deny: &[Cidr],
@@ -61,7 +64,8 @@ pub async fn connect_tcp(
     let attempt = async {
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((host, port))
+            Err(_) => resolver
+                .lookup_host(host, port)
                 .await
                 .map_err(|e| ConnectError::Resolve(host.to_owned(), Arc::new(e)))?
                 .collect(),

@@ -9,6 +9,7 @@
 pub mod balance;
 pub mod conn;
 pub mod connect;
+pub mod dns;
 pub mod pool;
 pub mod relay;
 pub mod retry;
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
@@ -47,6 +49,8 @@ pub struct Profile {
     version: Version,
     tls: Option<TlsSettings>,
     deny: Arc<[Cidr]>,
+    /// The resolver of the configuration that made the profile.
+    resolver: Arc<dns::Resolver>,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
@@ -209,6 +213,10 @@ impl From<CheckoutError> for UpstreamError {
 pub struct Upstream {
     pool: Pool,
     next_profile: AtomicU32,
+    /// The resolver new profiles take: the latest configuration's ([`Upstream::use_dns`]).
+    resolver: ArcSwapOption<dns::Resolver>,
+    /// Every resolver's counts, across reloads.
+    dns_stats: Arc<dns::Stats>,
 }
 
 impl Upstream {
@@ -229,7 +237,23 @@ impl Upstream {
         Upstream {
             pool: Pool::new(limits, connector),
             next_profile: AtomicU32::new(0),
+            resolver: ArcSwapOption::empty(),
+            dns_stats: Arc::default(),
         }
+    }
+
+    /// Builds a resolver from `[dns]` for the profiles made from now on; called with
+    /// each configuration, before its profiles are made. Profiles already made keep
+    /// theirs. Fails when the system's resolver configuration is needed and unusable.
+    pub fn use_dns(&self, dns: &config::Dns) -> Result<(), String> {
+        let resolver = dns::Resolver::new(dns, self.dns_stats.clone())?;
+        self.resolver.store(Some(Arc::new(resolver)));
+        Ok(())
+    }
+
+    /// The resolvers' counters.
+    pub fn dns_stats(&self) -> &Arc<dns::Stats> {
+        &self.dns_stats
     }
 
     /// Counts a request sent again, here or to another upstream of its route
@@ -257,7 +281,8 @@ impl Upstream {
         port: u16,
         profile: &Profile,
     ) -> Result<tokio::net::TcpStream, ConnectError> {
-        connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await
+        let (deny, timeout) = (&profile.deny, profile.connect_timeout);
+        connect::connect_tcp(&profile.resolver, host, port, deny, timeout).await
     }
 
     pub fn stats(&self) -> &Arc<pool::Stats> {
@@ -266,12 +291,25 @@ impl Upstream {
 
     /// Makes a profile: a group of targets that may share connections.
     pub fn profile(&self, settings: ProfileSettings) -> Arc<Profile> {
+        let resolver = self
+            .resolver
+            .load_full()
+            .expect("the composition root calls use_dns before making profiles");
+        self.profile_with(settings, resolver)
+    }
+
+    fn profile_with(
+        &self,
+        settings: ProfileSettings,
+        resolver: Arc<dns::Resolver>,
+    ) -> Arc<Profile> {
         self.pool.check_deadlines_within(settings.response_timeout);
         Arc::new(Profile {
             id: self.next_profile.fetch_add(1, Ordering::Relaxed),
             version: settings.version,
             tls: settings.tls,
             deny: settings.deny,
+            resolver,
             connect_timeout: settings.connect_timeout,
             response_timeout: settings.response_timeout,
         })
@@ -284,13 +322,14 @@ impl Upstream {
         if profile.version == Version::H1 {
             return profile.clone();
         }
-        self.profile(ProfileSettings {
+        let settings = ProfileSettings {
             version: Version::H1,
             tls: profile.tls.as_ref().map(TlsSettings::h1_only),
             deny: profile.deny.clone(),
             connect_timeout: profile.connect_timeout,
             response_timeout: profile.response_timeout,
-        })
+        };
+        self.profile_with(settings, profile.resolver.clone())
     }
 
     /// Sends `req` (whose URI is in origin form, with `Host` set) to `target` and waits
@@ -495,7 +534,8 @@ async fn open(key: Target) -> Result<Opened<conn::Http>, CheckoutError> {
 async fn connect(key: &Target) -> Result<(connect::Stream, bool), ConnectError> {
     let profile = &key.profile;
     let (host, port) = split_authority(key.authority.as_str(), key.scheme);
-    let tcp = connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await?;
+    let (deny, timeout) = (&profile.deny, profile.connect_timeout);
+    let tcp = connect::connect_tcp(&profile.resolver, host, port, deny, timeout).await?;
     match key.scheme {
         Scheme::Http => Ok((connect::Stream::Plain(tcp), profile.version == Version::H2)),
         Scheme::Https => {

@@ -85,6 +85,7 @@ fn key(authority: &str) -> Target {
             version: Version::Auto,
             tls: None,
             deny: Vec::new().into(),
+            resolver: crate::upstream::dns::Resolver::unused(),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
         }),
