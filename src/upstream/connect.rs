@@ -474,6 +474,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_address_connected_to_is_one_the_deny_list_passed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // The name's first address is denied; the second is where the listener is.
+        let r = Resolver::for_tests("127.0.0.2 two.test\n127.0.0.1 two.test\n");
+        let deny: Vec<Cidr> = vec!["127.0.0.2".parse().unwrap()];
+        let timeout = Duration::from_secs(2);
+        let s = connect_tcp(&r, "two.test", port, &deny, timeout)
+            .await
+            .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), listener.local_addr().unwrap());
+
+        let deny: Vec<Cidr> = vec!["127.0.0.0/8".parse().unwrap()];
+        let err = connect_tcp(&r, "two.test", port, &deny, timeout)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Denied(ip) if ip.to_string() == "127.0.0.2"),
+            "{err}"
+        );
+        // A literal is never looked up, and is judged the same way.
+        let err = connect_tcp(&r, "127.0.0.1", port, &deny, timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Denied(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_name_listed_with_both_families_alternates_them_from_ipv4() {
+        let r = Resolver::for_tests("::1 both.test\n127.0.0.1 both.test\n127.0.0.2 both.test\n");
+        let addrs: Vec<SocketAddr> = r.lookup_host("both.test", 80).await.unwrap().collect();
+        let got: Vec<String> = interleave_families(addrs)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, ["127.0.0.1:80", "[::1]:80", "127.0.0.2:80"]);
+    }
+
+    #[tokio::test]
     async fn a_refused_address_starts_the_next_at_once() {
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

@@ -163,14 +163,20 @@ impl Resolver {
         })
     }
 
-    /// A resolver for tests that resolve no name (its server is never asked).
+    /// A resolver for tests: names from `hosts` (in `/etc/hosts` form) and
+    /// `localhost`; its name server is never asked.
     #[cfg(test)]
-    pub fn unused() -> Arc<Resolver> {
+    pub fn for_tests(hosts: &str) -> Arc<Resolver> {
         let cfg = config::Dns {
             servers: vec!["127.0.0.1:9".parse().expect("a valid name server")],
             cache_size: 0,
         };
-        Arc::new(Resolver::new(&cfg, Arc::default()).expect("no system configuration is read"))
+        let mut r = Resolver::new(&cfg, Arc::default()).expect("no system configuration is read");
+        r.hosts = Hosts::default();
+        r.hosts
+            .read_hosts_conf(hosts.as_bytes())
+            .expect("hosts text in /etc/hosts form");
+        Arc::new(r)
     }
 
     /// The addresses of `host` with `port`, in the resolver's order (IPv4 first).
@@ -209,7 +215,7 @@ impl Resolver {
             ));
         };
         // Never cached, so never a hit: the order of these two steps does not matter.
-        if let Some(addrs) = self.from_hosts(&name) {
+        if let Some(addrs) = self.hosts_answer(&name) {
             self.stats.hosts.fetch_add(1, Ordering::Relaxed);
             return Ok(addrs);
         }
@@ -280,7 +286,7 @@ impl Resolver {
 
     /// Both families' addresses from `/etc/hosts`, if it lists the name at all; else
     /// loopback for `localhost` and names under it (RFC 6761 §6.3).
-    fn from_hosts(&self, name: &Name) -> Option<Arc<[IpAddr]>> {
+    fn hosts_answer(&self, name: &Name) -> Option<Arc<[IpAddr]>> {
         let found = [RecordType::A, RecordType::AAAA]
             .into_iter()
             .filter_map(|t| {
@@ -298,7 +304,7 @@ impl Resolver {
         if !addrs.is_empty() {
             return Some(addrs);
         }
-        let last = name.iter().last()?;
+        let last = name.iter().next_back()?;
         last.eq_ignore_ascii_case(b"localhost").then(|| {
             Arc::from([
                 IpAddr::from([127, 0, 0, 1]),
@@ -376,11 +382,10 @@ mod tests {
         // lookup for hickory's timeout.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut r = resolver(&[&silent.local_addr().unwrap().to_string()], 16);
-        let mut hosts = Hosts::default();
-        hosts
+        r.hosts = Hosts::default();
+        r.hosts
             .read_hosts_conf(&b"10.1.2.3 svc.internal my_svc\n"[..])
             .unwrap();
-        r.hosts = hosts;
         for name in ["svc.internal", "SVC.internal.", "my_svc"] {
             let lookup = r.lookup_host(name, 8080);
             let addrs: Vec<SocketAddr> = tokio::time::timeout(Duration::from_secs(2), lookup)

@@ -85,7 +85,7 @@ fn key(authority: &str) -> Target {
             version: Version::Auto,
             tls: None,
             deny: Vec::new().into(),
-            resolver: crate::upstream::dns::Resolver::unused(),
+            resolver: crate::upstream::dns::Resolver::for_tests(""),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
         }),
