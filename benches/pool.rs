@@ -56,6 +56,9 @@ impl StraitSide {
         };
         let timeouts = config::Timeouts::default();
         let upstream = Upstream::new(&pool, &timeouts);
+        upstream
+            .use_dns(&config::Dns::default())
+            .expect("the system's resolver configuration");
         let profile = upstream.profile(ProfileSettings {
             version,
             tls: None,

@@ -25,10 +25,15 @@ pub async fn run_reloading(config: Config, reload: Option<Reload>) -> Result<(),
     // the drain waits for them with the connections.
     let tasks = TaskTracker::new();
     let upstream = Arc::new(Upstream::new(&config.pool, &config.timeouts));
-    let metrics = Arc::new(Metrics::new(upstream.stats().clone()));
+    let metrics = Arc::new(Metrics::new(
+        upstream.stats().clone(),
+        upstream.dns_stats().clone(),
+    ));
     let build: BuildProxy = {
         let (tasks, metrics) = (tasks.clone(), metrics.clone());
         Arc::new(move |config, access| {
+            // A new resolver each time: resolv.conf and /etc/hosts are read again.
+            upstream.use_dns(&config.dns)?;
             Proxy::new(
                 config,
                 tasks.clone(),

@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::upstream::dns;
 use crate::upstream::pool::Stats;
 
 /// A shared, cheaply cloned label value.
@@ -140,6 +141,11 @@ pub struct AuthLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub what: &'static str,
     pub result: &'static str,
@@ -173,6 +179,9 @@ pub struct Metrics {
     pool_idle: Gauge,
     pool_waiting: Gauge,
     pool: Arc<Stats>,
+    dns_lookups: Family<DnsLabels, Counter>,
+    dns_not_found: Counter,
+    dns: Arc<dns::Stats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -188,7 +197,7 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new(pool: Arc<Stats>) -> Metrics {
+    pub fn new(pool: Arc<Stats>, dns: Arc<dns::Stats>) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let duration: Family<RouteLabels, Histogram, fn() -> Histogram> =
@@ -210,6 +219,9 @@ impl Metrics {
         let pool_events = Family::<EventLabels, Counter>::default();
         let pool_idle = Gauge::default();
         let pool_waiting = Gauge::default();
+        let dns_lookups = Family::<DnsLabels, Counter>::default();
+        let dns_not_found = Counter::default();
+        let dns_duration = latency_histogram();
         let r = &mut registry;
         r.register(
             "strait_requests",
@@ -306,6 +318,25 @@ impl Metrics {
             "Proxy credentials checked in full (not remembered from an earlier check), by result",
             auth_checks.clone(),
         );
+        r.register(
+            "strait_dns_lookups",
+            "Upstream name lookups, by where the answer came from: hosts (/etc/hosts), \
+             hit (the cache), miss (the name servers answered), error (no answer)",
+            dns_lookups.clone(),
+        );
+        r.register(
+            "strait_dns_not_found",
+            "Name lookups answered that the name has no address (NXDOMAIN or no A/AAAA)",
+            dns_not_found.clone(),
+        );
+        r.register(
+            "strait_dns_lookup_duration_seconds",
+            "Time to ask the name servers (cache misses and errors)",
+            dns_duration.clone(),
+        );
+        let _ = dns.on_query.set(dns::QueryObserver(Box::new(move |d| {
+            dns_duration.observe(d.as_secs_f64())
+        })));
         let histogram = connect_duration.clone();
         let _ = pool
             .on_connect
@@ -335,6 +366,9 @@ impl Metrics {
             pool_idle,
             pool_waiting,
             pool,
+            dns_lookups,
+            dns_not_found,
+            dns,
         }
     }
 
@@ -361,6 +395,21 @@ impl Metrics {
         // Held while the family is refilled, so two scrapes never see each other's half.
         let certificates = self.certificates.lock().expect("certificates lock");
         self.fill_certificate_expiry(&certificates);
+        let d = &self.dns;
+        for (result, value) in [
+            ("hosts", &d.hosts),
+            ("hit", &d.hits),
+            ("miss", &d.misses),
+            ("error", &d.errors),
+        ] {
+            self.dns_lookups
+                .get_or_create(&DnsLabels { result })
+                .inner()
+                .store(value.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.dns_not_found
+            .inner()
+            .store(d.not_found.load(Ordering::Relaxed), Ordering::Relaxed);
         let mut out = String::with_capacity(8 * 1024);
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");

@@ -13,10 +13,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
+mod dns;
 mod load;
 mod rules;
 mod tls;
 mod users;
+pub use dns::{Dns, NameServer};
 pub use load::ConfigError;
 #[cfg(test)]
 use load::line_of_key;
@@ -48,6 +50,8 @@ pub struct Config {
     pub log: Log,
     #[serde(default)]
     pub runtime: Runtime,
+    #[serde(default)]
+    pub dns: Dns,
 }
 
 impl Default for Config {
@@ -62,6 +66,7 @@ impl Default for Config {
             admin: None,
             log: Log::default(),
             runtime: Runtime::default(),
+            dns: Dns::default(),
         }
     }
 }

@@ -486,7 +486,7 @@ mod tests {
                 line: 1,
             });
         }
-        let metrics = Metrics::new(Default::default());
+        let metrics = Metrics::new(Default::default(), Default::default());
         Auth::new(&cfg, &metrics).unwrap()
     }
 
@@ -642,7 +642,7 @@ mod tests {
 
     #[test]
     fn no_users_and_no_users_file_is_an_open_proxy_and_an_empty_file_is_not() {
-        let metrics = Metrics::new(Default::default());
+        let metrics = Metrics::new(Default::default(), Default::default());
         let mut cfg = config::Forward::default();
         assert!(Auth::new(&cfg, &metrics).is_none());
         cfg.users_file = Some("empty".into());

@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn accept_pauses_grow_and_reset() {
-        let metrics = Metrics::new(Default::default());
+        let metrics = Metrics::new(Default::default(), Default::default());
         let mut errors = AcceptErrors::new(Label::from("127.0.0.1:1"));
         let e = std::io::Error::from_raw_os_error(libc::EMFILE);
         let first = errors.failed(&e, &metrics);

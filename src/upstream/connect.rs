@@ -22,6 +22,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::dns::Resolver;
 use crate::config::{AddrRule, Version};
 
 /// Why a connection could not be opened. None of these sent a request byte.
@@ -68,8 +69,10 @@ impl fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
-/// Resolves `host:port`, drops denied addresses, and connects to the first that answers.
+/// Resolves `host:port` (an IP literal as itself, a name through `resolver`), drops
+/// denied addresses, and connects to the first that answers.
 pub async fn connect_tcp(
+    resolver: &Resolver,
     host: &str,
     port: u16,
     deny: &[AddrRule],
@@ -82,7 +85,8 @@ pub async fn connect_tcp(
             crate::config::host_ip(host).map_err(|_| ConnectError::BadAddress(host.to_owned()))?;
         let addrs: Vec<SocketAddr> = match literal {
             Some(ip) => vec![SocketAddr::new(ip, port)],
-            None => tokio::net::lookup_host((host, port))
+            None => resolver
+                .lookup_host(host, port)
                 .await
                 .map_err(|e| ConnectError::Resolve(host.to_owned(), Arc::new(e)))?
                 .collect(),
@@ -539,6 +543,45 @@ mod tests {
         .unwrap();
         assert_eq!(stream.peer_addr().unwrap(), good_addr);
         assert!(started.elapsed() >= ATTEMPT_DELAY);
+    }
+
+    #[tokio::test]
+    async fn the_address_connected_to_is_one_the_deny_list_passed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // The name's first address is denied; the second is where the listener is.
+        let r = Resolver::for_tests("127.0.0.2 two.test\n127.0.0.1 two.test\n");
+        let deny: Vec<crate::config::AddrRule> = vec!["127.0.0.2".parse().unwrap()];
+        let timeout = Duration::from_secs(2);
+        let s = connect_tcp(&r, "two.test", port, &deny, timeout)
+            .await
+            .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), listener.local_addr().unwrap());
+
+        let deny: Vec<crate::config::AddrRule> = vec!["127.0.0.0/8".parse().unwrap()];
+        let err = connect_tcp(&r, "two.test", port, &deny, timeout)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Denied(ip, _) if ip.to_string() == "127.0.0.2"),
+            "{err}"
+        );
+        // A literal is never looked up, and is judged the same way.
+        let err = connect_tcp(&r, "127.0.0.1", port, &deny, timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Denied(..)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_name_listed_with_both_families_alternates_them_from_ipv4() {
+        let r = Resolver::for_tests("::1 both.test\n127.0.0.1 both.test\n127.0.0.2 both.test\n");
+        let addrs: Vec<SocketAddr> = r.lookup_host("both.test", 80).await.unwrap().collect();
+        let got: Vec<String> = interleave_families(addrs)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, ["127.0.0.1:80", "[::1]:80", "127.0.0.2:80"]);
     }
 
     #[tokio::test]

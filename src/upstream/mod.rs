@@ -9,6 +9,7 @@
 pub mod balance;
 pub mod conn;
 pub mod connect;
+pub mod dns;
 pub mod pool;
 pub mod relay;
 pub mod retry;
@@ -22,6 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
@@ -50,6 +52,8 @@ pub struct Profile {
     deny: Arc<[AddrRule]>,
     /// Another proxy every connection goes through.
     via: Option<Arc<via::Via>>,
+    /// The resolver of the configuration that made the profile.
+    resolver: Arc<dns::Resolver>,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
@@ -219,6 +223,10 @@ impl From<CheckoutError> for UpstreamError {
 pub struct Upstream {
     pool: Pool,
     next_profile: AtomicU32,
+    /// The resolver new profiles take: the latest configuration's ([`Upstream::use_dns`]).
+    resolver: ArcSwapOption<dns::Resolver>,
+    /// Every resolver's counts, across reloads.
+    dns_stats: Arc<dns::Stats>,
 }
 
 impl Upstream {
@@ -239,7 +247,23 @@ impl Upstream {
         Upstream {
             pool: Pool::new(limits, connector),
             next_profile: AtomicU32::new(0),
+            resolver: ArcSwapOption::empty(),
+            dns_stats: Arc::default(),
         }
+    }
+
+    /// Builds a resolver from `[dns]` for the profiles made from now on; called with
+    /// each configuration, before its profiles are made. Profiles already made keep
+    /// theirs. Fails when the system's resolver configuration is needed and unusable.
+    pub fn use_dns(&self, dns: &config::Dns) -> Result<(), String> {
+        let resolver = dns::Resolver::new(dns, self.dns_stats.clone())?;
+        self.resolver.store(Some(Arc::new(resolver)));
+        Ok(())
+    }
+
+    /// The resolvers' counters.
+    pub fn dns_stats(&self) -> &Arc<dns::Stats> {
+        &self.dns_stats
     }
 
     /// Counts a request sent again, here or to another upstream of its route
@@ -269,12 +293,22 @@ impl Upstream {
     ) -> Result<connect::Stream, ConnectError> {
         if let Some(via) = &profile.via {
             return via
-                .tunnel(&authority(host, port), profile.connect_timeout)
+                .tunnel(
+                    &profile.resolver,
+                    &authority(host, port),
+                    profile.connect_timeout,
+                )
                 .await;
         }
-        connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout)
-            .await
-            .map(connect::Stream::Plain)
+        connect::connect_tcp(
+            &profile.resolver,
+            host,
+            port,
+            &profile.deny,
+            profile.connect_timeout,
+        )
+        .await
+        .map(connect::Stream::Plain)
     }
 
     /// The pool's counters and gauges.
@@ -284,6 +318,18 @@ impl Upstream {
 
     /// Makes a profile: a group of targets that may share connections.
     pub fn profile(&self, settings: ProfileSettings) -> Arc<Profile> {
+        let resolver = self
+            .resolver
+            .load_full()
+            .expect("the composition root calls use_dns before making profiles");
+        self.profile_with(settings, resolver)
+    }
+
+    fn profile_with(
+        &self,
+        settings: ProfileSettings,
+        resolver: Arc<dns::Resolver>,
+    ) -> Arc<Profile> {
         self.pool.check_deadlines_within(settings.response_timeout);
         Arc::new(Profile {
             id: self.next_profile.fetch_add(1, Ordering::Relaxed),
@@ -291,6 +337,7 @@ impl Upstream {
             tls: settings.tls,
             deny: settings.deny,
             via: settings.via,
+            resolver,
             connect_timeout: settings.connect_timeout,
             response_timeout: settings.response_timeout,
         })
@@ -303,14 +350,15 @@ impl Upstream {
         if profile.version == Version::H1 {
             return profile.clone();
         }
-        self.profile(ProfileSettings {
+        let settings = ProfileSettings {
             version: Version::H1,
             tls: profile.tls.as_ref().map(TlsSettings::h1_only),
             deny: profile.deny.clone(),
             via: profile.via.clone(),
             connect_timeout: profile.connect_timeout,
             response_timeout: profile.response_timeout,
-        })
+        };
+        self.profile_with(settings, profile.resolver.clone())
     }
 
     /// Sends `req` (whose URI is in origin form, with `Host` set) to `target` and waits
@@ -536,11 +584,19 @@ async fn connect(key: &Target) -> Result<(connect::Stream, bool), ConnectError> 
         // `http`: requests in absolute form on a connection to the proxy; `https`:
         // TLS with the target inside the proxy's tunnel.
         return match (key.scheme, &profile.tls) {
-            (Scheme::Http, _) => Ok((via.connect(profile.connect_timeout).await?, false)),
+            (Scheme::Http, _) => Ok((
+                via.connect(&profile.resolver, profile.connect_timeout)
+                    .await?,
+                false,
+            )),
             (Scheme::Https, Some(tls)) => {
                 let open = async {
                     let tunnel = via
-                        .tunnel(&authority(host, port), profile.connect_timeout)
+                        .tunnel(
+                            &profile.resolver,
+                            &authority(host, port),
+                            profile.connect_timeout,
+                        )
                         .await?;
                     tls.handshake_tunnelled(host, tunnel).await
                 };
@@ -556,7 +612,8 @@ async fn connect(key: &Target) -> Result<(connect::Stream, bool), ConnectError> 
             )),
         };
     }
-    let tcp = connect::connect_tcp(host, port, &profile.deny, profile.connect_timeout).await?;
+    let (deny, timeout) = (&profile.deny, profile.connect_timeout);
+    let tcp = connect::connect_tcp(&profile.resolver, host, port, deny, timeout).await?;
     match key.scheme {
         Scheme::Http => Ok((connect::Stream::Plain(tcp), profile.version == Version::H2)),
         Scheme::Https => {

@@ -20,6 +20,7 @@ use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::connect::{self, ConnectError, Stream, TlsSettings};
+use super::dns::Resolver;
 use crate::config::{ProxyUrl, Scheme, Version};
 
 /// The longest CONNECT response head read from a proxy.
@@ -73,8 +74,12 @@ impl Via {
     }
 
     /// A connection to the proxy itself: TCP, and TLS for an `https://` proxy.
-    pub async fn connect(&self, timeout: Duration) -> Result<Stream, ConnectError> {
-        let tcp = connect::connect_tcp(&self.host, self.port, &[], timeout)
+    pub async fn connect(
+        &self,
+        resolver: &Resolver,
+        timeout: Duration,
+    ) -> Result<Stream, ConnectError> {
+        let tcp = connect::connect_tcp(resolver, &self.host, self.port, &[], timeout)
             .await
             .map_err(|e| self.failed(format!("cannot reach it: {e}")))?;
         match &self.tls {
@@ -88,9 +93,14 @@ impl Via {
 
     /// A tunnel to `target` (`host:port`) through the proxy: its CONNECT answered
     /// with 2xx. Bytes the proxy sent after its head are the tunnel's first.
-    pub async fn tunnel(&self, target: &str, timeout: Duration) -> Result<Stream, ConnectError> {
+    pub async fn tunnel(
+        &self,
+        resolver: &Resolver,
+        target: &str,
+        timeout: Duration,
+    ) -> Result<Stream, ConnectError> {
         let open = async {
-            let mut stream = self.connect(timeout).await?;
+            let mut stream = self.connect(resolver, timeout).await?;
             let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
             if let Some(auth) = &self.auth {
                 head.push_str("Proxy-Authorization: ");

@@ -86,6 +86,7 @@ fn key(authority: &str) -> Target {
             tls: None,
             deny: Vec::new().into(),
             via: None,
+            resolver: crate::upstream::dns::Resolver::for_tests(""),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
         }),
