@@ -24,11 +24,7 @@ fn the_example_config_passes_check() {
 }
 
 fn check(config: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("strait.toml");
-    std::fs::write(&path, config).unwrap();
-    let (code, _, err) = run_strait(&["-c", path.to_str().unwrap(), "--check"]);
-    (code, err)
+    check_config(config)
 }
 
 #[test]

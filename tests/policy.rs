@@ -306,11 +306,7 @@ async fn domain_lists_refuse_by_name_before_dns() {
 }
 
 fn check(config: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("strait.toml");
-    std::fs::write(&path, config).unwrap();
-    let (code, _, err) = run_strait(&["-c", path.to_str().unwrap(), "--check"]);
-    (code, err)
+    check_config(config)
 }
 
 #[test]

@@ -240,6 +240,15 @@ pub fn run_strait(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `strait --check` on `config` written to `strait.toml`: the exit code and stderr.
+pub fn check_config(config: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("strait.toml");
+    std::fs::write(&path, config).unwrap();
+    let (code, _, err) = run_strait(&["-c", path.to_str().unwrap(), "--check"]);
+    (code, err)
+}
+
 /// A config with one ephemeral listener, `extra` TOML, and one any-host route to `url`.
 pub fn route_to(url: &str, extra: &str) -> String {
     format!("listen = [{{ addr = \"127.0.0.1:0\" }}]\n{extra}\n[[route]]\nupstream = \"{url}\"\n")
