@@ -22,8 +22,10 @@
 //!
 //! Names are not checked against a hash unless they exist, and a refusal does not tell
 //! whether the name exists: when any user has a hash, every refusal of a presented
-//! credential (unknown name, wrong password, empty bucket) is answered no sooner than a
-//! hash check takes (a moving average of the recent ones), by a timer, not by work.
+//! credential (unknown name, wrong password, empty bucket) is answered no sooner than
+//! the hash checks of a wrong password for that name take (a moving average of the
+//! recent ones, times the readings checked: two for a password that is not UTF-8), by
+//! a timer, not by work; before any check has been timed, by a check in vain.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,8 +72,9 @@ pub struct Auth {
     /// Checks under way, so that the same credential sent again meanwhile waits for
     /// the answer rather than hashing again.
     in_flight: Mutex<HashMap<Digest, Arc<Flight>>>,
-    /// Some user has a hash: refusals take as long as a hash check.
-    pace: bool,
+    /// Some user has a hash: refusals take as long as a hash check. The hash is one
+    /// of theirs, checked in vain by a refusal that comes before any check was timed.
+    pace: Option<Arc<PasswordHash>>,
     checks: Family<AuthLabels, Counter>,
 }
 
@@ -171,7 +174,7 @@ impl Auth {
             remembered: ArcSwap::default(),
             remembered_max: (users.len() * 2).max(REMEMBERED_MIN),
             in_flight: Mutex::default(),
-            pace: !cfg.file_users.is_empty(),
+            pace: cfg.file_users.first().map(|u| Arc::new(u.hash.clone())),
             users,
             checks: metrics.auth_checks.clone(),
         }))
@@ -204,13 +207,23 @@ impl Auth {
     /// The slow path: checks a credential [`presented`](Self::presented) did not know.
     pub async fn check(self: &Arc<Self>, cred: Credential) -> Verdict {
         let start = Instant::now();
+        // As many hashes as a wrong password for the name would cost, whether or not
+        // the name exists: it depends on the credential's bytes alone.
+        let hashes = hashes_for(&cred.decoded);
         let outcome = self.shared_check(cred).await;
         match outcome {
             Outcome::Granted(user) => Verdict::User(user),
             Outcome::Busy => Verdict::Busy,
             Outcome::Wrong | Outcome::Unknown | Outcome::Limited => {
-                if self.pace {
-                    tokio::time::sleep_until(start + typical_hash_time()).await;
+                if let Some(decoy) = &self.pace {
+                    let typical = typical_hash_time();
+                    if typical.is_zero() {
+                        // No check has been timed yet, so there is nothing to pace by:
+                        // hash in vain (and time it), as a name that exists would be.
+                        let _ = verify_hash(decoy.clone(), vec![Vec::new(); hashes as usize]).await;
+                    } else {
+                        tokio::time::sleep_until(start + typical * hashes).await;
+                    }
                 }
                 Verdict::Refused
             }
@@ -401,6 +414,19 @@ fn readings(decoded: &[u8]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// How many passwords [`Auth::decide`] checks against a name's hash for a credential
+/// with these bytes: its readings that carry the first reading's name (two when a
+/// password that is not UTF-8 is also read as Latin-1 under an ASCII name). At least
+/// one, so a refusal is paced like a check even when the bytes make no reading.
+fn hashes_for(decoded: &[u8]) -> u32 {
+    let tries = readings(decoded);
+    let count = match tries.first() {
+        Some((first, _)) => tries.iter().filter(|(name, _)| name == first).count(),
+        None => 1,
+    };
+    u32::try_from(count).unwrap_or(1).max(1)
+}
+
 /// Verifies passwords against a hash on the blocking pool, in one of [`slots`].
 /// `None` when no slot came free within [`SLOT_WAIT`].
 async fn verify_hash(hash: Arc<PasswordHash>, passwords: Vec<Vec<u8>>) -> Option<bool> {
@@ -578,6 +604,17 @@ mod tests {
             ]
         );
         assert!(readings(b"no colon").is_empty());
+    }
+
+    #[test]
+    fn refusals_are_paced_by_the_hashes_the_bytes_would_cost() {
+        assert_eq!(hashes_for(b"a:b"), 1);
+        // An ASCII name with a password that is not UTF-8: both readings are its.
+        assert_eq!(hashes_for(b"a:\xe9"), 2);
+        // A UTF-8 name that is not ASCII: its Latin-1 reading is another name.
+        assert_eq!(hashes_for(b"\xc3\xa9:\xe9"), 1);
+        assert_eq!(hashes_for(b"\xe9:b"), 1);
+        assert_eq!(hashes_for(b"no colon"), 1);
     }
 
     #[tokio::test(start_paused = true)]
