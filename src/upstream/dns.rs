@@ -42,6 +42,22 @@ use hickory_resolver::{Hosts, TokioResolver};
 
 use crate::config;
 
+/// The most addresses of one family kept for a name (the cache holds names, not
+/// addresses; Happy Eyeballs never needs more).
+const MAX_PER_FAMILY: usize = 16;
+
+/// An answer's addresses as kept: IPv4 first, at most [`MAX_PER_FAMILY`] of each.
+fn bounded(addrs: impl Iterator<Item = IpAddr>) -> Arc<[IpAddr]> {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for a in addrs {
+        let family = if a.is_ipv4() { &mut v4 } else { &mut v6 };
+        if family.len() < MAX_PER_FAMILY {
+            family.push(a);
+        }
+    }
+    v4.into_iter().chain(v6).collect()
+}
+
 /// The longest a "no such name" answer is kept, whatever its SOA says: a name that
 /// is about to be created should not stay unreachable for long.
 pub const NEGATIVE_TTL_CAP: Duration = Duration::from_secs(30);
@@ -230,7 +246,10 @@ impl Resolver {
         let now = Instant::now();
         let cached = match result {
             Ok(lookup) => {
-                let addrs: Arc<[IpAddr]> = lookup.iter().collect();
+                // Bounded: a zone that answers thousands of records per name would
+                // otherwise make each cache entry (and each connect's list of attempts)
+                // as large as it liked.
+                let addrs = bounded(lookup.iter());
                 let answer = if addrs.is_empty() {
                     Answer::NotFound
                 } else {
@@ -334,6 +353,19 @@ fn negative_ttl(from_soa: Option<u32>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_answer_keeps_sixteen_addresses_of_each_family() {
+        let many: Vec<IpAddr> = (0..4000u32)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .chain((0..2000u16).map(|i| IpAddr::from(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))))
+            .collect();
+        let kept = bounded(many.iter().copied());
+        assert_eq!(kept.len(), 32);
+        assert!(kept[..16].iter().all(IpAddr::is_ipv4));
+        assert!(kept[16..].iter().all(IpAddr::is_ipv6));
+        assert_eq!(kept[0].to_string(), "10.0.0.0");
+    }
 
     #[test]
     fn negative_answers_are_kept_by_their_soa_and_never_past_the_cap() {
