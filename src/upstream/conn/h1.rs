@@ -416,7 +416,7 @@ impl H1Conn {
                 // comes only from an HTTP/2 client (its `trailers`, for an HTTP/2 hop).
                 continue;
             }
-            if name == PROXY_AUTHORIZATION && self.absolute.is_some() {
+            if self.absolute.is_some() && name == PROXY_AUTHORIZATION {
                 // The proxy in between gets its own credentials, never a client's.
                 continue;
             }
