@@ -185,6 +185,14 @@ async fn deny_targets_still_hold_for_addresses_sent_to_the_parent() {
     .await;
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
     assert!(reply.contains("(\"loopback\")"), "{reply}");
+    let mut s = tokio::net::TcpStream::connect(child.addr()).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"CONNECT [::ffff:127.0.0.1]:22 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = read_until(&mut s, |t| t.contains("\r\n\r\n")).await;
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert_eq!(served(&parent, "connect", 200).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,6 +263,33 @@ async fn bytes_after_the_parents_answer_belong_to_the_tunnel() {
         "{head}"
     );
     assert!(!head.contains("Y2xpZW50OnNlY3JldA=="), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parent_gets_the_absolute_form_with_its_own_credentials_only() {
+    let (parent, head) = fake_parent(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let child = child(parent, "");
+    let reply = raw_exchange(
+        child.addr(),
+        b"GET http://Example.test:8080/p/a%20b?q=1 HTTP/1.1\r\nHost: example.test:8080\r\nProxy-Authorization: Basic Y2xpZW50OnNlY3JldA==\r\nProxy-Connection: keep-alive\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.ends_with("ok"), "{reply}");
+    let head = head.await.unwrap();
+    assert!(
+        head.starts_with("GET http://Example.test:8080/p/a%20b?q=1 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("\r\nhost: example.test:8080\r\n"), "{head}");
+    assert_eq!(lower.matches("proxy-authorization:").count(), 1, "{head}");
+    assert!(
+        lower.contains("proxy-authorization: basic y29ycdpwysbzcw==\r\n"),
+        "{head}"
+    );
+    assert!(!lower.contains("proxy-connection"), "{head}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! (CIDRs, addresses or named groups) and `allow_domains` / `deny_domains` (exact
 //! names or `*.suffix`), and the reading of a request's host as an address.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -228,11 +229,15 @@ impl DomainRules {
     /// The pattern (as written) that `host` matches. `host` is a name as a request
     /// carries it: case and a final dot do not matter.
     pub fn find(&self, host: &str) -> Option<&Arc<str>> {
+        // Asked on every forward request (`direct_domains` too): no work when empty.
+        if self.is_empty() {
+            return None;
+        }
         let name = normalise(host);
-        if let Some(rule) = self.exact.get(name.as_str()) {
+        if let Some(rule) = self.exact.get(name.as_ref()) {
             return Some(rule);
         }
-        let mut rest = name.as_str();
+        let mut rest = name.as_ref();
         while let Some((_, parent)) = rest.split_once('.') {
             if let Some(rule) = self.under.get(parent) {
                 return Some(rule);
@@ -243,8 +248,14 @@ impl DomainRules {
     }
 }
 
-fn normalise(host: &str) -> String {
-    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+/// Lower case without a final dot; borrowed when it already is.
+fn normalise(host: &str) -> Cow<'_, str> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 impl TryFrom<Vec<String>> for DomainRules {

@@ -49,39 +49,12 @@ pub struct Parent {
 impl ForwardPolicy {
     /// The profile for requests to `host`: through the parent unless `direct_domains`
     /// names it.
-    pub fn profile_for(&self, host: &str, upgrading: bool) -> (&Arc<Profile>, bool) {
-        match &self.parent {
-            Some(p) if p.direct.find(host).is_none() => (
-                if upgrading {
-                    &p.upgrade_profile
-                } else {
-                    &p.profile
-                },
-                true,
-            ),
-            _ => (
-                if upgrading {
-                    &self.upgrade_profile
-                } else {
-                    &self.profile
-                },
-                false,
-            ),
-        }
-    }
-
-    /// Through the parent, Strait resolves no name, so `deny_targets` can only be held
-    /// against an address written in the request; the parent's policy covers names.
-    pub fn admit_parent_target(&self, host: &str) -> Result<(), Refusal> {
-        if let Ok(Some(ip)) = config::host_ip(host)
-            && let Some(rule) = config::denied_by(&self.deny, ip)
-        {
-            return Err(Refusal::Denied(format!(
-                "the target address is in deny_targets ({:?})",
-                rule.written
-            )));
-        }
-        Ok(())
+    pub fn profile_for(&self, host: &str, upgrading: bool) -> &Arc<Profile> {
+        let (profile, upgrade) = match &self.parent {
+            Some(p) if p.direct.find(host).is_none() => (&p.profile, &p.upgrade_profile),
+            _ => (&self.profile, &self.upgrade_profile),
+        };
+        if upgrading { upgrade } else { profile }
     }
 }
 
@@ -277,19 +250,14 @@ impl Proxy {
         let authority = http::uri::Authority::try_from(authority)
             .map_err(|_| Refusal::BadRequest("invalid host".into()))?;
         let host = req.uri().host().unwrap_or_default();
-        let (profile, through_parent) = policy.profile_for(host, upgrading);
-        if through_parent {
-            policy.admit_parent_target(host)?;
-        }
+        let profile = policy.profile_for(host, upgrading);
         let target = Target::new(profile.clone(), scheme, authority);
         let resp = self
             .upstream
             .send(req, &target)
             .await
             .map_err(|e| super::body_refusal(e.into(), progress.as_deref()))?;
-        if through_parent {
-            super::parent_refused(&resp, profile)?;
-        }
+        super::parent_refused(&resp, profile)?;
         let mut resp = if upgrading {
             self.answer_upgrade(resp, &mut client, version, meta)?
         } else {

@@ -80,10 +80,7 @@ impl Proxy {
                 "port {port} is not in connect_ports"
             )));
         }
-        let (profile, through_parent) = policy.profile_for(&host, false);
-        if through_parent {
-            policy.admit_parent_target(authority.host())?;
-        }
+        let profile = policy.profile_for(&host, false);
         let upstream = self
             .upstream
             .open_tunnel(&host, port, profile)

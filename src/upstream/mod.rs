@@ -292,6 +292,7 @@ impl Upstream {
         profile: &Profile,
     ) -> Result<connect::Stream, ConnectError> {
         if let Some(via) = &profile.via {
+            via::check_written(host, &profile.deny)?;
             return via
                 .tunnel(
                     &profile.resolver,
@@ -581,6 +582,7 @@ async fn connect(key: &Target) -> Result<(connect::Stream, bool), ConnectError> 
     }
     let (host, port) = split_authority(key.authority.as_str(), key.scheme);
     if let Some(via) = &profile.via {
+        via::check_written(host, &profile.deny)?;
         // `http`: requests in absolute form on a connection to the proxy; `https`:
         // TLS with the target inside the proxy's tunnel.
         return match (key.scheme, &profile.tls) {

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::connect::{self, ConnectError, Stream, TlsSettings};
 use super::dns::Resolver;
-use crate::config::{ProxyUrl, Scheme, Version};
+use crate::config::{self, AddrRule, ProxyUrl, Scheme, Version};
 
 /// The longest CONNECT response head read from a proxy.
 const MAX_HEAD: usize = 16 * 1024;
@@ -167,6 +167,20 @@ impl Via {
 
     fn failed(&self, why: String) -> ConnectError {
         ConnectError::Via(format!("parent proxy {}: {why}", self.authority))
+    }
+}
+
+/// Through a proxy Strait resolves no name, so `deny_targets` can only be held against
+/// an address written in the request (`2130706433` included); the proxy's own policy
+/// covers names.
+pub fn check_written(host: &str, deny: &[AddrRule]) -> Result<(), ConnectError> {
+    match config::host_ip(host) {
+        Ok(Some(ip)) => match config::denied_by(deny, ip) {
+            Some(rule) => Err(ConnectError::Denied(ip, rule.written.clone())),
+            None => Ok(()),
+        },
+        Ok(None) => Ok(()),
+        Err(_) => Err(ConnectError::BadAddress(host.to_owned())),
     }
 }
 
