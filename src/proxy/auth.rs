@@ -58,6 +58,9 @@ pub const SLOT_WAIT: Duration = Duration::from_secs(2);
 /// (a client that sends UTF-8 and one that sends Latin-1 make two).
 const REMEMBERED_MIN: usize = 1024;
 
+/// How many bytes of a password bcrypt reads; the rest never changes its result.
+const BCRYPT_READS: usize = 72;
+
 /// A credential's HMAC-SHA256 under [`Auth::key`].
 type Digest = [u8; 32];
 
@@ -192,7 +195,7 @@ impl Auth {
         if !scheme.eq_ignore_ascii_case(b"basic") {
             return Presented::Nothing;
         }
-        let token = trim(token);
+        let token = token.trim_ascii();
         let mut digest = [0u8; 32];
         digest.copy_from_slice(hmac::sign(&self.key, token).as_ref());
         if let Some(user) = self.remembered.load().get(&digest) {
@@ -282,6 +285,11 @@ impl Auth {
         {
             return Outcome::Limited;
         } // bucket lock released here
+        // bcrypt reads the first 72 bytes of a password: past them any suffix passes,
+        // each a new credential. Giving the turn back for those would let one user
+        // keep the hashing slots busy without end; they spend turns as wrong ones do.
+        let endless = matches!(&account.secret, Secret::Hashed(h) if matches!(**h, PasswordHash::Bcrypt(_)))
+            && passwords.iter().any(|p| p.len() > BCRYPT_READS);
         let good = match &account.secret {
             Secret::Plain(tag) => passwords
                 .iter()
@@ -299,11 +307,13 @@ impl Auth {
             },
         };
         if good {
-            account
-                .bucket
-                .lock()
-                .expect("no panic under this lock")
-                .give_back();
+            if !endless {
+                account
+                    .bucket
+                    .lock()
+                    .expect("no panic under this lock")
+                    .give_back();
+            }
             Outcome::Granted(account.name.clone())
         } else {
             Outcome::Wrong
@@ -483,18 +493,6 @@ fn split_once(s: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
     Some((&s[..i], &s[i + 1..]))
 }
 
-fn trim(s: &[u8]) -> &[u8] {
-    let start = s
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(s.len());
-    let end = s
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &s[start..end]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,6 +640,22 @@ mod tests {
             assert_eq!(user(&auth, &wrong).await, None);
         }
         assert_eq!(user(&auth, &right).await.as_deref(), Some("alice"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn suffixes_past_bcrypts_72_bytes_spend_turns_though_they_pass() {
+        let long = "p".repeat(72);
+        let auth = auth(&[], &[("alice", long.as_str())]);
+        // Every suffix passes bcrypt and is a new credential: none gives its turn back.
+        for i in 0..BURST as usize {
+            let variant = basic(format!("alice:{long}{i}").as_bytes());
+            assert_eq!(user(&auth, &variant).await.as_deref(), Some("alice"));
+        }
+        let fresh = basic(format!("alice:{long}x").as_bytes());
+        assert_eq!(user(&auth, &fresh).await, None, "the turns are spent");
+        let count = |result| auth.checks.get_or_create(&AuthLabels { result }).get();
+        assert_eq!(count("ok"), BURST as u64);
+        assert_eq!(count("rate_limited"), 1);
     }
 
     #[tokio::test]

@@ -112,6 +112,18 @@ impl moka::Expiry<Box<str>, Cached> for ByTtl {
     fn expire_after_create(&self, _: &Box<str>, v: &Cached, now: Instant) -> Option<Duration> {
         Some(v.valid_until.saturating_duration_since(now))
     }
+
+    // Two misses for one name at once both insert: the later answer keeps its own
+    // TTL (moka's default would keep the earlier entry's deadline).
+    fn expire_after_update(
+        &self,
+        _: &Box<str>,
+        v: &Cached,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.valid_until.saturating_duration_since(now))
+    }
 }
 
 /// Resolves upstream names; built from `[dns]` once per configuration.
