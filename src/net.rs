@@ -17,6 +17,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -254,6 +255,9 @@ impl Drop for SocketFile {
     }
 }
 
+/// How long the probe of a socket file already at a listener's path may take.
+const PROBE_WITHIN: Duration = Duration::from_secs(1);
+
 /// Binds a Unix socket at `path` with `backlog`. A socket file already there is replaced
 /// when nothing accepts on it (connecting is refused: a process that held it ended
 /// without removing it); when something does, the error is `AddrInUse`. Anything else
@@ -261,21 +265,27 @@ impl Drop for SocketFile {
 ///
 /// The file's mode is what the process's umask leaves of 0777 (connecting needs write
 /// permission on it): docs/deployment.md says how to open or restrict it.
-pub fn bind_unix(path: &Path, backlog: u32) -> io::Result<Listener> {
+pub async fn bind_unix(path: &Path, backlog: u32) -> io::Result<Listener> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "address in use: another process accepts connections on this socket",
-                ));
+        // Probed without blocking: a live listener whose backlog is full would hold a
+        // blocking connect (and the start, or a reload) until it took one.
+        Ok(m) if m.file_type().is_socket() => {
+            let probe = tokio::time::timeout(PROBE_WITHIN, UnixStream::connect(path)).await;
+            match probe {
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "removing a stale socket file");
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                // Connected, or a full backlog, or no answer in time: someone listens.
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "address in use: another process accepts connections on this socket",
+                    ));
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!(path = %path.display(), "removing a stale socket file");
-                std::fs::remove_file(path)?;
-            }
-            Err(e) => return Err(e),
-        },
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -314,9 +324,9 @@ mod tests {
         // stays (std does not remove it).
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let l = bind_unix(&path, 16).unwrap();
+        let l = bind_unix(&path, 16).await.unwrap();
         assert!(UnixStream::connect(&path).await.is_ok());
-        let e = bind_unix(&path, 16).unwrap_err();
+        let e = bind_unix(&path, 16).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         drop(l);
         assert!(!path.exists());
@@ -327,7 +337,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
         std::fs::write(&path, "keep me").unwrap();
-        assert!(bind_unix(&path, 16).is_err());
+        assert!(bind_unix(&path, 16).await.is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
     }
 
@@ -335,7 +345,7 @@ mod tests {
     async fn a_socket_put_in_its_place_is_not_removed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
-        let l = bind_unix(&path, 16).unwrap();
+        let l = bind_unix(&path, 16).await.unwrap();
         std::fs::remove_file(&path).unwrap();
         let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
         drop(l);

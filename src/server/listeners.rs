@@ -35,7 +35,7 @@ pub(super) async fn bind(cfg: &Listen, backlog: u32) -> Result<Bound, RunError> 
     };
     let listener = match &cfg.addr {
         ListenAddr::Tcp(addr) => listen(*addr, backlog, "listener").map(Listener::Tcp),
-        ListenAddr::Unix(path) => net::bind_unix(path, backlog),
+        ListenAddr::Unix(path) => net::bind_unix(path, backlog).await,
     }
     .map_err(|e| RunError::Bind(cfg.addr.clone(), e))?;
     Ok(Bound {

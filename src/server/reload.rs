@@ -53,7 +53,15 @@ pub(super) async fn on_hup(reload: Reload, mut running: Running, ctx: Context, b
     let mut signalled = std::pin::pin!(hup.notified());
     signalled.as_mut().enable();
     loop {
-        signalled.as_mut().await;
+        tokio::select! {
+            () = signalled.as_mut() => {}
+            // Once the exit began, listeners are handing their ports over or closing:
+            // a reload would serve them again.
+            () = ctx.shared.leaving.begun() => {
+                tracing::info!("exiting: SIGHUP no longer reloads");
+                return;
+            }
+        }
         signalled.set(hup.notified());
         signalled.as_mut().enable();
         let result = match reload() {
